@@ -1,0 +1,927 @@
+//! Rule configuration: QEMU's blkdebug INI dialect, command-line rules, `blkdebug:CONF:IMG`
+//! and the limit options, parsed at the edge into a validated [`RuleSet`] and [`Limits`].
+//!
+//! # File syntax (QEMU's, plus unquoted values)
+//!
+//! ```ini
+//! # a comment (a line whose first non-blank character is '#')
+//! [inject-error]          # one section per rule, in file order; sections repeat
+//! event = "read_aio"      # required: one of the 48 blkdebug event names
+//! state = "2"             # 0 (default) = any state
+//! errno = "ENOSPC"        # 0..511 or a name; default 5 (EIO); 0 = exempt, hide later rules
+//! sector = "2048"         # the byte sector*512 must lie in the request; default any
+//! once = "on"             # delete the rule when it fails a request; default off
+//! immediately = "off"     # accepted; changes nothing observable through FUSE
+//! iotype = "read|write"   # read, write, write-zeroes, discard, flush, block-status
+//!                         # (default: all but block-status); list with '|' or ','
+//!
+//! [set-state]
+//! event = "write_aio"
+//! state = "1"             # 0 (default) = any state
+//! new_state = "2"         # default 0
+//! ```
+//!
+//! Numbers take decimal, `0x` hex and leading-`0` octal (`sector = -1` means any, as in
+//! QEMU). Booleans take `on/yes/true/y` and `off/no/false/n`. Values may be quoted (QEMU) or
+//! not; keys are case-sensitive. Dotted event names of QEMU 2.x are aliases.
+//!
+//! Command-line rules use the same keys: `--inject-error event=read_aio,errno=28,sector=8`
+//! (`,,` is a literal comma). They come after the file's rules.
+//!
+//! Every error names where it was (file and line, or which command-line rule), the section,
+//! the key and the offending value; nothing is mounted when one is found.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::errno;
+use crate::rules::{Action, Event, IoType, IoTypes, Origin, RequestMatch, Rule};
+
+/// Where a piece of configuration came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    /// The n-th (1-based) `--inject-error` / `--set-state` option, with its text.
+    Option {
+        flag: &'static str,
+        index: usize,
+        text: String,
+    },
+    /// A rule sent through the control channel.
+    Command(String),
+}
+
+/// A place in the configuration: a source and, for files, a line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub source: Source,
+    pub line: Option<usize>,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Source::File(p) => write!(f, "{}", p.display())?,
+            Source::Option { flag, index, text } => write!(f, "{flag} #{index} '{text}'")?,
+            Source::Command(text) => write!(f, "command '{text}'")?,
+        }
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What is wrong with a piece of configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    Unreadable(String),
+    Syntax,
+    UnknownGroup,
+    KeyOutsideGroup,
+    UnknownKey { allowed: &'static [&'static str] },
+    MissingEvent,
+    UnknownEvent,
+    BadNumber,
+    BadBool,
+    ErrnoOutOfRange,
+    NegativeErrno,
+    UnknownErrnoName,
+    NegativeState,
+    BadIoType,
+    BadLimit(String),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Unreadable(e) => write!(f, "cannot read the config file: {e}"),
+            Problem::Syntax => f.write_str(
+                "not a '[group]' header, a 'key = \"value\"' line, a '#' comment or blank",
+            ),
+            Problem::UnknownGroup => {
+                f.write_str("unknown group (expected [inject-error] or [set-state])")
+            }
+            Problem::KeyOutsideGroup => {
+                f.write_str("key before any [inject-error] or [set-state] group")
+            }
+            Problem::UnknownKey { allowed } => {
+                write!(f, "unknown key (this group takes: {})", allowed.join(", "))
+            }
+            Problem::MissingEvent => f.write_str("the rule has no 'event' key"),
+            Problem::UnknownEvent => f.write_str(
+                "unknown event (see `blkdebugfs check --list-events` for the 48 names)",
+            ),
+            Problem::BadNumber => f.write_str("not a number (decimal, 0x hex or 0 octal)"),
+            Problem::BadBool => f.write_str("not a boolean (on/yes/true/y or off/no/false/n)"),
+            Problem::ErrnoOutOfRange => write!(
+                f,
+                "errno must be 0..{} or a name like EIO (QEMU lets 512..999 hang clients)",
+                errno::MAX_INJECTABLE
+            ),
+            Problem::NegativeErrno => f.write_str("errno must not be negative"),
+            Problem::UnknownErrnoName => f.write_str("unknown errno name"),
+            Problem::NegativeState => f.write_str("a state must not be negative"),
+            Problem::BadIoType => f.write_str(
+                "unknown iotype (read, write, write-zeroes, discard, flush, block-status)",
+            ),
+            Problem::BadLimit(why) => f.write_str(why),
+        }
+    }
+}
+
+/// A configuration error: where, which section and key, the value, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub at: Location,
+    pub section: Option<String>,
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub problem: Problem,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.at)?;
+        if let Some(section) = &self.section {
+            write!(f, " [{section}]")?;
+        }
+        match (&self.key, &self.value) {
+            (Some(k), Some(v)) => write!(f, " {k} = \"{v}\"")?,
+            (Some(k), None) => write!(f, " {k}")?,
+            (None, Some(v)) => write!(f, " \"{v}\"")?,
+            (None, None) => {}
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const INJECT_ERROR_KEYS: &[&str] = &[
+    "event",
+    "state",
+    "errno",
+    "sector",
+    "once",
+    "immediately",
+    "iotype",
+];
+const SET_STATE_KEYS: &[&str] = &["event", "state", "new_state"];
+
+/// The two rule groups of QEMU's dialect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    InjectError,
+    SetState,
+}
+
+impl Group {
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::InjectError => "inject-error",
+            Group::SetState => "set-state",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Group> {
+        match name {
+            "inject-error" => Some(Group::InjectError),
+            "set-state" => Some(Group::SetState),
+            _ => None,
+        }
+    }
+
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Group::InjectError => INJECT_ERROR_KEYS,
+            Group::SetState => SET_STATE_KEYS,
+        }
+    }
+}
+
+/// One `key = value` with the line it was on.
+struct Entry {
+    key: String,
+    value: String,
+    line: Option<usize>,
+}
+
+/// Builds a rule from one section's entries, checking every key and value.
+fn build_rule(
+    group: Group,
+    entries: &[Entry],
+    at: &Location,
+    origin: Origin,
+) -> Result<Rule, ConfigError> {
+    let err = |e: Option<&Entry>, problem: Problem| ConfigError {
+        at: Location {
+            source: at.source.clone(),
+            line: e.and_then(|e| e.line).or(at.line),
+        },
+        section: Some(group.name().to_string()),
+        key: e.map(|e| e.key.clone()),
+        value: e.map(|e| e.value.clone()),
+        problem,
+    };
+    for e in entries {
+        if !group.keys().contains(&e.key.as_str()) {
+            return Err(err(
+                Some(e),
+                Problem::UnknownKey {
+                    allowed: group.keys(),
+                },
+            ));
+        }
+    }
+    // QEMU keeps the last value of a repeated key.
+    let get = |key: &str| entries.iter().rev().find(|e| e.key == key);
+
+    let event_entry = get("event").ok_or_else(|| err(None, Problem::MissingEvent))?;
+    let event = Event::from_name(&event_entry.value)
+        .ok_or_else(|| err(Some(event_entry), Problem::UnknownEvent))?;
+    let state = match get("state") {
+        None => 0,
+        Some(e) => parse_state(&e.value).map_err(|p| err(Some(e), p))?,
+    };
+    let action = match group {
+        Group::SetState => {
+            let new_state = match get("new_state") {
+                None => 0,
+                Some(e) => parse_state(&e.value).map_err(|p| err(Some(e), p))?,
+            };
+            Action::SetState { new_state }
+        }
+        Group::InjectError => {
+            let errno = match get("errno") {
+                None => libc::EIO,
+                Some(e) => parse_errno(&e.value).map_err(|p| err(Some(e), p))?,
+            };
+            let sector = match get("sector") {
+                None => None,
+                Some(e) if e.value.trim() == "-1" => None,
+                Some(e) => Some(parse_number(&e.value).map_err(|p| err(Some(e), p))?),
+            };
+            let once = match get("once") {
+                None => false,
+                Some(e) => parse_bool(&e.value).map_err(|p| err(Some(e), p))?,
+            };
+            let immediately = match get("immediately") {
+                None => false,
+                Some(e) => parse_bool(&e.value).map_err(|p| err(Some(e), p))?,
+            };
+            let iotypes = match get("iotype") {
+                None => IoTypes::default(),
+                Some(e) => parse_iotypes(&e.value).map_err(|p| err(Some(e), p))?,
+            };
+            Action::InjectError {
+                errno,
+                matches: RequestMatch { sector, iotypes },
+                once,
+                immediately,
+            }
+        }
+    };
+    Ok(Rule {
+        event,
+        state,
+        action,
+        origin,
+    })
+}
+
+/// Parses QEMU's unsigned number syntax: decimal, `0x` hex, leading-`0` octal.
+pub fn parse_number(text: &str) -> Result<u64, Problem> {
+    let t = text.trim();
+    let parsed = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8)
+    } else {
+        t.parse::<u64>()
+    };
+    parsed.map_err(|_| Problem::BadNumber)
+}
+
+fn parse_state(text: &str) -> Result<i64, Problem> {
+    if text.trim().starts_with('-') {
+        return Err(Problem::NegativeState);
+    }
+    let n = parse_number(text)?;
+    i64::try_from(n).map_err(|_| Problem::BadNumber)
+}
+
+/// An errno: a number in 0..=511 or a symbolic name.
+pub fn parse_errno(text: &str) -> Result<i32, Problem> {
+    let t = text.trim();
+    if t.starts_with('-') {
+        return Err(Problem::NegativeErrno);
+    }
+    if t.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return errno::from_name(t).ok_or(Problem::UnknownErrnoName);
+    }
+    let n = parse_number(t)?;
+    if n > errno::MAX_INJECTABLE as u64 {
+        return Err(Problem::ErrnoOutOfRange);
+    }
+    Ok(n as i32)
+}
+
+/// QEMU's boolean words.
+pub fn parse_bool(text: &str) -> Result<bool, Problem> {
+    match text.trim() {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(Problem::BadBool),
+    }
+}
+
+fn parse_iotypes(text: &str) -> Result<IoTypes, Problem> {
+    let mut set: Option<IoTypes> = None;
+    for name in text.split(['|', ',']).map(str::trim) {
+        let t = IoType::from_name(name).ok_or(Problem::BadIoType)?;
+        set = Some(match set {
+            None => IoTypes::only(t),
+            Some(s) => s.with(t),
+        });
+    }
+    set.ok_or(Problem::BadIoType)
+}
+
+/// Splits one INI line into `key` and `value`, accepting QEMU's `key = "value"` and the
+/// unquoted superset. `None` when the line is not an assignment.
+fn split_assignment(line: &str) -> Option<(String, String)> {
+    let (key, value) = line.split_once('=')?;
+    let key = key.trim();
+    if key.is_empty() || key.contains(char::is_whitespace) {
+        return None;
+    }
+    let value = value.trim();
+    let value = if let Some(rest) = value.strip_prefix('"') {
+        // QEMU reads up to the closing quote and ignores the rest of the line.
+        rest.split_once('"')?.0
+    } else {
+        value
+    };
+    Some((key.to_string(), value.to_string()))
+}
+
+/// Parses a `[group]` or `[group "id"]` header.
+fn parse_header(line: &str) -> Option<String> {
+    let inner = line.strip_prefix('[')?.trim_end().strip_suffix(']')?;
+    let name = inner.split_whitespace().next()?;
+    Some(name.to_string())
+}
+
+/// Parses a config file's text into rules, in file order.
+pub fn parse_config_text(path: &Path, text: &str) -> Result<Vec<Rule>, ConfigError> {
+    let source = Source::File(path.to_path_buf());
+    let at = |line: usize| Location {
+        source: source.clone(),
+        line: Some(line),
+    };
+    // (group, line of header, entries)
+    let mut sections: Vec<(Group, usize, Vec<Entry>)> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let lineno = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.starts_with('[') {
+            let name = parse_header(line).ok_or_else(|| ConfigError {
+                at: at(lineno),
+                section: None,
+                key: None,
+                value: Some(raw.to_string()),
+                problem: Problem::Syntax,
+            })?;
+            let group = Group::from_name(&name).ok_or_else(|| ConfigError {
+                at: at(lineno),
+                section: Some(name.clone()),
+                key: None,
+                value: None,
+                problem: Problem::UnknownGroup,
+            })?;
+            sections.push((group, lineno, Vec::new()));
+            continue;
+        }
+        let (key, value) = split_assignment(line).ok_or_else(|| ConfigError {
+            at: at(lineno),
+            section: sections.last().map(|s| s.0.name().to_string()),
+            key: None,
+            value: Some(raw.to_string()),
+            problem: Problem::Syntax,
+        })?;
+        let Some(section) = sections.last_mut() else {
+            return Err(ConfigError {
+                at: at(lineno),
+                section: None,
+                key: Some(key),
+                value: Some(value),
+                problem: Problem::KeyOutsideGroup,
+            });
+        };
+        section.2.push(Entry {
+            key,
+            value,
+            line: Some(lineno),
+        });
+    }
+    sections
+        .iter()
+        .map(|(group, line, entries)| {
+            let origin = Origin::File {
+                path: path.display().to_string(),
+                line: *line,
+            };
+            build_rule(*group, entries, &at(*line), origin)
+        })
+        .collect()
+}
+
+/// Reads and parses a config file.
+pub fn load_config_file(path: &Path) -> Result<Vec<Rule>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        at: Location {
+            source: Source::File(path.to_path_buf()),
+            line: None,
+        },
+        section: None,
+        key: None,
+        value: None,
+        problem: Problem::Unreadable(e.to_string()),
+    })?;
+    parse_config_text(path, &text)
+}
+
+/// Splits QEMU option text `a=1,b=2` (`,,` is a literal comma) into key/value pairs.
+fn split_options(text: &str) -> Vec<(String, String)> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                parts.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    parts.push(current);
+    parts
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.trim().to_string(), v.trim().to_string()),
+            None => (p.trim().to_string(), String::new()),
+        })
+        .collect()
+}
+
+/// Parses one command-line or control-channel rule in QEMU option syntax.
+pub fn parse_rule_option(
+    group: Group,
+    text: &str,
+    source: Source,
+    origin: Origin,
+) -> Result<Rule, ConfigError> {
+    let entries: Vec<Entry> = split_options(text)
+        .into_iter()
+        .map(|(key, value)| Entry {
+            key,
+            value,
+            line: None,
+        })
+        .collect();
+    let at = Location { source, line: None };
+    build_rule(group, &entries, &at, origin)
+}
+
+/// QEMU's request limits for the blkdebug node (`align`, `max-transfer`, ...), validated as
+/// QEMU validates them. Zero means "not set".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub align: u64,
+    pub max_transfer: u64,
+    pub opt_write_zero: u64,
+    pub max_write_zero: u64,
+    pub opt_discard: u64,
+    pub max_discard: u64,
+}
+
+impl Limits {
+    /// The request alignment in force (1 when `align` is not set, like a buffered file).
+    pub fn request_alignment(&self) -> u64 {
+        self.align.max(1)
+    }
+
+    /// QEMU's checks from `blkdebug_open`, with its rule that each limit must be a multiple
+    /// of the alignment (and the max of its opt counterpart).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        const INT_MAX: u64 = i32::MAX as u64;
+        let bad = |key: &str, value: u64, why: String| ConfigError {
+            at: Location {
+                source: Source::Option {
+                    flag: "limit option",
+                    index: 1,
+                    text: format!("--{key}"),
+                },
+                line: None,
+            },
+            section: None,
+            key: Some(format!("--{key}")),
+            value: Some(value.to_string()),
+            problem: Problem::BadLimit(why),
+        };
+        if self.align != 0 && (self.align >= INT_MAX || !self.align.is_power_of_two()) {
+            return Err(bad(
+                "align",
+                self.align,
+                "must be a power of two below 2^31".into(),
+            ));
+        }
+        let align = self.request_alignment();
+        let multiple = |key: &str, value: u64, of: u64| {
+            if value != 0 && (value >= INT_MAX || value % of != 0) {
+                Err(bad(
+                    key,
+                    value,
+                    format!("must be a multiple of {of} (the alignment) below 2^31"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        multiple("max-transfer", self.max_transfer, align)?;
+        multiple("opt-write-zero", self.opt_write_zero, align)?;
+        multiple(
+            "max-write-zero",
+            self.max_write_zero,
+            self.opt_write_zero.max(align),
+        )?;
+        multiple("opt-discard", self.opt_discard, align)?;
+        multiple("max-discard", self.max_discard, self.opt_discard.max(align))?;
+        Ok(())
+    }
+}
+
+/// Parses a size with QEMU's suffixes (`4k`, `1M`, `1G`; plain bytes otherwise).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                _ => return Err(format!("'{text}': unknown size suffix '{c}'")),
+            };
+            (&t[..i], mult)
+        }
+        _ => (t, 1),
+    };
+    let n = parse_number(digits).map_err(|_| format!("'{text}' is not a size"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// A validated rule set: file rules first, then command-line rules, plus load warnings.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    pub rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    /// Loads the config file (if any) and appends command-line rules in the order given.
+    /// `cli` holds `(group, text)` pairs in command-line order.
+    pub fn load(config: Option<&Path>, cli: &[(Group, String)]) -> Result<RuleSet, ConfigError> {
+        let mut rules = match config {
+            Some(path) => load_config_file(path)?,
+            None => Vec::new(),
+        };
+        for (i, (group, text)) in cli.iter().enumerate() {
+            let flag = match group {
+                Group::InjectError => "--inject-error",
+                Group::SetState => "--set-state",
+            };
+            let source = Source::Option {
+                flag,
+                index: i + 1,
+                text: text.clone(),
+            };
+            let origin = Origin::CommandLine { index: i + 1 };
+            rules.push(parse_rule_option(*group, text, source, origin)?);
+        }
+        Ok(RuleSet { rules })
+    }
+
+    /// Warnings for rules that can never fire in a FUSE view (spec §2).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let n = i + 1;
+            if !rule.event.fires_in_fuse_view() {
+                out.push(format!(
+                    "rule {n} ({}): event '{}' is a qcow2-internal event that never fires \
+                     in a FUSE view of a raw image",
+                    rule.origin, rule.event
+                ));
+            }
+            if let Action::InjectError { matches, .. } = &rule.action {
+                let discard_only = IoType::ALL
+                    .iter()
+                    .filter(|t| matches.iotypes.contains(**t))
+                    .all(|t| *t == IoType::Discard);
+                if discard_only {
+                    out.push(format!(
+                        "rule {n} ({}): iotype=discard never matches: no FUSE operation \
+                         produces a discard (punch-hole is write-zeroes)",
+                        rule.origin
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// QEMU's `blkdebug:CONFIG:IMAGE` filename: `Some((config, image))`, config empty for none.
+pub fn parse_blkdebug_filename(name: &str) -> Option<(Option<PathBuf>, PathBuf)> {
+    let rest = name.strip_prefix("blkdebug:")?;
+    let (config, image) = rest.split_once(':')?;
+    let config = (!config.is_empty()).then(|| PathBuf::from(config));
+    Some((config, PathBuf::from(image)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<Rule>, ConfigError> {
+        parse_config_text(Path::new("t.ini"), text)
+    }
+
+    fn file_err(
+        line: usize,
+        section: Option<&str>,
+        key: Option<&str>,
+        value: Option<&str>,
+        problem: Problem,
+    ) -> ConfigError {
+        ConfigError {
+            at: Location {
+                source: Source::File(PathBuf::from("t.ini")),
+                line: Some(line),
+            },
+            section: section.map(String::from),
+            key: key.map(String::from),
+            value: value.map(String::from),
+            problem,
+        }
+    }
+
+    #[test]
+    fn parses_every_key_of_both_groups() {
+        let rules = parse(
+            "# comment\n\n[inject-error]\nevent = \"read_aio\"\nstate = \"2\"\nerrno = \"28\"\n\
+             sector = \"0x10\"\nonce = \"on\"\nimmediately = \"yes\"\niotype = \"read\"\n\
+             [set-state]\nevent = \"write_aio\"\nstate = \"1\"\nnew_state = \"010\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            rules,
+            vec![
+                Rule {
+                    event: Event::ReadAio,
+                    state: 2,
+                    action: Action::InjectError {
+                        errno: 28,
+                        matches: RequestMatch {
+                            sector: Some(16),
+                            iotypes: IoTypes::only(IoType::Read),
+                        },
+                        once: true,
+                        immediately: true,
+                    },
+                    origin: Origin::File {
+                        path: "t.ini".into(),
+                        line: 3
+                    },
+                },
+                Rule {
+                    event: Event::WriteAio,
+                    state: 1,
+                    action: Action::SetState { new_state: 8 },
+                    origin: Origin::File {
+                        path: "t.ini".into(),
+                        line: 11
+                    },
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn defaults_match_qemu() {
+        let rules = parse("[inject-error]\nevent=none\n[set-state]\nevent=read_aio\n").unwrap();
+        assert_eq!(
+            rules[0].action,
+            Action::InjectError {
+                errno: libc::EIO,
+                matches: RequestMatch {
+                    sector: None,
+                    iotypes: IoTypes::default()
+                },
+                once: false,
+                immediately: false,
+            }
+        );
+        assert_eq!(rules[0].state, 0);
+        assert_eq!(rules[1].action, Action::SetState { new_state: 0 });
+    }
+
+    #[test]
+    fn accepts_unquoted_values_symbolic_errno_and_dotted_events() {
+        let rules =
+            parse("[inject-error \"id\"]\n  event=l2_alloc.write\nerrno = ENOSPC\nsector=-1\n")
+                .unwrap();
+        assert_eq!(rules[0].event, Event::L2AllocWrite);
+        assert!(matches!(
+            rules[0].action,
+            Action::InjectError {
+                errno: 28,
+                matches: RequestMatch { sector: None, .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn every_error_names_line_section_key_and_value() {
+        assert_eq!(
+            parse("[bogus]\n").unwrap_err(),
+            file_err(1, Some("bogus"), None, None, Problem::UnknownGroup)
+        );
+        assert_eq!(
+            parse("event = \"read_aio\"\n").unwrap_err(),
+            file_err(
+                1,
+                None,
+                Some("event"),
+                Some("read_aio"),
+                Problem::KeyOutsideGroup
+            )
+        );
+        assert_eq!(
+            parse("[inject-error]\nevent=read_aio\nsectr = \"1\"\n").unwrap_err(),
+            file_err(
+                3,
+                Some("inject-error"),
+                Some("sectr"),
+                Some("1"),
+                Problem::UnknownKey {
+                    allowed: INJECT_ERROR_KEYS
+                }
+            )
+        );
+        assert_eq!(
+            parse("[set-state]\nnew_state = 2\n").unwrap_err(),
+            file_err(1, Some("set-state"), None, None, Problem::MissingEvent)
+        );
+        assert_eq!(
+            parse("[inject-error]\nevent = \"read_aoi\"\n").unwrap_err(),
+            file_err(
+                2,
+                Some("inject-error"),
+                Some("event"),
+                Some("read_aoi"),
+                Problem::UnknownEvent
+            )
+        );
+        let bad = |key: &str, value: &str, problem: Problem| {
+            let text = format!("[inject-error]\nevent = none\n{key} = \"{value}\"\n");
+            assert_eq!(
+                parse(&text).unwrap_err(),
+                file_err(3, Some("inject-error"), Some(key), Some(value), problem),
+                "{key} = {value}"
+            );
+        };
+        bad("sector", "12x", Problem::BadNumber);
+        bad("state", "-2", Problem::NegativeState);
+        bad("once", "maybe", Problem::BadBool);
+        bad("errno", "512", Problem::ErrnoOutOfRange);
+        bad("errno", "999", Problem::ErrnoOutOfRange);
+        bad("errno", "-5", Problem::NegativeErrno);
+        bad("errno", "ENOTANERRNO", Problem::UnknownErrnoName);
+        bad("iotype", "reed", Problem::BadIoType);
+        assert_eq!(
+            parse("[inject-error]\nthis is not ini\n").unwrap_err(),
+            file_err(
+                2,
+                Some("inject-error"),
+                None,
+                Some("this is not ini"),
+                Problem::Syntax
+            )
+        );
+    }
+
+    #[test]
+    fn error_message_reads_well() {
+        let e = parse("[inject-error]\nevent = none\nerrno = \"600\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.ini:3: [inject-error] errno = \"600\": errno must be 0..511 or a name like EIO \
+             (QEMU lets 512..999 hang clients)"
+        );
+    }
+
+    #[test]
+    fn command_line_rules_follow_file_rules() {
+        let set = RuleSet::load(
+            None,
+            &[
+                (
+                    Group::InjectError,
+                    "event=read_aio,errno=ENOSPC,sector=8".into(),
+                ),
+                (Group::SetState, "event=none,new_state=3".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(set.rules.len(), 2);
+        assert_eq!(set.rules[1].action, Action::SetState { new_state: 3 });
+        let err = RuleSet::load(None, &[(Group::InjectError, "event=read_aio,errno=x".into())])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--inject-error #1 'event=read_aio,errno=x': [inject-error] errno = \"x\": \
+             unknown errno name"
+        );
+    }
+
+    #[test]
+    fn limits_are_validated_like_qemu() {
+        let ok = Limits {
+            align: 4096,
+            max_transfer: 65536,
+            opt_write_zero: 8192,
+            max_write_zero: 16384,
+            ..Limits::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let bad_align = Limits {
+            align: 3000,
+            ..Limits::default()
+        };
+        assert!(
+            bad_align
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("power of two")
+        );
+        let bad_mt = Limits {
+            align: 4096,
+            max_transfer: 6000,
+            ..Limits::default()
+        };
+        assert_eq!(
+            bad_mt.validate().unwrap_err().key.as_deref(),
+            Some("--max-transfer")
+        );
+        let bad_mwz = Limits {
+            opt_write_zero: 8192,
+            max_write_zero: 4096,
+            ..Limits::default()
+        };
+        assert_eq!(
+            bad_mwz.validate().unwrap_err().key.as_deref(),
+            Some("--max-write-zero")
+        );
+    }
+
+    #[test]
+    fn sizes_and_filenames() {
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("1q").is_err());
+        assert_eq!(
+            parse_blkdebug_filename("blkdebug:r.ini:/tmp/a.img"),
+            Some((Some(PathBuf::from("r.ini")), PathBuf::from("/tmp/a.img")))
+        );
+        assert_eq!(
+            parse_blkdebug_filename("blkdebug::a.img"),
+            Some((None, PathBuf::from("a.img")))
+        );
+        assert_eq!(parse_blkdebug_filename("a.img"), None);
+    }
+}

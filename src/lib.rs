@@ -1,0 +1,373 @@
+//! blkdebugfs: a FUSE view of a disk image that injects faults by QEMU blkdebug's rules.
+//!
+//! [`prepare`] validates everything a mount needs (rules, limits, image, mount point) without
+//! touching the mount table; [`run`] mounts, serves until [`Shutdown`] is triggered or the
+//! mount point is unmounted, then flushes the image and returns. Tests and the `demo`
+//! subcommand call these in-process; `main.rs` is a thin CLI around them.
+//!
+//! Where things live: `rules.rs` (engine), `config.rs` (rule syntax), `ops.rs` (per-operation
+//! event sequences), `mount.rs` (state + executor), `fs.rs` (FUSE adapter).
+
+pub mod config;
+pub mod demo;
+pub mod errno;
+pub mod fs;
+pub mod mount;
+pub mod ops;
+pub mod rules;
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{info, warn};
+use parking_lot::{Condvar, Mutex};
+
+use crate::config::{ConfigError, Limits};
+use crate::fs::{BlkdebugFs, Layout, OpenPolicy};
+use crate::mount::{ImageMode, Mount};
+use crate::rules::{Engine, Event, Rule};
+
+/// Everything a mount is made of, as parsed from the command line.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Rules in written order (config file first, then command line).
+    pub rules: Vec<Rule>,
+    pub limits: Limits,
+    pub read_only: bool,
+    pub growable: bool,
+    pub cache: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+    pub allow_other: bool,
+}
+
+impl MountOptions {
+    /// Options with defaults: no rules, no limits, direct I/O, one worker per CPU.
+    pub fn new(image: impl Into<PathBuf>, mountpoint: impl Into<PathBuf>) -> MountOptions {
+        MountOptions {
+            image: image.into(),
+            mountpoint: mountpoint.into(),
+            rules: Vec::new(),
+            limits: Limits::default(),
+            read_only: false,
+            growable: false,
+            cache: false,
+            threads: default_threads(),
+            allow_other: false,
+        }
+    }
+}
+
+/// One worker per CPU.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+/// Why a mount could not be made. [`Error::exit_code`] maps each to the documented status.
+#[derive(Debug)]
+pub enum Error {
+    /// Bad rules, config file or limit options (exit 2).
+    Config(ConfigError),
+    /// Bad command-line usage not caught by the parser (exit 2).
+    Usage(String),
+    /// The image is missing, unreadable or not a regular file (exit 1).
+    Image { path: PathBuf, why: String },
+    /// The mount point is missing, of the wrong type or already mounted (exit 1).
+    Mountpoint { path: PathBuf, why: String },
+    /// The kernel refused the mount or the session failed (exit 1).
+    Fuse { path: PathBuf, source: std::io::Error },
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) | Error::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Config(e) => write!(f, "{e}"),
+            Error::Usage(e) => f.write_str(e),
+            Error::Image { path, why } => write!(f, "image {}: {why}", path.display()),
+            Error::Mountpoint { path, why } => {
+                write!(f, "mount point {}: {why}", path.display())
+            }
+            Error::Fuse { path, source } => {
+                write!(f, "FUSE mount at {}: {source}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(e)
+    }
+}
+
+/// A one-way "stop now" flag that threads can wait on. Cloning shares it.
+#[derive(Clone, Default)]
+pub struct Shutdown(Arc<(Mutex<bool>, Condvar)>);
+
+impl Shutdown {
+    pub fn new() -> Shutdown {
+        Shutdown::default()
+    }
+
+    pub fn trigger(&self) {
+        *self.0.0.lock() = true;
+        self.0.1.notify_all();
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.0.0.lock()
+    }
+
+    pub fn wait(&self) {
+        let mut stop = self.0.0.lock();
+        while !*stop {
+            self.0.1.wait(&mut stop);
+        }
+    }
+}
+
+/// A validated mount, ready to run: the image is open and the mount point checked.
+pub struct Prepared {
+    options: MountOptions,
+    image: File,
+    layout: Layout,
+    mountpoint: PathBuf,
+}
+
+/// Validates options and opens the image. Nothing is mounted.
+pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
+    options.limits.validate()?;
+    let image_err = |why: String| Error::Image {
+        path: options.image.clone(),
+        why,
+    };
+    let md = std::fs::metadata(&options.image).map_err(|e| image_err(e.to_string()))?;
+    if !md.file_type().is_file() {
+        return Err(image_err("not a regular file".into()));
+    }
+    let image = OpenOptions::new()
+        .read(true)
+        .write(!options.read_only)
+        .open(&options.image)
+        .map_err(|e| image_err(format!("cannot open: {e}")))?;
+
+    let mp_err = |why: String| Error::Mountpoint {
+        path: options.mountpoint.clone(),
+        why,
+    };
+    let mp_md = std::fs::metadata(&options.mountpoint).map_err(|e| mp_err(e.to_string()))?;
+    let mountpoint = options
+        .mountpoint
+        .canonicalize()
+        .map_err(|e| mp_err(e.to_string()))?;
+    let layout = if mp_md.is_dir() {
+        let name = options
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| image_err("has no file name".into()))?;
+        Layout::Directory { name }
+    } else if mp_md.file_type().is_file() {
+        if mp_md.dev() == md.dev() && mp_md.ino() == md.ino() {
+            return Err(mp_err("is the image itself".into()));
+        }
+        Layout::File
+    } else if mp_md.file_type().is_block_device() || mp_md.file_type().is_char_device() {
+        return Err(mp_err("is a device, not a directory or regular file".into()));
+    } else {
+        return Err(mp_err("is neither a directory nor a regular file".into()));
+    };
+    if is_mount_point(&mountpoint) {
+        return Err(mp_err("is already a mount point (unmount it first)".into()));
+    }
+    Ok(Prepared {
+        options,
+        image,
+        layout,
+        mountpoint,
+    })
+}
+
+/// Whether `path` (canonical) is the mount point of a mounted filesystem.
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    table.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .map(unescape_mount_path)
+            .is_some_and(|mp| mp == wanted)
+    })
+}
+
+/// Undoes the octal escapes of /proc/self/mountinfo (`\040` for a space).
+fn unescape_mount_path(field: &str) -> String {
+    let mut out = Vec::new();
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts `path`; when clients still hold files open, detaches it and aborts the FUSE
+/// connection so that nothing can keep the daemon alive (they get ENOTCONN).
+fn force_unmount(path: &Path, connection: Option<u32>) {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(c_path.as_ptr(), 0) } == 0 {
+        return;
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EINVAL) {
+        return; // Not mounted any more.
+    }
+    warn!("unmount of {} failed ({err}); detaching it", path.display());
+    // SAFETY: as above.
+    unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+    if let Some(conn) = connection {
+        let abort = format!("/sys/fs/fuse/connections/{conn}/abort");
+        if let Err(e) = std::fs::write(&abort, "1") {
+            warn!("could not abort FUSE connection {conn}: {e}");
+        }
+    }
+}
+
+/// Mounts and serves until `shutdown` is triggered or the mount point is unmounted, then
+/// flushes the image. `on_ready` runs once the mount is live (the kernel handshake is done
+/// and the `none` event has fired).
+pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> Result<(), Error> {
+    let Prepared {
+        options,
+        image,
+        layout,
+        mountpoint,
+    } = prepared;
+    let engine = Engine::new(options.rules.clone());
+    let mode = ImageMode {
+        read_only: options.read_only,
+        growable: options.growable,
+    };
+    let mount = Arc::new(Mount::new(
+        engine,
+        image,
+        options.image.clone(),
+        options.limits,
+        mode,
+    ));
+    let fs = BlkdebugFs::new(
+        mount.clone(),
+        layout,
+        OpenPolicy {
+            cache: options.cache,
+        },
+    );
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("blkdebugfs:{}", options.image.display())),
+        fuser::MountOption::Subtype("blkdebugfs".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    if options.read_only {
+        config.mount_options.push(fuser::MountOption::RO);
+    }
+    if options.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = true;
+
+    // `none` fires once at mount start, before any request can arrive.
+    mount.fire(Event::None);
+    let session = fuser::Session::new(fs, &mountpoint, &config).map_err(|source| Error::Fuse {
+        path: mountpoint.clone(),
+        source,
+    })?;
+    // The FUSE connection id is the minor number of the mounted filesystem's device.
+    let connection = std::fs::metadata(&mountpoint)
+        .ok()
+        .map(|m| libc::minor(m.dev()));
+    info!(
+        "serving {} at {} ({} rules, {} workers)",
+        options.image.display(),
+        mountpoint.display(),
+        options.rules.len(),
+        options.threads
+    );
+    on_ready();
+
+    let stopper = {
+        let shutdown = shutdown.clone();
+        let target = mountpoint.clone();
+        std::thread::Builder::new()
+            .name("blkdebugfs-stop".into())
+            .spawn(move || {
+                shutdown.wait();
+                force_unmount(&target, connection);
+            })
+            .map_err(|source| Error::Fuse {
+                path: mountpoint.clone(),
+                source,
+            })?
+    };
+    let served = session.run();
+    // Unmounted from outside, or by the stopper: either way wake the stopper and reap it.
+    shutdown.trigger();
+    let _ = stopper.join();
+    if let Err(e) = mount.image().sync_data() {
+        warn!("final flush of {} failed: {e}", options.image.display());
+    }
+    info!("unmounted {}", mountpoint.display());
+    served.map_err(|source| Error::Fuse {
+        path: mountpoint,
+        source,
+    })
+}
+
+/// Polls `cond` until it holds or `timeout` passes. For callers that must wait on an outside
+/// effect (the mount table) that offers no notification.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,349 @@
+//! The `blkdebugfs` command line: parse, validate, run, exit once with a documented code.
+//!
+//! Exit codes: 0 success; 1 runtime failure (image missing or unreadable, bad mount point,
+//! already mounted, FUSE mount refused); 2 usage or configuration error (bad option, bad rule,
+//! bad config file). Errors are printed once, on stderr, before anything is mounted.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use blkdebugfs::config::{self, Group, Limits, RuleSet};
+use blkdebugfs::{Error, MountOptions, Shutdown, errno, rules::Event};
+
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (image missing or \
+unreadable, bad mount point, already mounted, FUSE mount refused); 2 usage or configuration \
+error (bad option, rule or config file; nothing is mounted).";
+
+/// Mount a faulty view of a disk image: QEMU blkdebug's fault-injection rules over FUSE.
+#[derive(Parser)]
+#[command(name = "blkdebugfs", version, after_help = EXIT_CODES)]
+struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount IMAGE at MOUNTPOINT with fault-injection rules.
+    Mount(MountArgs),
+    /// Validate rules without mounting and print them as understood.
+    Check(CheckArgs),
+    /// Run a self-contained demonstration on a temporary image.
+    Demo,
+}
+
+/// Rule sources, shared by `mount` and `check`.
+#[derive(Args)]
+struct RuleArgs {
+    /// blkdebug config file (QEMU's INI dialect).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Add an inject-error rule, e.g. event=read_aio,errno=ENOSPC,sector=8 (repeatable).
+    #[arg(long = "inject-error", value_name = "K=V,...")]
+    inject_error: Vec<String>,
+    /// Add a set-state rule, e.g. event=write_aio,state=1,new_state=2 (repeatable).
+    #[arg(long = "set-state", value_name = "K=V,...")]
+    set_state: Vec<String>,
+    /// Request alignment in bytes (power of two); unaligned writes read-modify-write.
+    #[arg(long, value_name = "BYTES", value_parser = size)]
+    align: Option<u64>,
+    /// Split requests larger than this (multiple of align), one event per chunk.
+    #[arg(long = "max-transfer", value_name = "BYTES", value_parser = size)]
+    max_transfer: Option<u64>,
+    /// Preferred write-zeroes alignment; smaller zero-writes fall back to writes.
+    #[arg(long = "opt-write-zero", value_name = "BYTES", value_parser = size)]
+    opt_write_zero: Option<u64>,
+    /// Largest write-zeroes request.
+    #[arg(long = "max-write-zero", value_name = "BYTES", value_parser = size)]
+    max_write_zero: Option<u64>,
+    /// Preferred discard alignment (accepted and validated; no FUSE operation discards).
+    #[arg(long = "opt-discard", value_name = "BYTES", value_parser = size)]
+    opt_discard: Option<u64>,
+    /// Largest discard (accepted and validated; no FUSE operation discards).
+    #[arg(long = "max-discard", value_name = "BYTES", value_parser = size)]
+    max_discard: Option<u64>,
+}
+
+fn size(text: &str) -> Result<u64, String> {
+    config::parse_size(text)
+}
+
+impl RuleArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            align: self.align.unwrap_or(0),
+            max_transfer: self.max_transfer.unwrap_or(0),
+            opt_write_zero: self.opt_write_zero.unwrap_or(0),
+            max_write_zero: self.max_write_zero.unwrap_or(0),
+            opt_discard: self.opt_discard.unwrap_or(0),
+            max_discard: self.max_discard.unwrap_or(0),
+        }
+    }
+
+    /// Loads the rules: `extra_config` (from `blkdebug:CONF:IMG`) or `--config`, then the
+    /// command-line rules.
+    fn load(&self, extra_config: Option<&Path>) -> Result<RuleSet, Error> {
+        let config = match (extra_config, &self.config) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Usage(
+                    "give the config either in blkdebug:CONFIG:IMAGE or with --config, not both"
+                        .into(),
+                ));
+            }
+            (Some(c), None) => Some(c),
+            (None, c) => c.as_deref(),
+        };
+        let cli: Vec<(Group, String)> = self
+            .inject_error
+            .iter()
+            .map(|t| (Group::InjectError, t.clone()))
+            .chain(self.set_state.iter().map(|t| (Group::SetState, t.clone())))
+            .collect();
+        Ok(RuleSet::load(config, &cli)?)
+    }
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// The backing image, or QEMU's blkdebug:CONFIG:IMAGE (CONFIG may be empty).
+    image: String,
+    /// An existing directory (the image appears inside it) or regular file (the image is
+    /// mounted onto it).
+    mountpoint: PathBuf,
+    #[command(flatten)]
+    rules: RuleArgs,
+    /// Serve the image read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Writes past the end grow the image.
+    #[arg(long)]
+    growable: bool,
+    /// Let the kernel page cache serve reads (faster; cached reads never reach the rules).
+    #[arg(long)]
+    cache: bool,
+    /// FUSE worker threads (default: number of CPUs).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: Option<u16>,
+    /// Let other users access the mount (needs user_allow_other for non-root).
+    #[arg(long)]
+    allow_other: bool,
+    /// Return once the mount is live (exit 0) or has failed (non-zero), serving in the
+    /// background.
+    #[arg(long)]
+    daemonize: bool,
+    /// Write the serving process's PID to FILE once the mount is live.
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    rules: RuleArgs,
+    /// Also list the 48 event names and whether each can fire in a FUSE view.
+    #[arg(long)]
+    list_events: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Mount(args) => mount(args),
+        Command::Check(args) => check(args),
+        Command::Demo => blkdebugfs::demo::run().map_err(Error::Usage),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blkdebugfs: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    // fuser logs every unimplemented or unusual request at warn/debug; keep it quieter.
+    let default = format!("{level},fuser=warn");
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_target(false)
+        .init();
+}
+
+fn check(args: CheckArgs) -> Result<(), Error> {
+    args.rules.limits().validate()?;
+    let set = args.rules.load(None)?;
+    if set.rules.is_empty() {
+        println!("no rules");
+    }
+    for (i, rule) in set.rules.iter().enumerate() {
+        println!("rule {:>3}: {rule}  ({})", i + 1, rule.origin);
+    }
+    for w in set.warnings() {
+        println!("warning: {w}");
+    }
+    if args.list_events {
+        for e in Event::ALL {
+            let fires = if e.fires_in_fuse_view() {
+                "fires"
+            } else {
+                "never fires (qcow2-internal)"
+            };
+            println!("event {:<28} {fires}", e.name());
+        }
+        println!(
+            "errno names: EIO = {}, ENOSPC = {}, ... (any Linux name, or 0..{})",
+            libc::EIO,
+            libc::ENOSPC,
+            errno::MAX_INJECTABLE
+        );
+    }
+    Ok(())
+}
+
+fn mount(args: MountArgs) -> Result<(), Error> {
+    let (extra_config, image) = match config::parse_blkdebug_filename(&args.image) {
+        Some((conf, image)) => (conf, image),
+        None => (None, PathBuf::from(&args.image)),
+    };
+    let set = args.rules.load(extra_config.as_deref())?;
+    for w in set.warnings() {
+        log::warn!("{w}");
+    }
+    let mut options = MountOptions::new(image, &args.mountpoint);
+    options.rules = set.rules;
+    options.limits = args.rules.limits();
+    options.read_only = args.read_only;
+    options.growable = args.growable;
+    options.cache = args.cache;
+    options.allow_other = args.allow_other;
+    if let Some(n) = args.threads {
+        options.threads = n as usize;
+    }
+    let prepared = blkdebugfs::prepare(options)?;
+
+    // Daemonize before any thread exists: the parent waits for the child's verdict.
+    let ready_pipe = if args.daemonize {
+        match daemonize()? {
+            Parent::Exit(code) => std::process::exit(code),
+            Parent::Child(fd) => Some(fd),
+        }
+    } else {
+        None
+    };
+
+    let shutdown = Shutdown::new();
+    let signals = watch_signals(shutdown.clone()).map_err(|e| Error::Usage(e.to_string()))?;
+    let pidfile = args.pidfile.clone();
+    let result = blkdebugfs::run(prepared, shutdown.clone(), || {
+        if let Some(path) = &pidfile {
+            if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+                log::warn!("cannot write pidfile {}: {e}", path.display());
+            }
+        }
+        if let Some(fd) = &ready_pipe {
+            report_to_parent(fd, b"ok\n");
+        }
+    });
+    signals.close();
+    if let Some(path) = &args.pidfile {
+        let _ = std::fs::remove_file(path);
+    }
+    if let (Err(e), Some(fd)) = (&result, &ready_pipe) {
+        report_to_parent(fd, format!("{e}\n").as_bytes());
+    }
+    result
+}
+
+/// SIGINT and SIGTERM trigger a clean shutdown.
+fn watch_signals(shutdown: Shutdown) -> std::io::Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let handle = signals.handle();
+    std::thread::Builder::new()
+        .name("blkdebugfs-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: shutting down");
+                shutdown.trigger();
+            }
+        })?;
+    Ok(handle)
+}
+
+enum Parent {
+    Exit(i32),
+    Child(std::os::fd::OwnedFd),
+}
+
+/// Forks; the parent waits until the child reports "ok" (exit 0) or an error (printed, exit
+/// 1). The child starts a new session and keeps the pipe's write end.
+fn daemonize() -> Result<Parent, Error> {
+    use std::io::BufRead;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::Usage(format!(
+            "pipe: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: both are fresh descriptors owned by nobody else.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet (logging and signals start after this).
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::Usage(format!(
+            "fork: {}",
+            std::io::Error::last_os_error()
+        ))),
+        0 => {
+            drop(read_end);
+            // SAFETY: setsid in the child; redirecting stdin/stdout to /dev/null.
+            unsafe {
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    libc::dup2(null, 0);
+                    libc::dup2(null, 1);
+                    libc::close(null);
+                }
+            }
+            Ok(Parent::Child(write_end))
+        }
+        _child => {
+            drop(write_end);
+            // One line: "ok" or the error. The child keeps the pipe open while it serves.
+            let mut answer = String::new();
+            let _ = std::io::BufReader::new(std::fs::File::from(read_end)).read_line(&mut answer);
+            if answer.starts_with("ok") {
+                Ok(Parent::Exit(0))
+            } else {
+                let msg = if answer.is_empty() {
+                    "the daemon exited before the mount was live".to_string()
+                } else {
+                    answer.trim().to_string()
+                };
+                eprintln!("blkdebugfs: {msg}");
+                Ok(Parent::Exit(1))
+            }
+        }
+    }
+}
+
+fn report_to_parent(fd: &std::os::fd::OwnedFd, msg: &[u8]) {
+    let Ok(dup) = fd.try_clone() else { return };
+    let mut f = std::fs::File::from(dup);
+    let _ = f.write_all(msg);
+}
