@@ -207,18 +207,26 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
     })
 }
 
+/// The `major:minor` device of the filesystem mounted at `path` (canonical), from the mount
+/// table (which, unlike stat, never sends a request to a FUSE server).
+fn mounted_device(path: &Path) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = path.to_string_lossy();
+    table.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let mp = unescape_mount_path(fields.get(4)?);
+        (mp == wanted).then(|| fields.get(2).map(|d| d.to_string()))?
+    })
+}
+
 /// Whether `path` (canonical) is the mount point of a mounted filesystem.
 fn is_mount_point(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let wanted = path.to_string_lossy();
-    table.lines().any(|line| {
-        line.split(' ')
-            .nth(4)
-            .map(unescape_mount_path)
-            .is_some_and(|mp| mp == wanted)
-    })
+    mounted_device(path).is_some()
+}
+
+/// The FUSE connection id (the minor device number) of our mount at `path`.
+fn fuse_connection(path: &Path) -> Option<u32> {
+    mounted_device(path)?.split_once(':')?.1.parse().ok()
 }
 
 /// Undoes the octal escapes of /proc/self/mountinfo (`\040` for a space).
@@ -240,22 +248,14 @@ fn unescape_mount_path(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Unmounts `path`; when clients still hold files open, detaches it and aborts the FUSE
-/// connection so that nothing can keep the daemon alive (they get ENOTCONN).
+/// When clients still hold files open and a plain unmount fails, detaches the mount and
+/// aborts the FUSE connection so that nothing can keep the daemon alive (clients get
+/// ENOTCONN).
 fn force_unmount(path: &Path, connection: Option<u32>) {
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return;
     };
     // SAFETY: umount2 with a valid C string.
-    if unsafe { libc::umount2(c_path.as_ptr(), 0) } == 0 {
-        return;
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EINVAL) {
-        return; // Not mounted any more.
-    }
-    warn!("unmount of {} failed ({err}); detaching it", path.display());
-    // SAFETY: as above.
     unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
     if let Some(conn) = connection {
         let abort = format!("/sys/fs/fuse/connections/{conn}/abort");
@@ -312,14 +312,12 @@ pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> R
 
     // `none` fires once at mount start, before any request can arrive.
     mount.fire(Event::None);
-    let session = fuser::Session::new(fs, &mountpoint, &config).map_err(|source| Error::Fuse {
+    let mut session = fuser::Session::new(fs, &mountpoint, &config).map_err(|source| Error::Fuse {
         path: mountpoint.clone(),
         source,
     })?;
-    // The FUSE connection id is the minor number of the mounted filesystem's device.
-    let connection = std::fs::metadata(&mountpoint)
-        .ok()
-        .map(|m| libc::minor(m.dev()));
+    // Never stat the mount point here: no worker serves requests until `run` below.
+    let connection = fuse_connection(&mountpoint);
     info!(
         "serving {} at {} ({} rules, {} workers)",
         options.image.display(),
@@ -332,11 +330,15 @@ pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> R
     let stopper = {
         let shutdown = shutdown.clone();
         let target = mountpoint.clone();
+        let mut unmounter = session.unmount_callable();
         std::thread::Builder::new()
             .name("blkdebugfs-stop".into())
             .spawn(move || {
                 shutdown.wait();
-                force_unmount(&target, connection);
+                if let Err(e) = unmounter.unmount() {
+                    warn!("unmount of {} failed ({e}); detaching it", target.display());
+                    force_unmount(&target, connection);
+                }
             })
             .map_err(|source| Error::Fuse {
                 path: mountpoint.clone(),

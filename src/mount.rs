@@ -158,12 +158,16 @@ impl Mount {
                 } => {
                     let verdict = self.engine.lock().check(iotype, offset, len);
                     if let Verdict::Fail { errno, rule, event } = verdict {
+                        let range = if len == 0 {
+                            String::new()
+                        } else {
+                            format!(" at offset {offset}, {len} bytes")
+                        };
                         info!(
-                            "injecting {} into {} ({} at offset {offset}, {len} bytes) \
-                             for rule {rule} armed by {event}",
+                            "injecting {} into {} ({iotype}{range}) for rule {rule} \
+                             armed by {event}",
                             errno::describe(errno),
                             op.name(),
-                            iotype,
                         );
                         failed = Some(errno);
                         pc = on_fail;
