@@ -109,9 +109,9 @@ impl fmt::Display for Problem {
                 write!(f, "unknown key (this group takes: {})", allowed.join(", "))
             }
             Problem::MissingEvent => f.write_str("the rule has no 'event' key"),
-            Problem::UnknownEvent => f.write_str(
-                "unknown event (see `blkdebugfs check --list-events` for the 48 names)",
-            ),
+            Problem::UnknownEvent => {
+                f.write_str("unknown event (see `blkdebugfs check --list-events` for the 48 names)")
+            }
             Problem::BadNumber => f.write_str("not a number (decimal, 0x hex or 0 octal)"),
             Problem::BadBool => f.write_str("not a boolean (on/yes/true/y or off/no/false/n)"),
             Problem::ErrnoOutOfRange => write!(
@@ -858,8 +858,11 @@ mod tests {
         .unwrap();
         assert_eq!(set.rules.len(), 2);
         assert_eq!(set.rules[1].action, Action::SetState { new_state: 3 });
-        let err = RuleSet::load(None, &[(Group::InjectError, "event=read_aio,errno=x".into())])
-            .unwrap_err();
+        let err = RuleSet::load(
+            None,
+            &[(Group::InjectError, "event=read_aio,errno=x".into())],
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "--inject-error #1 'event=read_aio,errno=x': [inject-error] errno = \"x\": \

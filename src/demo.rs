@@ -67,7 +67,9 @@ pub fn run_demo() -> Result<(), String> {
     let image = dir.path().join("disk.img");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
-    let pattern: Vec<u8> = (0..(1u32 << 20)).map(|i| (i / 512 % 251 + 1) as u8).collect();
+    let pattern: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i / 512 % 251 + 1) as u8)
+        .collect();
     std::fs::write(&image, &pattern).map_err(|e| format!("{}: {e}", image.display()))?;
     let rules_path = dir.path().join("demo.ini");
     std::fs::write(&rules_path, DEMO_RULES).map_err(|e| e.to_string())?;
@@ -159,7 +161,11 @@ fn drive(file: &Path) -> io::Result<Vec<Row>> {
         f.read_exact_at(&mut buf, 12288),
         "only sector 16 fails",
     );
-    row("fsync", f.sync_all(), "nothing written yet: no flush_to_disk");
+    row(
+        "fsync",
+        f.sync_all(),
+        "nothing written yet: no flush_to_disk",
+    );
     row(
         "write 4096 bytes at 0",
         f.write_all_at(&data, 0),

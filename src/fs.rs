@@ -12,10 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 use log::{debug, warn};
 
@@ -154,7 +153,10 @@ impl Filesystem for BlkdebugFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Without async DIO the kernel serialises an O_DIRECT aio submission into one request
         // at a time; mmap in direct-I/O mode needs the kernel's explicit allowance.
-        for cap in [InitFlags::FUSE_ASYNC_DIO, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP] {
+        for cap in [
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
+        ] {
             if let Err(missing) = config.add_capabilities(cap) {
                 debug!("kernel lacks FUSE capability {missing:?}");
             }
@@ -210,7 +212,10 @@ impl Filesystem for BlkdebugFs {
         }
         if let Some(size) = size {
             if let Err(e) = self.mount.set_size(size) {
-                warn!("truncate of {} to {size} failed: {e}", self.mount.image_path.display());
+                warn!(
+                    "truncate of {} to {size} failed: {e}",
+                    self.mount.image_path.display()
+                );
                 return reply.error(Errno::from(e));
             }
         }
@@ -361,7 +366,8 @@ impl Filesystem for BlkdebugFs {
         let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
-        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 || (punch && zero) {
             return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
         }
@@ -395,7 +401,10 @@ impl Filesystem for BlkdebugFs {
         if len == 0 {
             return reply.ok();
         }
-        match self.mount.execute(Op::Zero { offset, len, punch }, Payload::None) {
+        match self
+            .mount
+            .execute(Op::Zero { offset, len, punch }, Payload::None)
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Errno::from_i32(e)),
         }

@@ -83,7 +83,10 @@ pub enum Error {
     /// The mount point is missing, of the wrong type or already mounted (exit 1).
     Mountpoint { path: PathBuf, why: String },
     /// The kernel refused the mount or the session failed (exit 1).
-    Fuse { path: PathBuf, source: std::io::Error },
+    Fuse {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -192,7 +195,9 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
         }
         Layout::File
     } else if mp_md.file_type().is_block_device() || mp_md.file_type().is_char_device() {
-        return Err(mp_err("is a device, not a directory or regular file".into()));
+        return Err(mp_err(
+            "is a device, not a directory or regular file".into(),
+        ));
     } else {
         return Err(mp_err("is neither a directory nor a regular file".into()));
     };
@@ -312,10 +317,11 @@ pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> R
 
     // `none` fires once at mount start, before any request can arrive.
     mount.fire(Event::None);
-    let mut session = fuser::Session::new(fs, &mountpoint, &config).map_err(|source| Error::Fuse {
-        path: mountpoint.clone(),
-        source,
-    })?;
+    let mut session =
+        fuser::Session::new(fs, &mountpoint, &config).map_err(|source| Error::Fuse {
+            path: mountpoint.clone(),
+            source,
+        })?;
     // Never stat the mount point here: no worker serves requests until `run` below.
     let connection = fuse_connection(&mountpoint);
     info!(
@@ -327,36 +333,60 @@ pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> R
     );
     on_ready();
 
-    let stopper = {
+    // The session serves on its own threads; this thread waits for the end: a shutdown
+    // request, or the session ending because the mount point was unmounted from outside.
+    let mut unmounter = session.unmount_callable();
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+    let server = {
         let shutdown = shutdown.clone();
-        let target = mountpoint.clone();
-        let mut unmounter = session.unmount_callable();
         std::thread::Builder::new()
-            .name("blkdebugfs-stop".into())
+            .name("blkdebugfs-session".into())
             .spawn(move || {
-                shutdown.wait();
-                if let Err(e) = unmounter.unmount() {
-                    warn!("unmount of {} failed ({e}); detaching it", target.display());
-                    force_unmount(&target, connection);
-                }
+                let served = session.run();
+                let _ = ended_tx.send(served);
+                shutdown.trigger();
             })
             .map_err(|source| Error::Fuse {
                 path: mountpoint.clone(),
                 source,
             })?
     };
-    let served = session.run();
-    // Unmounted from outside, or by the stopper: either way wake the stopper and reap it.
-    shutdown.trigger();
-    let _ = stopper.join();
+    shutdown.wait();
+    let served = match ended_rx.try_recv() {
+        Ok(served) => Some(served),
+        Err(_) => {
+            if let Err(e) = unmounter.unmount() {
+                warn!(
+                    "unmount of {} failed ({e}); detaching it",
+                    mountpoint.display()
+                );
+                force_unmount(&mountpoint, connection);
+            }
+            // Once detached, open files can keep the connection alive; the process exiting
+            // (closing /dev/fuse) ends it for good, so do not wait for them forever.
+            ended_rx.recv_timeout(Duration::from_secs(2)).ok()
+        }
+    };
     if let Err(e) = mount.image().sync_data() {
         warn!("final flush of {} failed: {e}", options.image.display());
     }
-    info!("unmounted {}", mountpoint.display());
-    served.map_err(|source| Error::Fuse {
-        path: mountpoint,
-        source,
-    })
+    match served {
+        Some(served) => {
+            let _ = server.join();
+            info!("unmounted {}", mountpoint.display());
+            served.map_err(|source| Error::Fuse {
+                path: mountpoint,
+                source,
+            })
+        }
+        None => {
+            warn!(
+                "{} detached; clients still holding it open get ENOTCONN once we exit",
+                mountpoint.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Polls `cond` until it holds or `timeout` passes. For callers that must wait on an outside

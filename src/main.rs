@@ -140,6 +140,9 @@ struct MountArgs {
     /// Write the serving process's PID to FILE once the mount is live.
     #[arg(long, value_name = "FILE")]
     pidfile: Option<PathBuf>,
+    /// With --daemonize: append the log to FILE (otherwise it is discarded).
+    #[arg(long, value_name = "FILE", requires = "daemonize")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -235,7 +238,7 @@ fn mount(args: MountArgs) -> Result<(), Error> {
 
     // Daemonize before any thread exists: the parent waits for the child's verdict.
     let ready_pipe = if args.daemonize {
-        match daemonize()? {
+        match daemonize(args.log_file.as_deref())? {
             Parent::Exit(code) => std::process::exit(code),
             Parent::Child(fd) => Some(fd),
         }
@@ -289,7 +292,7 @@ enum Parent {
 
 /// Forks; the parent waits until the child reports "ok" (exit 0) or an error (printed, exit
 /// 1). The child starts a new session and keeps the pipe's write end.
-fn daemonize() -> Result<Parent, Error> {
+fn daemonize(log_file: Option<&Path>) -> Result<Parent, Error> {
     use std::io::BufRead;
     use std::os::fd::{FromRawFd, OwnedFd};
     let mut fds = [0i32; 2];
@@ -301,7 +304,19 @@ fn daemonize() -> Result<Parent, Error> {
         )));
     }
     // SAFETY: both are fresh descriptors owned by nobody else.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Open the log before forking so that an unwritable path is reported by the parent.
+    let log = match log_file {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::Usage(format!("log file {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     // SAFETY: no other thread exists yet (logging and signals start after this).
     match unsafe { libc::fork() } {
         -1 => Err(Error::Usage(format!(
@@ -310,14 +325,21 @@ fn daemonize() -> Result<Parent, Error> {
         ))),
         0 => {
             drop(read_end);
-            // SAFETY: setsid in the child; redirecting stdin/stdout to /dev/null.
+            // Detach from the caller's terminal and pipes: a caller that waits for our
+            // stdout/stderr to close (a test, `$(...)`) must not wait for the daemon's exit.
+            // SAFETY: setsid and dup2 on descriptors we own, in the single-threaded child.
             unsafe {
                 libc::setsid();
                 let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
                 if null >= 0 {
                     libc::dup2(null, 0);
                     libc::dup2(null, 1);
+                    libc::dup2(null, 2);
                     libc::close(null);
+                }
+                if let Some(log) = &log {
+                    use std::os::fd::AsRawFd;
+                    libc::dup2(log.as_raw_fd(), 2);
                 }
             }
             Ok(Parent::Child(write_end))

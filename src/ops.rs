@@ -33,11 +33,23 @@ pub enum Step {
         on_fail: usize,
     },
     /// Read image bytes into the reply buffer at `at`.
-    Read { offset: u64, len: u64, at: usize },
+    Read {
+        offset: u64,
+        len: u64,
+        at: usize,
+    },
     /// Write the payload's bytes at `at` to the image.
-    Write { offset: u64, len: u64, at: usize },
+    Write {
+        offset: u64,
+        len: u64,
+        at: usize,
+    },
     /// Zero a range (punch a hole when `punch`, so sparse images stay sparse).
-    Zero { offset: u64, len: u64, punch: bool },
+    Zero {
+        offset: u64,
+        len: u64,
+        punch: bool,
+    },
     /// A write request of the raw node finished (successful or not): a later flush must reach
     /// the disk. QEMU counts failed writes too.
     RawWritten,
@@ -45,17 +57,25 @@ pub enum Step {
     NodeWritten,
     /// Flush gate of the raw node: skip to `skip_to` unless written since the last successful
     /// flush; remember the generation so a successful flush can record it.
-    RawFlushGate { skip_to: usize },
+    RawFlushGate {
+        skip_to: usize,
+    },
     /// Flush gate of the blkdebug node (decides whether the flush is checked and performed).
-    NodeFlushGate { skip_to: usize },
+    NodeFlushGate {
+        skip_to: usize,
+    },
     /// fdatasync the image; on success record the generations captured by the gates.
     Flush,
     /// Remember `errno` as the request's failure (a condition QEMU reports without a rule,
     /// e.g. ENOTSUP) and go on with the next step.
-    FailWith { errno: i32 },
+    FailWith {
+        errno: i32,
+    },
     /// If a failure is remembered, continue at step `to` (QEMU's loops stop at the first
     /// failed piece).
-    StopIfFailed { to: usize },
+    StopIfFailed {
+        to: usize,
+    },
     /// The end: reply with the remembered errno, or success.
     Done,
 }
@@ -63,13 +83,26 @@ pub enum Step {
 /// A client operation as the image sees it (after clamping to the image size).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    Read { offset: u64, len: u64 },
-    Write { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+    },
     /// fallocate ZERO_RANGE (`punch: false`) or PUNCH_HOLE (`punch: true`).
-    Zero { offset: u64, len: u64, punch: bool },
+    Zero {
+        offset: u64,
+        len: u64,
+        punch: bool,
+    },
     Flush,
     /// lseek SEEK_DATA / SEEK_HOLE from `offset`; `len` is the rest of the image.
-    BlockStatus { offset: u64, len: u64 },
+    BlockStatus {
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Op {
@@ -580,7 +613,14 @@ mod tests {
         };
         assert_eq!(
             events(write, l),
-            vec![WriteAio, Pwritev, PwritevDone, WriteAio, Pwritev, PwritevDone]
+            vec![
+                WriteAio,
+                Pwritev,
+                PwritevDone,
+                WriteAio,
+                Pwritev,
+                PwritevDone
+            ]
         );
     }
 
@@ -664,7 +704,10 @@ mod tests {
             len: 8192,
             punch: true,
         };
-        assert_eq!(events(op, Limits::default()), vec![PwritevZero, PwritevDone]);
+        assert_eq!(
+            events(op, Limits::default()),
+            vec![PwritevZero, PwritevDone]
+        );
         assert_eq!(
             checks(op, Limits::default()),
             vec![(IoType::WriteZeroes, 0, 8192)]
@@ -684,7 +727,10 @@ mod tests {
         };
         assert_eq!(
             checks(op, l),
-            vec![(IoType::Write, 4096, 4096), (IoType::WriteZeroes, 8192, 8192)]
+            vec![
+                (IoType::Write, 4096, 4096),
+                (IoType::WriteZeroes, 8192, 8192)
+            ]
         );
         let punch = Op::Zero {
             offset: 4096,
@@ -698,7 +744,10 @@ mod tests {
 
     #[test]
     fn flush_fires_flush_to_os_then_gated_flush_to_disk() {
-        assert_eq!(events(Op::Flush, Limits::default()), vec![FlushToOs, FlushToDisk]);
+        assert_eq!(
+            events(Op::Flush, Limits::default()),
+            vec![FlushToOs, FlushToDisk]
+        );
         assert_eq!(
             checks(Op::Flush, Limits::default()),
             vec![(IoType::Flush, 0, 0)]

@@ -578,7 +578,10 @@ mod tests {
         e.fire(Event::WriteAio);
         // The read_aio rule is no longer armed: only sector 8 fails now.
         assert_eq!(e.check(IoType::Read, 0, 512), Verdict::Pass);
-        assert_eq!(e.check(IoType::Read, 4096, 512), fail(28, 2, Event::WriteAio));
+        assert_eq!(
+            e.check(IoType::Read, 4096, 512),
+            fail(28, 2, Event::WriteAio)
+        );
     }
 
     #[test]
@@ -657,7 +660,10 @@ mod tests {
         let mut e = Engine::new(vec![inject(Event::None, 0, 5, None, false)]);
         e.fire(Event::None);
         assert_eq!(e.check(IoType::BlockStatus, 0, 512), Verdict::Pass);
-        assert_eq!(e.check(IoType::WriteZeroes, 0, 512), fail(5, 1, Event::None));
+        assert_eq!(
+            e.check(IoType::WriteZeroes, 0, 512),
+            fail(5, 1, Event::None)
+        );
     }
 
     #[test]

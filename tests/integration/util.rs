@@ -1,0 +1,353 @@
+//! Test harness: an RAII guard around a real `blkdebugfs mount` process, aligned buffers for
+//! O_DIRECT, and errno helpers.
+//!
+//! The guard waits for the mount with a deadline and fails fast (printing the daemon's
+//! stderr and the mount table) if the daemon dies first. On drop it stops the daemon it
+//! started (SIGTERM by PID), waits for it, and as a last resort detaches the mount and kills
+//! the process, so no test leaves a mount or a process behind, even when it fails.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_blkdebugfs");
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `path` is a mount point now (from the mount table, which never blocks on FUSE).
+pub fn is_mounted(path: &Path) -> bool {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+pub fn mount_table() -> String {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("fuse"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A scratch directory with an image whose 512-byte sector `i` holds byte `(i % 251) + 1`.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub mnt: PathBuf,
+}
+
+pub fn pattern(size: usize) -> Vec<u8> {
+    (0..size).map(|i| ((i / 512) % 251 + 1) as u8).collect()
+}
+
+impl Scratch {
+    pub fn new(size: usize) -> Scratch {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, pattern(size)).expect("write image");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mnt");
+        Scratch { dir, image, mnt }
+    }
+
+    /// Writes a config file and returns its path.
+    pub fn config(&self, text: &str) -> PathBuf {
+        let p = self.dir.path().join("rules.ini");
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+
+    /// The mounted view of the image in the directory layout.
+    pub fn view(&self) -> PathBuf {
+        self.mnt.join("disk.img")
+    }
+
+    pub fn image_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.image).expect("read image")
+    }
+}
+
+/// A running `blkdebugfs mount`; see the module doc.
+pub struct Daemon {
+    child: Option<Child>,
+    pub mountpoint: PathBuf,
+    stderr_path: PathBuf,
+    args: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `blkdebugfs mount ARGS` (ARGS include image and mount point) and waits until
+    /// `mountpoint` is mounted.
+    pub fn start(mountpoint: &Path, args: &[&str]) -> Daemon {
+        let stderr_path = mountpoint.with_extension(format!("stderr.{}", rand_suffix()));
+        let stderr = File::create(&stderr_path).expect("stderr file");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = cmd.spawn().expect("spawn blkdebugfs");
+        let mut d = Daemon {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+            stderr_path,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        let up = wait_for(DEADLINE, || {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "blkdebugfs mount {:?} exited with {status} before mounting:\n{}\nmounts:\n{}",
+                    d.args,
+                    d.stderr(),
+                    mount_table()
+                );
+            }
+            is_mounted(mountpoint)
+        });
+        if !up {
+            panic!(
+                "blkdebugfs mount {:?} did not mount within {DEADLINE:?}:\n{}\nmounts:\n{}",
+                d.args,
+                d.stderr(),
+                mount_table()
+            );
+        }
+        d
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    /// The daemon's stderr so far (its log).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill on the PID of the child we spawned and have not reaped.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// Waits for the daemon to exit (with a deadline) and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("daemon already reaped");
+        let mut status = None;
+        let exited = wait_for(DEADLINE, || {
+            status = child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        assert!(
+            exited,
+            "blkdebugfs did not exit within {DEADLINE:?}:\n{}",
+            self.stderr()
+        );
+        self.child = None;
+        status.expect("status")
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if child.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill on our own unreaped child's PID.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let exited = wait_for(Duration::from_secs(10), || {
+                child.try_wait().ok().flatten().is_some()
+            });
+            if !exited {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .status();
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs `blkdebugfs ARGS` to completion; returns (status code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run blkdebugfs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A 4096-aligned buffer for O_DIRECT.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> AlignedBuf {
+        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
+        // SAFETY: non-zero size layout.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        AlignedBuf { ptr, len }
+    }
+
+    pub fn filled(len: usize, byte: u8) -> AlignedBuf {
+        let mut b = AlignedBuf::new(len);
+        b.as_mut().fill(byte);
+        b
+    }
+
+    pub fn as_ref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for our lifetime.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len.max(4096), 4096).unwrap();
+        // SAFETY: allocated with this layout in new().
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+// SAFETY: the buffer is plain owned memory.
+unsafe impl Send for AlignedBuf {}
+
+pub fn open_direct(path: &Path) -> File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open O_DIRECT {}: {e}", path.display()))
+}
+
+pub fn open_rw(path: &Path) -> File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// `Ok(n)` or the errno of a syscall result.
+pub fn sys(r: isize) -> Result<usize, i32> {
+    if r < 0 {
+        Err(io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r as usize)
+    }
+}
+
+pub fn pread(f: &File, buf: &mut [u8], off: u64) -> Result<usize, i32> {
+    // SAFETY: buf is valid for writes of its length.
+    sys(unsafe {
+        libc::pread(
+            f.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            off as i64,
+        )
+    })
+}
+
+pub fn pwrite(f: &File, buf: &[u8], off: u64) -> Result<usize, i32> {
+    // SAFETY: buf is valid for reads of its length.
+    sys(unsafe { libc::pwrite(f.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64) })
+}
+
+pub fn fsync(f: &File) -> Result<usize, i32> {
+    // SAFETY: plain syscall on an open descriptor.
+    sys(unsafe { libc::fsync(f.as_raw_fd()) } as isize)
+}
+
+pub fn fdatasync(f: &File) -> Result<usize, i32> {
+    // SAFETY: plain syscall on an open descriptor.
+    sys(unsafe { libc::fdatasync(f.as_raw_fd()) } as isize)
+}
+
+/// close(2) with its result (a FUSE flush error shows up here).
+pub fn close(f: File) -> Result<usize, i32> {
+    use std::os::fd::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // SAFETY: we own fd and close it exactly once.
+    sys(unsafe { libc::close(fd) } as isize)
+}
+
+pub fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> Result<usize, i32> {
+    // SAFETY: plain syscall on an open descriptor.
+    sys(unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) } as isize)
+}
+
+pub fn lseek(f: &File, off: u64, whence: i32) -> Result<usize, i32> {
+    // SAFETY: plain syscall on an open descriptor.
+    sys(unsafe { libc::lseek(f.as_raw_fd(), off as i64, whence) } as isize)
+}
+
+pub const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+pub const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
