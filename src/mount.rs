@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use crate::config::Limits;
 use crate::errno;
 use crate::ops::{Op, Step, plan};
-use crate::rules::{Engine, Event, Verdict};
+use crate::rules::{Engine, Event, IoType, Verdict};
 
 /// Write and flush generations of one block node, as QEMU keeps them: a flush reaches the
 /// disk only if the node was written (successfully or not) since its last successful flush.
@@ -156,23 +156,38 @@ impl Mount {
                     len,
                     on_fail,
                 } => {
-                    let verdict = self.engine.lock().check(iotype, offset, len);
-                    if let Verdict::Fail { errno, rule, event } = verdict {
-                        let range = if len == 0 {
-                            String::new()
-                        } else {
-                            format!(" at offset {offset}, {len} bytes")
-                        };
-                        info!(
-                            "injecting {} into {} ({iotype}{range}) for rule {rule} \
-                             armed by {event}",
-                            errno::describe(errno),
-                            op.name(),
-                        );
+                    if let Some(errno) = self.check(op, iotype, offset, len, "") {
                         failed = Some(errno);
                         pc = on_fail;
                     }
                 }
+                Step::RmwCheck {
+                    offset,
+                    len,
+                    on_fail,
+                } => {
+                    let note = "; ignored, as QEMU ignores read-modify-write read errors";
+                    if self.check(op, IoType::Read, offset, len, note).is_some() {
+                        pc = on_fail;
+                    }
+                }
+                Step::ZeroesCheck {
+                    offset,
+                    len,
+                    on_fail,
+                    on_enotsup,
+                } => {
+                    if let Some(errno) = self.check(op, IoType::WriteZeroes, offset, len, "") {
+                        match on_enotsup {
+                            Some(fallback) if errno == libc::EOPNOTSUPP => pc = fallback,
+                            _ => {
+                                failed = Some(errno);
+                                pc = on_fail;
+                            }
+                        }
+                    }
+                }
+                Step::Jump { to } => pc = to,
                 Step::Read { offset, len, at } => {
                     let Payload::Read(buf) = &mut payload else {
                         return Err(libc::EIO);
@@ -239,6 +254,25 @@ impl Mount {
                 Ok(())
             }
         }
+    }
+
+    /// Checks one request against the rules; logs and returns the errno of an injection.
+    fn check(&self, op: Op, iotype: IoType, offset: u64, len: u64, note: &str) -> Option<i32> {
+        let verdict = self.engine.lock().check(iotype, offset, len);
+        let Verdict::Fail { errno, rule, event } = verdict else {
+            return None;
+        };
+        let range = if len == 0 {
+            String::new()
+        } else {
+            format!(" at offset {offset}, {len} bytes")
+        };
+        info!(
+            "injecting {} into {} ({iotype}{range}) for rule {rule} armed by {event}{note}",
+            errno::describe(errno),
+            op.name(),
+        );
+        Some(errno)
     }
 
     fn io_failed(&self, what: &str, offset: u64, len: u64, e: io::Error) -> i32 {

@@ -32,6 +32,26 @@ pub enum Step {
         len: u64,
         on_fail: usize,
     },
+    /// The checked read of a read-modify-write. QEMU ignores its failure: the rest of the
+    /// padding read is skipped (continue at `on_fail`) but the write goes on and succeeds.
+    RmwCheck {
+        offset: u64,
+        len: u64,
+        on_fail: usize,
+    },
+    /// The check of a write-zeroes request. An injected ENOTSUP makes QEMU fall back to a
+    /// write of zeroes (continue at `on_enotsup`, when the caller allows fallback); other
+    /// errors continue at `on_fail`.
+    ZeroesCheck {
+        offset: u64,
+        len: u64,
+        on_fail: usize,
+        on_enotsup: Option<usize>,
+    },
+    /// Continue at step `to`.
+    Jump {
+        to: usize,
+    },
     /// Read image bytes into the reply buffer at `at`.
     Read {
         offset: u64,
@@ -223,8 +243,10 @@ impl Builder {
     }
 
     /// QEMU's read-modify-write read (`bdrv_padding_rmw_read`) for the padded range
-    /// `[ps, pe)` with `head`/`tail` padding bytes. A failed read fails the request.
+    /// `[ps, pe)` with `head`/`tail` padding bytes. QEMU ignores a failure of this read: it
+    /// only cuts the padding read short (no `after_*` event, no tail read).
     fn rmw_read(&mut self, ps: u64, pe: u64, head: u64, tail: u64) {
+        let start = self.steps.len();
         let align = self.align();
         let sum = pe - ps;
         let buf_len = if sum > align && head > 0 && tail > 0 {
@@ -241,21 +263,35 @@ impl Builder {
             if merge && tail > 0 {
                 self.push(Step::Event(Event::PwritevRmwTail));
             }
-            self.node_read(ps, ps + n, None);
+            self.rmw_checks(ps, ps + n);
             if head > 0 {
                 self.push(Step::Event(Event::PwritevRmwAfterHead));
             }
             if merge && tail > 0 {
                 self.push(Step::Event(Event::PwritevRmwAfterTail));
             }
-            if merge {
-                return;
+        }
+        if tail > 0 && !merge {
+            self.push(Step::Event(Event::PwritevRmwTail));
+            self.rmw_checks(pe - align, pe);
+            self.push(Step::Event(Event::PwritevRmwAfterTail));
+        }
+        let after = self.steps.len();
+        for s in &mut self.steps[start..] {
+            if let Step::RmwCheck { on_fail, .. } = s {
+                *on_fail = after;
             }
         }
-        if tail > 0 {
-            self.push(Step::Event(Event::PwritevRmwTail));
-            self.node_read(pe - align, pe, None);
-            self.push(Step::Event(Event::PwritevRmwAfterTail));
+    }
+
+    /// The checks of one padding read, split by max-transfer like any node read.
+    fn rmw_checks(&mut self, start: u64, end: u64) {
+        for (offset, len) in self.chunks(start, end - start) {
+            self.push(Step::RmwCheck {
+                offset,
+                len,
+                on_fail: TO_END,
+            });
         }
     }
 
@@ -307,17 +343,38 @@ impl Builder {
                     punch: false,
                 });
             } else {
-                self.push(Step::Check {
-                    iotype: IoType::WriteZeroes,
+                // [i] check, [i+1] zero, [i+2] jump past the fallback, [i+3..] fallback.
+                let i = self.steps.len();
+                let fallback = (!punch).then(|| num.min(max_transfer));
+                self.push(Step::ZeroesCheck {
                     offset: off,
                     len: num,
                     on_fail: TO_END,
+                    on_enotsup: fallback.map(|_| i + 3),
                 });
                 self.push(Step::Zero {
                     offset: off,
                     len: num,
                     punch,
                 });
+                self.push(Step::Jump {
+                    to: i + if fallback.is_some() { 5 } else { 3 },
+                });
+                if let Some(n) = fallback {
+                    // QEMU falls back to writing zeroes, checked as a write. (For pieces over
+                    // 16 MiB QEMU would re-ask write-zeroes per bounce buffer; we do not.)
+                    self.push(Step::Check {
+                        iotype: IoType::Write,
+                        offset: off,
+                        len: n,
+                        on_fail: TO_END,
+                    });
+                    self.push(Step::Zero {
+                        offset: off,
+                        len: num,
+                        punch: false,
+                    });
+                }
             }
             off += num;
             bytes -= num;
@@ -330,7 +387,10 @@ impl Builder {
     fn raw_written_since(&mut self, start: usize) {
         let at = self.steps.len();
         for s in &mut self.steps[start..] {
-            if let Step::Check { on_fail: to, .. } | Step::StopIfFailed { to } = s {
+            if let Step::Check { on_fail: to, .. }
+            | Step::StopIfFailed { to }
+            | Step::ZeroesCheck { on_fail: to, .. } = s
+            {
                 if *to == TO_END {
                     *to = at;
                 }
@@ -346,7 +406,11 @@ impl Builder {
         self.steps.push(Step::Done);
         for s in &mut self.steps {
             match s {
-                Step::Check { on_fail: to, .. } | Step::StopIfFailed { to } if *to == TO_END => {
+                Step::Check { on_fail: to, .. }
+                | Step::StopIfFailed { to }
+                | Step::ZeroesCheck { on_fail: to, .. }
+                    if *to == TO_END =>
+                {
                     *to = end
                 }
                 Step::RawFlushGate { skip_to } | Step::NodeFlushGate { skip_to }
@@ -445,6 +509,14 @@ pub fn plan(op: Op, limits: Limits) -> Vec<Step> {
 /// read-modify-written as ordinary writes, the aligned middle is a write-zeroes request.
 fn zero_plan(b: &mut Builder, offset: u64, len: u64, punch: bool) {
     let align = b.align();
+    if punch && (offset % align != 0 || len % align != 0) {
+        // A request that may not fall back (punch-hole) cannot be padded: QEMU refuses it
+        // with ENOTSUP before any event.
+        b.push(Step::FailWith {
+            errno: libc::EOPNOTSUPP,
+        });
+        return;
+    }
     let (ps, pe, head, tail) = pad(offset, len, align);
     let (mut off, mut bytes) = (offset, len);
     if head > 0 || tail > 0 {
@@ -476,7 +548,7 @@ fn zero_plan(b: &mut Builder, offset: u64, len: u64, punch: bool) {
         // A failed write-zeroes piece still ends with pwritev_done.
         let done_at = b.steps.len();
         for s in &mut b.steps[start..] {
-            if let Step::Check { on_fail, .. } = s {
+            if let Step::Check { on_fail, .. } | Step::ZeroesCheck { on_fail, .. } = s {
                 *on_fail = done_at;
             }
         }
@@ -516,6 +588,8 @@ mod tests {
                     len,
                     ..
                 } => Some((iotype, offset, len)),
+                Step::RmwCheck { offset, len, .. } => Some((IoType::Read, offset, len)),
+                Step::ZeroesCheck { offset, len, .. } => Some((IoType::WriteZeroes, offset, len)),
                 _ => Option::None,
             })
             .collect()
@@ -725,11 +799,13 @@ mod tests {
             len: 12288,
             punch: false,
         };
+        // The last check is the fallback taken only when a rule injects ENOTSUP.
         assert_eq!(
             checks(op, l),
             vec![
                 (IoType::Write, 4096, 4096),
-                (IoType::WriteZeroes, 8192, 8192)
+                (IoType::WriteZeroes, 8192, 8192),
+                (IoType::Write, 8192, 8192)
             ]
         );
         let punch = Op::Zero {
@@ -740,6 +816,38 @@ mod tests {
         assert!(plan(punch, l).contains(&Step::FailWith {
             errno: libc::EOPNOTSUPP
         }));
+    }
+
+    #[test]
+    fn unaligned_punch_is_refused_before_any_event() {
+        let op = Op::Zero {
+            offset: 100,
+            len: 200,
+            punch: true,
+        };
+        assert_eq!(events(op, aligned(4096)), vec![]);
+        assert_eq!(
+            plan(op, aligned(4096))[0],
+            Step::FailWith {
+                errno: libc::EOPNOTSUPP
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_rmw_read_skips_the_rest_of_the_padding_read_only() {
+        let far = plan(
+            Op::Write {
+                offset: 512,
+                len: 8192,
+            },
+            aligned(4096),
+        );
+        let Step::RmwCheck { on_fail, .. } = far[2] else {
+            panic!("{far:?}")
+        };
+        // Straight to pwritev: no after_head, no tail read; the write goes on.
+        assert_eq!(far[on_fail], Step::Event(Pwritev));
     }
 
     #[test]
