@@ -31,6 +31,9 @@
 //! Every error names where it was (file and line, or which command-line rule), the section,
 //! the key and the offending value; nothing is mounted when one is found.
 
+// Errors are built once, at load, and carry where they were: their size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -49,6 +52,8 @@ pub enum Source {
     },
     /// A rule sent through the control channel.
     Command(String),
+    /// A limit option (`--align`, ...); the key names it.
+    LimitOption,
 }
 
 /// A place in the configuration: a source and, for files, a line.
@@ -64,6 +69,7 @@ impl fmt::Display for Location {
             Source::File(p) => write!(f, "{}", p.display())?,
             Source::Option { flag, index, text } => write!(f, "{flag} #{index} '{text}'")?,
             Source::Command(text) => write!(f, "command '{text}'")?,
+            Source::LimitOption => f.write_str("command line")?,
         }
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
@@ -526,11 +532,7 @@ impl Limits {
         const INT_MAX: u64 = i32::MAX as u64;
         let bad = |key: &str, value: u64, why: String| ConfigError {
             at: Location {
-                source: Source::Option {
-                    flag: "limit option",
-                    index: 1,
-                    text: format!("--{key}"),
-                },
+                source: Source::LimitOption,
                 line: None,
             },
             section: None,
@@ -547,7 +549,7 @@ impl Limits {
         }
         let align = self.request_alignment();
         let multiple = |key: &str, value: u64, of: u64| {
-            if value != 0 && (value >= INT_MAX || value % of != 0) {
+            if value != 0 && (value >= INT_MAX || !value.is_multiple_of(of)) {
                 Err(bad(
                     key,
                     value,

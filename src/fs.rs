@@ -210,14 +210,14 @@ impl Filesystem for BlkdebugFs {
         if size.is_some() && self.mount.mode.read_only {
             return reply.error(Errno::EROFS);
         }
-        if let Some(size) = size {
-            if let Err(e) = self.mount.set_size(size) {
-                warn!(
-                    "truncate of {} to {size} failed: {e}",
-                    self.mount.image_path.display()
-                );
-                return reply.error(Errno::from(e));
-            }
+        if let Some(size) = size
+            && let Err(e) = self.mount.set_size(size)
+        {
+            warn!(
+                "truncate of {} to {size} failed: {e}",
+                self.mount.image_path.display()
+            );
+            return reply.error(Errno::from(e));
         }
         if let Some(mode) = mode {
             // SAFETY: fchmod on our own open descriptor.

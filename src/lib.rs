@@ -75,7 +75,7 @@ pub fn default_threads() -> usize {
 #[derive(Debug)]
 pub enum Error {
     /// Bad rules, config file or limit options (exit 2).
-    Config(ConfigError),
+    Config(Box<ConfigError>),
     /// Bad command-line usage not caught by the parser (exit 2).
     Usage(String),
     /// The image is missing, unreadable or not a regular file (exit 1).
@@ -118,7 +118,7 @@ impl std::error::Error for Error {}
 
 impl From<ConfigError> for Error {
     fn from(e: ConfigError) -> Self {
-        Error::Config(e)
+        Error::Config(Box::new(e))
     }
 }
 
@@ -240,12 +240,13 @@ fn unescape_mount_path(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if bytes[i] == b'\\'
+            && i + 4 <= bytes.len()
+            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;

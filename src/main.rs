@@ -250,10 +250,10 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     let signals = watch_signals(shutdown.clone()).map_err(|e| Error::Usage(e.to_string()))?;
     let pidfile = args.pidfile.clone();
     let result = blkdebugfs::run(prepared, shutdown.clone(), || {
-        if let Some(path) = &pidfile {
-            if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
-                log::warn!("cannot write pidfile {}: {e}", path.display());
-            }
+        if let Some(path) = &pidfile
+            && let Err(e) = std::fs::write(path, format!("{}\n", std::process::id()))
+        {
+            log::warn!("cannot write pidfile {}: {e}", path.display());
         }
         if let Some(fd) = &ready_pipe {
             report_to_parent(fd, b"ok\n");

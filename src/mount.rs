@@ -207,10 +207,10 @@ impl Mount {
                     }
                 }
                 Step::Zero { offset, len, punch } => {
-                    if len > 0 {
-                        if let Err(e) = zero_range(&self.image, offset, len, punch) {
-                            return Err(self.io_failed("zero", offset, len, e));
-                        }
+                    if len > 0
+                        && let Err(e) = zero_range(&self.image, offset, len, punch)
+                    {
+                        return Err(self.io_failed("zero", offset, len, e));
                     }
                 }
                 Step::RawWritten => self.raw_node.bump(),

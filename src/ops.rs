@@ -390,10 +390,9 @@ impl Builder {
             if let Step::Check { on_fail: to, .. }
             | Step::StopIfFailed { to }
             | Step::ZeroesCheck { on_fail: to, .. } = s
+                && *to == TO_END
             {
-                if *to == TO_END {
-                    *to = at;
-                }
+                *to = at;
             }
         }
         self.push(Step::RawWritten);
@@ -509,7 +508,7 @@ pub fn plan(op: Op, limits: Limits) -> Vec<Step> {
 /// read-modify-written as ordinary writes, the aligned middle is a write-zeroes request.
 fn zero_plan(b: &mut Builder, offset: u64, len: u64, punch: bool) {
     let align = b.align();
-    if punch && (offset % align != 0 || len % align != 0) {
+    if punch && (!offset.is_multiple_of(align) || !len.is_multiple_of(align)) {
         // A request that may not fall back (punch-hole) cannot be padded: QEMU refuses it
         // with ENOTSUP before any event.
         b.push(Step::FailWith {
