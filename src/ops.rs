@@ -493,10 +493,12 @@ pub fn plan(op: Op, limits: Limits) -> Vec<Step> {
             b.push(Step::Flush);
         }
         Op::BlockStatus { offset, len } => {
+            // The block layer aligns the query down to the request alignment.
+            let start = offset - offset % align;
             b.push(Step::Check {
                 iotype: IoType::BlockStatus,
-                offset,
-                len,
+                offset: start,
+                len: len + (offset - start),
                 on_fail: TO_END,
             });
         }
