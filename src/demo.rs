@@ -90,7 +90,7 @@ pub fn run_demo() -> Result<(), String> {
     let server = {
         let shutdown = shutdown.clone();
         std::thread::spawn(move || {
-            crate::run(prepared, shutdown, move || {
+            crate::run(prepared, shutdown, move |_| {
                 let _ = ready_tx.send(());
             })
         })

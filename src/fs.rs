@@ -1,4 +1,4 @@
-//! The FUSE adapter: translates kernel operations into [`Op`]s for [`Mount::execute`] and
+//! The FUSE adapter: translates kernel operations into [`Op`]s for [`Mount::submit`] and
 //! results into replies. Nothing else lives here: no rule logic, no policy.
 //!
 //! The mount shows either a directory holding one regular file (the image's file name), or,
@@ -18,7 +18,8 @@ use fuser::{
 };
 use log::{debug, warn};
 
-use crate::mount::{Mount, Payload};
+use crate::control::Control;
+use crate::mount::{Completion, Mount};
 use crate::ops::Op;
 
 /// Attributes may be cached briefly: the size only changes through this mount (or by the
@@ -27,6 +28,10 @@ const TTL: Duration = Duration::from_secs(1);
 const ROOT: INodeNo = INodeNo(1);
 /// The image file's inode in the directory layout.
 const IMAGE: INodeNo = INodeNo(2);
+/// The control file's inode in the directory layout.
+const CONTROL: INodeNo = INodeNo(3);
+/// The control file's name in the mount's directory.
+pub const CONTROL_NAME: &str = ".control";
 /// Largest write the kernel may send in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 
@@ -53,18 +58,47 @@ pub struct BlkdebugFs {
     policy: OpenPolicy,
     uid: u32,
     gid: u32,
+    /// The control endpoint behind `.control` (directory layout only).
+    control: Arc<Control>,
+    /// Per open `.control` file: the text reads return (the status, then each command's
+    /// reply) and how much of it was read. Reads ignore the file offset, which a write
+    /// on the same descriptor has moved.
+    control_texts: Arc<parking_lot::Mutex<std::collections::HashMap<u64, (String, usize)>>>,
+    next_fh: std::sync::atomic::AtomicU64,
+}
+
+/// Replies to a FUSE request with an errno from a plan.
+fn errno(e: i32) -> Errno {
+    Errno::from_i32(e)
 }
 
 impl BlkdebugFs {
-    pub fn new(mount: Arc<Mount>, layout: Layout, policy: OpenPolicy) -> BlkdebugFs {
+    pub fn new(control: Arc<Control>, layout: Layout, policy: OpenPolicy) -> BlkdebugFs {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         BlkdebugFs {
-            mount,
+            mount: control.mount().clone(),
             layout,
             policy,
             uid,
             gid,
+            control,
+            control_texts: Default::default(),
+            next_fh: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    fn has_control(&self) -> bool {
+        matches!(self.layout, Layout::Directory { .. })
+    }
+
+    fn control_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: CONTROL,
+            kind: FileType::RegularFile,
+            perm: 0o600,
+            nlink: 1,
+            ..self.dir_attr()
         }
     }
 
@@ -134,6 +168,8 @@ impl BlkdebugFs {
     fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
         if self.is_image(ino) {
             self.image_attr()
+        } else if ino == CONTROL && self.has_control() {
+            Ok(self.control_attr())
         } else if ino == ROOT {
             Ok(self.dir_attr())
         } else {
@@ -142,11 +178,44 @@ impl BlkdebugFs {
     }
 
     fn flush(&self, reply: ReplyEmpty) {
-        match self.mount.execute(Op::Flush, Payload::None) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
+        self.mount.submit(Op::Flush, &[], empty_reply(reply));
     }
+}
+
+impl BlkdebugFs {
+    /// One command per write(2); the write returns once the command took effect, and a
+    /// later read on the same open file returns the reply text.
+    fn control_write(&self, fh: FileHandle, data: &[u8], reply: ReplyWrite) {
+        let line = String::from_utf8_lossy(data).trim().to_string();
+        let len = data.len() as u32;
+        let texts = self.control_texts.clone();
+        self.control.run(
+            &line,
+            Box::new(move |r| {
+                // Store the text before replying, so a read right after the write sees it.
+                match r {
+                    Ok(text) => {
+                        texts.lock().insert(fh.0, (format!("{text}\n"), 0));
+                        reply.written(len);
+                    }
+                    Err(e) => {
+                        texts
+                            .lock()
+                            .insert(fh.0, (format!("error: {}\n", e.message), 0));
+                        reply.error(errno(e.errno));
+                    }
+                }
+            }),
+        );
+    }
+}
+
+/// A completion that replies to an operation without data.
+fn empty_reply(reply: ReplyEmpty) -> Completion {
+    Box::new(move |r| match r {
+        Ok(_) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    })
 }
 
 impl Filesystem for BlkdebugFs {
@@ -174,6 +243,9 @@ impl Filesystem for BlkdebugFs {
                     Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
                     Err(e) => reply.error(e),
                 }
+            }
+            Layout::Directory { .. } if parent == ROOT && name == CONTROL_NAME => {
+                reply.entry(&TTL, &self.control_attr(), Generation(0))
             }
             _ => reply.error(Errno::ENOENT),
         }
@@ -232,7 +304,20 @@ impl Filesystem for BlkdebugFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino == CONTROL && self.has_control() {
+            // Only the mounting user, even with --allow-other.
+            if req.uid() != self.uid {
+                return reply.error(Errno::EACCES);
+            }
+            let fh = self
+                .next_fh
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.control_texts
+                .lock()
+                .insert(fh, (self.control.status(), 0));
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+        }
         if !self.is_image(ino) {
             return reply.error(Errno::EISDIR);
         }
@@ -250,14 +335,24 @@ impl Filesystem for BlkdebugFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if ino == CONTROL && self.has_control() {
+            let mut texts = self.control_texts.lock();
+            let Some((text, cursor)) = texts.get_mut(&fh.0) else {
+                return reply.data(&[]);
+            };
+            let start = (*cursor).min(text.len());
+            let end = (start + size as usize).min(text.len());
+            *cursor = end;
+            return reply.data(&text.as_bytes()[start..end]);
+        }
         let image_size = match self.mount.size() {
             Ok(s) => s,
             Err(e) => return reply.error(Errno::from(e)),
@@ -267,21 +362,21 @@ impl Filesystem for BlkdebugFs {
         if len == 0 {
             return reply.data(&[]);
         }
-        let mut buf = vec![0u8; len as usize];
-        match self
-            .mount
-            .execute(Op::Read { offset, len }, Payload::Read(&mut buf))
-        {
-            Ok(()) => reply.data(&buf),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
+        self.mount.submit(
+            Op::Read { offset, len },
+            &[],
+            Box::new(move |r| match r {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(errno(e)),
+            }),
+        );
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -289,6 +384,9 @@ impl Filesystem for BlkdebugFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if ino == CONTROL && self.has_control() {
+            return self.control_write(fh, data, reply);
+        }
         if self.mount.mode.read_only {
             return reply.error(Errno::EROFS);
         }
@@ -314,35 +412,59 @@ impl Filesystem for BlkdebugFs {
         if len == 0 {
             return reply.written(0);
         }
-        match self.mount.execute(
+        let written = len as u32;
+        self.mount.submit(
             Op::Write { offset, len },
-            Payload::Write(&data[..len as usize]),
-        ) {
-            Ok(()) => reply.written(len as u32),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
+            &data[..len as usize],
+            Box::new(move |r| match r {
+                Ok(_) => reply.written(written),
+                Err(e) => reply.error(errno(e)),
+            }),
+        );
     }
 
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if ino == CONTROL {
+            return reply.ok();
+        }
         // Every close() flushes, as through QEMU's export.
         BlkdebugFs::flush(self, reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if ino == CONTROL {
+            self.control_texts.lock().remove(&fh.0);
+        }
+        reply.ok();
     }
 
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if ino == CONTROL {
+            return reply.ok();
+        }
         BlkdebugFs::flush(self, reply);
     }
 
@@ -401,13 +523,8 @@ impl Filesystem for BlkdebugFs {
         if len == 0 {
             return reply.ok();
         }
-        match self
-            .mount
-            .execute(Op::Zero { offset, len, punch }, Payload::None)
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
+        self.mount
+            .submit(Op::Zero { offset, len, punch }, &[], empty_reply(reply));
     }
 
     fn lseek(
@@ -434,17 +551,25 @@ impl Filesystem for BlkdebugFs {
             offset: start,
             len: size - start,
         };
-        if let Err(e) = self.mount.execute(op, Payload::None) {
-            return reply.error(Errno::from_i32(e));
-        }
-        // The backing file knows where its holes are; positional I/O never uses its offset.
-        // SAFETY: lseek on our own open descriptor.
-        let r = unsafe { libc::lseek(self.mount.image().as_raw_fd(), offset, whence) };
-        if r < 0 {
-            reply.error(Errno::from(std::io::Error::last_os_error()))
-        } else {
-            reply.offset(r)
-        }
+        let mount = self.mount.clone();
+        self.mount.submit(
+            op,
+            &[],
+            Box::new(move |r| {
+                if let Err(e) = r {
+                    return reply.error(errno(e));
+                }
+                // The backing file knows where its holes are; positional I/O never uses its
+                // file offset, so sharing the descriptor is safe.
+                // SAFETY: lseek on the mount's open descriptor.
+                let r = unsafe { libc::lseek(mount.image().as_raw_fd(), offset, whence) };
+                if r < 0 {
+                    reply.error(Errno::from(std::io::Error::last_os_error()))
+                } else {
+                    reply.offset(r)
+                }
+            }),
+        );
     }
 
     fn readdir(
@@ -465,6 +590,7 @@ impl Filesystem for BlkdebugFs {
             (ROOT, FileType::Directory, "."),
             (ROOT, FileType::Directory, ".."),
             (IMAGE, FileType::RegularFile, name.as_str()),
+            (CONTROL, FileType::RegularFile, CONTROL_NAME),
         ];
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as u64, *kind, name) {
@@ -472,6 +598,18 @@ impl Filesystem for BlkdebugFs {
             }
         }
         reply.ok();
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // No extended attributes (answered quietly: the kernel asks on every write).
+        reply.error(Errno::from_i32(libc::ENODATA));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -8,7 +8,9 @@
 //! Where things live: `rules.rs` (engine), `config.rs` (rule syntax), `ops.rs` (per-operation
 //! event sequences), `mount.rs` (state + executor), `fs.rs` (FUSE adapter).
 
+pub mod breakpoints;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod errno;
 pub mod fs;
@@ -27,6 +29,7 @@ use log::{info, warn};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{ConfigError, Limits};
+use crate::control::{Control, ReloadSource};
 use crate::fs::{BlkdebugFs, Layout, OpenPolicy};
 use crate::mount::{ImageMode, Mount};
 use crate::rules::{Engine, Event, Rule};
@@ -45,6 +48,12 @@ pub struct MountOptions {
     /// FUSE worker threads.
     pub threads: usize,
     pub allow_other: bool,
+    /// Also serve control commands on a UNIX socket here (`--control`).
+    pub control_socket: Option<PathBuf>,
+    /// Resume requests suspended longer than this (`--max-suspend`).
+    pub max_suspend: Option<Duration>,
+    /// Where `reload` (and SIGHUP) re-read the rules from.
+    pub reload: ReloadSource,
 }
 
 impl MountOptions {
@@ -60,6 +69,9 @@ impl MountOptions {
             cache: false,
             threads: default_threads(),
             allow_other: false,
+            control_socket: None,
+            max_suspend: None,
+            reload: ReloadSource::default(),
         }
     }
 }
@@ -87,6 +99,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A control command was refused or failed (`blkdebugfs ctl`, exit 1).
+    Ctl(String),
 }
 
 impl Error {
@@ -110,6 +124,7 @@ impl fmt::Display for Error {
             Error::Fuse { path, source } => {
                 write!(f, "FUSE mount at {}: {source}", path.display())
             }
+            Error::Ctl(e) => f.write_str(e),
         }
     }
 }
@@ -272,9 +287,14 @@ fn force_unmount(path: &Path, connection: Option<u32>) {
 }
 
 /// Mounts and serves until `shutdown` is triggered or the mount point is unmounted, then
-/// flushes the image. `on_ready` runs once the mount is live (the kernel handshake is done
-/// and the `none` event has fired).
-pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> Result<(), Error> {
+/// releases every suspended request, flushes the image and unmounts. `on_ready` runs once
+/// the mount is live (the kernel handshake is done and the `none` event has fired), with the
+/// mount's control endpoint (for signals).
+pub fn run(
+    prepared: Prepared,
+    shutdown: Shutdown,
+    on_ready: impl FnOnce(Arc<Control>),
+) -> Result<(), Error> {
     let Prepared {
         options,
         image,
@@ -293,8 +313,13 @@ pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> R
         options.limits,
         mode,
     ));
+    let control = Arc::new(Control::new(mount.clone(), options.reload.clone()));
+    let socket = match &options.control_socket {
+        Some(path) => Some(ControlSocket::bind(path, control.clone())?),
+        None => None,
+    };
     let fs = BlkdebugFs::new(
-        mount.clone(),
+        control.clone(),
         layout,
         OpenPolicy {
             cache: options.cache,
@@ -332,7 +357,18 @@ pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> R
         options.rules.len(),
         options.threads
     );
-    on_ready();
+    let timer = {
+        let mount = mount.clone();
+        let max_suspend = options.max_suspend;
+        std::thread::Builder::new()
+            .name("blkdebugfs-timer".into())
+            .spawn(move || timer_loop(&mount, max_suspend))
+            .map_err(|source| Error::Fuse {
+                path: mountpoint.clone(),
+                source,
+            })?
+    };
+    on_ready(control);
 
     // The session serves on its own threads; this thread waits for the end: a shutdown
     // request, or the session ending because the mount point was unmounted from outside.
@@ -353,6 +389,10 @@ pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> R
             })?
     };
     shutdown.wait();
+    // Suspended requests complete normally before the mount goes away.
+    mount.release_everything();
+    let _ = timer.join();
+    drop(socket);
     let served = match ended_rx.try_recv() {
         Ok(served) => Some(served),
         Err(_) => {
@@ -387,6 +427,84 @@ pub fn run(prepared: Prepared, shutdown: Shutdown, on_ready: impl FnOnce()) -> R
             );
             Ok(())
         }
+    }
+}
+
+/// Times out `wait_break` waiters and runs the `--max-suspend` watchdog, sleeping until the
+/// next deadline. Ends when the breakpoints close (shutdown).
+fn timer_loop(mount: &Mount, max_suspend: Option<Duration>) {
+    let bp = &mount.breakpoints;
+    while !bp.is_closed() {
+        let now = std::time::Instant::now();
+        let mut next = now + Duration::from_secs(1);
+        if let Some(waiter) = bp.expire_waiters() {
+            next = next.min(waiter);
+        }
+        if let Some(limit) = max_suspend {
+            mount.resume_older_than(limit);
+            if let Some(oldest) = bp.oldest_parked() {
+                next = next.min(oldest + limit);
+            }
+        }
+        bp.sleep_until(next);
+    }
+}
+
+/// The `--control` UNIX socket: one thread accepts, one thread per connection serves
+/// [`Control::serve_stream`]. Dropping it stops accepting and removes the socket file.
+struct ControlSocket {
+    path: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ControlSocket {
+    fn bind(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Error> {
+        let bad = |why: String| Error::Usage(format!("control socket {}: {why}", path.display()));
+        if let Ok(md) = std::fs::symlink_metadata(path) {
+            if !md.file_type().is_socket() {
+                return Err(bad("exists and is not a socket".into()));
+            }
+            // A stale socket from a previous run: nobody answers on it.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(bad("another daemon is listening on it".into()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let listener =
+            std::os::unix::net::UnixListener::bind(path).map_err(|e| bad(e.to_string()))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("blkdebugfs-ctl".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stopped.load(std::sync::atomic::Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let control = control.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("blkdebugfs-ctl-conn".into())
+                        .spawn(move || {
+                            let Ok(reader) = conn.try_clone() else { return };
+                            let _ = control.serve_stream(std::io::BufReader::new(reader), conn);
+                        });
+                }
+            })
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            stop,
+        })
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        // Wake the accept loop so it sees the flag, then remove the socket file.
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

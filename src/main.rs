@@ -11,6 +11,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use blkdebugfs::config::{self, Group, Limits, RuleSet};
+use std::sync::{Arc, OnceLock};
+
+use blkdebugfs::control::{Control, ReloadSource};
 use blkdebugfs::{Error, MountOptions, Shutdown, errno, rules::Event};
 
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (image missing or \
@@ -36,6 +39,17 @@ enum Command {
     Check(CheckArgs),
     /// Run a self-contained demonstration on a temporary image.
     Demo,
+    /// Send one control command to a mount (its directory, or its --control socket).
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The mount point (its .control file is used) or a --control socket path.
+    target: PathBuf,
+    /// The command and its arguments, e.g. `break write_aio A` (`help` lists them).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
 }
 
 /// Rule sources, shared by `mount` and `check`.
@@ -70,6 +84,16 @@ struct RuleArgs {
     max_discard: Option<u64>,
 }
 
+fn seconds(text: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("'{text}' must be a positive number of seconds"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn size(text: &str) -> Result<u64, String> {
     config::parse_size(text)
 }
@@ -86,9 +110,9 @@ impl RuleArgs {
         }
     }
 
-    /// Loads the rules: `extra_config` (from `blkdebug:CONF:IMG`) or `--config`, then the
-    /// command-line rules.
-    fn load(&self, extra_config: Option<&Path>) -> Result<RuleSet, Error> {
+    /// Where the rules come from: `extra_config` (from `blkdebug:CONF:IMG`) or `--config`,
+    /// then the command-line rules.
+    fn source(&self, extra_config: Option<&Path>) -> Result<ReloadSource, Error> {
         let config = match (extra_config, &self.config) {
             (Some(_), Some(_)) => {
                 return Err(Error::Usage(
@@ -96,8 +120,8 @@ impl RuleArgs {
                         .into(),
                 ));
             }
-            (Some(c), None) => Some(c),
-            (None, c) => c.as_deref(),
+            (Some(c), None) => Some(c.to_path_buf()),
+            (None, c) => c.clone(),
         };
         let cli: Vec<(Group, String)> = self
             .inject_error
@@ -105,7 +129,13 @@ impl RuleArgs {
             .map(|t| (Group::InjectError, t.clone()))
             .chain(self.set_state.iter().map(|t| (Group::SetState, t.clone())))
             .collect();
-        Ok(RuleSet::load(config, &cli)?)
+        Ok(ReloadSource { config, cli })
+    }
+
+    fn load(&self, extra_config: Option<&Path>) -> Result<(RuleSet, ReloadSource), Error> {
+        let source = self.source(extra_config)?;
+        let set = RuleSet::load(source.config.as_deref(), &source.cli)?;
+        Ok((set, source))
     }
 }
 
@@ -140,6 +170,13 @@ struct MountArgs {
     /// Write the serving process's PID to FILE once the mount is live.
     #[arg(long, value_name = "FILE")]
     pidfile: Option<PathBuf>,
+    /// Also serve control commands on a UNIX socket at PATH (needed when mounting onto a
+    /// regular file, which has no directory for .control).
+    #[arg(long = "control", value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Resume, with a warning, any request suspended longer than SECS.
+    #[arg(long = "max-suspend", value_name = "SECS", value_parser = seconds)]
+    max_suspend: Option<std::time::Duration>,
     /// With --daemonize: append the log to FILE (otherwise it is discarded).
     #[arg(long, value_name = "FILE", requires = "daemonize")]
     log_file: Option<PathBuf>,
@@ -161,6 +198,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount(args),
         Command::Check(args) => check(args),
         Command::Demo => blkdebugfs::demo::run().map_err(Error::Usage),
+        Command::Ctl(args) => ctl(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,7 +224,7 @@ fn init_logging(verbose: u8) {
 
 fn check(args: CheckArgs) -> Result<(), Error> {
     args.rules.limits().validate()?;
-    let set = args.rules.load(None)?;
+    let (set, _) = args.rules.load(None)?;
     if set.rules.is_empty() {
         println!("no rules");
     }
@@ -220,7 +258,7 @@ fn mount(args: MountArgs) -> Result<(), Error> {
         Some((conf, image)) => (conf, image),
         None => (None, PathBuf::from(&args.image)),
     };
-    let set = args.rules.load(extra_config.as_deref())?;
+    let (set, reload) = args.rules.load(extra_config.as_deref())?;
     for w in set.warnings() {
         log::warn!("{w}");
     }
@@ -231,6 +269,9 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     options.growable = args.growable;
     options.cache = args.cache;
     options.allow_other = args.allow_other;
+    options.control_socket = args.control_socket.clone();
+    options.max_suspend = args.max_suspend;
+    options.reload = reload;
     if let Some(n) = args.threads {
         options.threads = n as usize;
     }
@@ -247,9 +288,12 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     };
 
     let shutdown = Shutdown::new();
-    let signals = watch_signals(shutdown.clone()).map_err(|e| Error::Usage(e.to_string()))?;
+    let control = Arc::new(OnceLock::new());
+    let signals = watch_signals(shutdown.clone(), control.clone())
+        .map_err(|e| Error::Usage(e.to_string()))?;
     let pidfile = args.pidfile.clone();
-    let result = blkdebugfs::run(prepared, shutdown.clone(), || {
+    let result = blkdebugfs::run(prepared, shutdown.clone(), |ctl| {
+        let _ = control.set(ctl);
         if let Some(path) = &pidfile
             && let Err(e) = std::fs::write(path, format!("{}\n", std::process::id()))
         {
@@ -269,20 +313,97 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     result
 }
 
-/// SIGINT and SIGTERM trigger a clean shutdown.
-fn watch_signals(shutdown: Shutdown) -> std::io::Result<signal_hook::iterator::Handle> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+/// SIGINT and SIGTERM: clean shutdown (suspended requests complete first). SIGUSR1: resume
+/// every suspended request. SIGHUP: reload the rules.
+fn watch_signals(
+    shutdown: Shutdown,
+    control: Arc<OnceLock<Arc<Control>>>,
+) -> std::io::Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])?;
     let handle = signals.handle();
     std::thread::Builder::new()
         .name("blkdebugfs-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                log::info!("signal {sig}: shutting down");
-                shutdown.trigger();
+            for sig in signals.forever() {
+                match (sig, control.get()) {
+                    (SIGUSR1, Some(c)) => {
+                        let n = c.mount().resume_all();
+                        log::info!("SIGUSR1: resumed {n} suspended request(s)");
+                    }
+                    (SIGHUP, Some(c)) => match c.reload() {
+                        Ok(text) => log::info!("SIGHUP: {text}"),
+                        Err(e) => {
+                            log::warn!("SIGHUP: reload refused, old rules stay: {}", e.message)
+                        }
+                    },
+                    (SIGUSR1 | SIGHUP, None) => {
+                        log::warn!("signal {sig} before the mount is live: ignored")
+                    }
+                    _ => {
+                        log::info!("signal {sig}: shutting down");
+                        shutdown.trigger();
+                        break;
+                    }
+                }
             }
         })?;
     Ok(handle)
+}
+
+/// `blkdebugfs ctl TARGET COMMAND...`: through TARGET/.control, or a --control socket.
+fn ctl(args: CtlArgs) -> Result<(), Error> {
+    use std::io::{BufRead, Read};
+    use std::os::unix::fs::FileTypeExt;
+    let line = args.command.join(" ");
+    let failed = |e: String| Error::Ctl(e);
+    let md = std::fs::metadata(&args.target)
+        .map_err(|e| failed(format!("{}: {e}", args.target.display())))?;
+    let result = if md.file_type().is_socket() {
+        let mut conn = std::os::unix::net::UnixStream::connect(&args.target)
+            .map_err(|e| failed(format!("{}: {e}", args.target.display())))?;
+        writeln!(conn, "{line}").map_err(|e| failed(e.to_string()))?;
+        let mut answer = String::new();
+        std::io::BufReader::new(conn)
+            .read_line(&mut answer)
+            .map_err(|e| failed(e.to_string()))?;
+        if answer.is_empty() {
+            return Err(failed("the daemon closed the connection".into()));
+        }
+        blkdebugfs::control::decode_reply(&answer).map_err(|e| e.message)
+    } else if md.is_dir() {
+        let path = args.target.join(blkdebugfs::fs::CONTROL_NAME);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| failed(format!("{}: {e}", path.display())))?;
+        let wrote = f.write(line.as_bytes());
+        let mut text = String::new();
+        f.read_to_string(&mut text)
+            .map_err(|e| failed(format!("{}: {e}", path.display())))?;
+        match wrote {
+            Ok(_) => Ok(text.trim_end().to_string()),
+            Err(e) => Err(format!(
+                "{} ({e})",
+                text.trim_end().trim_start_matches("error: ")
+            )),
+        }
+    } else {
+        return Err(failed(format!(
+            "{}: neither a mount point directory nor a control socket",
+            args.target.display()
+        )));
+    };
+    match result {
+        Ok(text) => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+            Ok(())
+        }
+        Err(message) => Err(failed(message)),
+    }
 }
 
 enum Parent {

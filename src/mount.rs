@@ -5,16 +5,19 @@
 //! held across I/O. Image I/O is positional (`pread`/`pwrite`/`fallocate`/`fdatasync` on one
 //! shared descriptor), so requests run in parallel on any number of FUSE workers.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use log::{info, warn};
 use parking_lot::Mutex;
 
+use crate::breakpoints::{Breakpoints, Resumed};
 use crate::config::Limits;
 use crate::errno;
 use crate::ops::{Op, Step, plan};
@@ -63,15 +66,49 @@ pub struct Mount {
     blkdebug_node: Generations,
     /// Serialises size changes (growth, truncate) with each other; data I/O never takes it.
     resize: Mutex<()>,
+    /// Requests parked by breakpoints, and `wait_break` waiters.
+    pub breakpoints: Breakpoints,
 }
 
-/// The buffer of the client operation a plan works on.
-pub enum Payload<'a> {
-    None,
-    /// A read's reply buffer.
-    Read(&'a mut [u8]),
-    /// A write's data.
-    Write(&'a [u8]),
+/// Called exactly once with a request's outcome: the bytes read (empty for other
+/// operations) or the errno. It owns the FUSE reply, so a parked request carries it along.
+pub type Completion = Box<dyn FnOnce(Result<Vec<u8>, i32>) + Send>;
+
+/// A request in flight: its plan, where it is in it, and everything it owns.
+pub struct Pending<'a> {
+    pub(crate) op: Op,
+    steps: Vec<Step>,
+    pc: usize,
+    failed: Option<i32>,
+    /// Generations captured by the flush gates, recorded if the flush succeeds.
+    raw_gen: Option<u64>,
+    node_gen: Option<u64>,
+    read_buf: Vec<u8>,
+    /// Borrowed from the FUSE worker's buffer until the request parks.
+    write_data: Cow<'a, [u8]>,
+    done: Completion,
+}
+
+impl Pending<'_> {
+    /// Takes ownership of the write payload so the request can outlive the worker's buffer.
+    fn into_owned(self) -> Pending<'static> {
+        Pending {
+            op: self.op,
+            steps: self.steps,
+            pc: self.pc,
+            failed: self.failed,
+            raw_gen: self.raw_gen,
+            node_gen: self.node_gen,
+            read_buf: self.read_buf,
+            write_data: Cow::Owned(self.write_data.into_owned()),
+            done: self.done,
+        }
+    }
+}
+
+enum Advance {
+    Finished(Result<(), i32>),
+    Parked { tags: Vec<String>, event: Event },
 }
 
 impl Mount {
@@ -91,6 +128,7 @@ impl Mount {
             raw_node: Generations::default(),
             blkdebug_node: Generations::default(),
             resize: Mutex::new(()),
+            breakpoints: Breakpoints::default(),
         }
     }
 
@@ -131,23 +169,67 @@ impl Mount {
         self.image.set_len(size)
     }
 
-    /// Runs one client operation to completion: its events, checks and I/O, in plan order.
-    /// Returns the errno the client gets on failure.
-    pub fn execute(&self, op: Op, mut payload: Payload<'_>) -> Result<(), i32> {
-        let steps = plan(op, self.limits);
-        let mut failed: Option<i32> = None;
-        // Generations captured by the flush gates, recorded if the flush succeeds.
-        let mut raw_gen = None;
-        let mut node_gen = None;
-        let mut pc = 0;
+    /// Starts one client operation: walks its plan until it finishes (and `done` replies) or
+    /// a breakpoint parks it. Either way the calling worker returns at once: a parked
+    /// request owns its buffer and reply, and continues on whichever thread resumes it.
+    pub fn submit(&self, op: Op, write_data: &[u8], done: Completion) {
+        let pending = Pending {
+            op,
+            steps: plan(op, self.limits),
+            pc: 0,
+            failed: None,
+            raw_gen: None,
+            node_gen: None,
+            read_buf: match op {
+                Op::Read { len, .. } => vec![0; len as usize],
+                _ => Vec::new(),
+            },
+            write_data: Cow::Borrowed(write_data),
+            done,
+        };
+        self.drive(pending);
+    }
+
+    /// Walks `p` on from its current step; parks it when a breakpoint hits.
+    pub(crate) fn drive(&self, mut p: Pending<'_>) {
+        match self.advance(&mut p) {
+            Advance::Finished(result) => {
+                if result.is_ok() {
+                    // A successful flush of each node records the generation it saw.
+                    if let Some(g) = p.raw_gen {
+                        self.raw_node.record_flushed(g);
+                    }
+                    if let Some(g) = p.node_gen {
+                        self.blkdebug_node.record_flushed(g);
+                    }
+                }
+                let Pending { done, read_buf, .. } = p;
+                done(result.map(|()| read_buf));
+            }
+            Advance::Parked { tags, event } => {
+                // Parking is refused once shutting down: then continue right away.
+                if let Some(p) = self.breakpoints.park(p.into_owned(), tags, event) {
+                    self.drive(p);
+                }
+            }
+        }
+    }
+
+    /// Runs steps until the plan ends or a breakpoint hits.
+    fn advance(&self, p: &mut Pending<'_>) -> Advance {
+        let op = p.op;
         loop {
-            let step = steps[pc];
-            pc += 1;
+            let step = p.steps[p.pc];
+            p.pc += 1;
             match step {
                 Step::Event(event) => {
                     let fired = self.engine.lock().fire(event);
                     if !fired.suspend.is_empty() {
-                        warn!("breakpoints are not supported yet; '{event}' ignored");
+                        // Parked after the whole event, state updated (as QEMU 6.1+).
+                        return Advance::Parked {
+                            tags: fired.suspend,
+                            event,
+                        };
                     }
                 }
                 Step::Check {
@@ -157,8 +239,8 @@ impl Mount {
                     on_fail,
                 } => {
                     if let Some(errno) = self.check(op, iotype, offset, len, "") {
-                        failed = Some(errno);
-                        pc = on_fail;
+                        p.failed = Some(errno);
+                        p.pc = on_fail;
                     }
                 }
                 Step::RmwCheck {
@@ -168,7 +250,7 @@ impl Mount {
                 } => {
                     let note = "; ignored, as QEMU ignores read-modify-write read errors";
                     if self.check(op, IoType::Read, offset, len, note).is_some() {
-                        pc = on_fail;
+                        p.pc = on_fail;
                     }
                 }
                 Step::ZeroesCheck {
@@ -179,81 +261,115 @@ impl Mount {
                 } => {
                     if let Some(errno) = self.check(op, IoType::WriteZeroes, offset, len, "") {
                         match on_enotsup {
-                            Some(fallback) if errno == libc::EOPNOTSUPP => pc = fallback,
+                            Some(fallback) if errno == libc::EOPNOTSUPP => p.pc = fallback,
                             _ => {
-                                failed = Some(errno);
-                                pc = on_fail;
+                                p.failed = Some(errno);
+                                p.pc = on_fail;
                             }
                         }
                     }
                 }
-                Step::Jump { to } => pc = to,
+                Step::Jump { to } => p.pc = to,
                 Step::Read { offset, len, at } => {
-                    let Payload::Read(buf) = &mut payload else {
-                        return Err(libc::EIO);
-                    };
-                    let dst = &mut buf[at..at + len as usize];
+                    let dst = &mut p.read_buf[at..at + len as usize];
                     if let Err(e) = read_full(&self.image, dst, offset) {
-                        return Err(self.io_failed("read", offset, len, e));
+                        return Advance::Finished(Err(self.io_failed("read", offset, len, e)));
                     }
                 }
                 Step::Write { offset, len, at } => {
-                    let Payload::Write(data) = &payload else {
-                        return Err(libc::EIO);
-                    };
-                    let src = &data[at..at + len as usize];
+                    let src = &p.write_data[at..at + len as usize];
                     if let Err(e) = self.image.write_all_at(src, offset) {
-                        return Err(self.io_failed("write", offset, len, e));
+                        return Advance::Finished(Err(self.io_failed("write", offset, len, e)));
                     }
                 }
                 Step::Zero { offset, len, punch } => {
                     if len > 0
                         && let Err(e) = zero_range(&self.image, offset, len, punch)
                     {
-                        return Err(self.io_failed("zero", offset, len, e));
+                        return Advance::Finished(Err(self.io_failed("zero", offset, len, e)));
                     }
                 }
                 Step::RawWritten => self.raw_node.bump(),
                 Step::NodeWritten => self.blkdebug_node.bump(),
                 Step::RawFlushGate { skip_to } => {
-                    raw_gen = self.raw_node.dirty();
-                    if raw_gen.is_none() {
-                        pc = skip_to;
+                    p.raw_gen = self.raw_node.dirty();
+                    if p.raw_gen.is_none() {
+                        p.pc = skip_to;
                     }
                 }
                 Step::NodeFlushGate { skip_to } => {
-                    node_gen = self.blkdebug_node.dirty();
-                    if node_gen.is_none() {
-                        pc = skip_to;
+                    p.node_gen = self.blkdebug_node.dirty();
+                    if p.node_gen.is_none() {
+                        p.pc = skip_to;
                     }
                 }
                 Step::Flush => {
                     if let Err(e) = self.image.sync_data() {
-                        return Err(self.io_failed("fdatasync", 0, 0, e));
+                        return Advance::Finished(Err(self.io_failed("fdatasync", 0, 0, e)));
                     }
                 }
-                Step::FailWith { errno } => failed = Some(errno),
+                Step::FailWith { errno } => p.failed = Some(errno),
                 Step::StopIfFailed { to } => {
-                    if failed.is_some() {
-                        pc = to;
+                    if p.failed.is_some() {
+                        p.pc = to;
                     }
                 }
-                Step::Done => break,
+                Step::Done => return Advance::Finished(p.failed.map_or(Ok(()), Err)),
             }
         }
-        match failed {
-            Some(errno) => Err(errno),
-            None => {
-                // A successful flush of each node records the generation it saw.
-                if let Some(g) = raw_gen {
-                    self.raw_node.record_flushed(g);
+    }
+
+    /// Resumes the newest request suspended under `tag`; `false` if there is none.
+    pub fn resume(&self, tag: &str) -> bool {
+        match self.breakpoints.resume(tag) {
+            Resumed::NotFound => false,
+            Resumed::Released(next) => {
+                if let Some(p) = next {
+                    self.drive(p);
                 }
-                if let Some(g) = node_gen {
-                    self.blkdebug_node.record_flushed(g);
-                }
-                Ok(())
+                true
             }
         }
+    }
+
+    /// Resumes every suspended request (newest first); returns how many continued.
+    pub fn resume_all(&self) -> usize {
+        let all = self.breakpoints.take_all();
+        let n = all.len();
+        for p in all {
+            self.drive(p);
+        }
+        n
+    }
+
+    /// QEMU's `remove_break`: deletes the un-hit breakpoints with `tag` and resumes every
+    /// request suspended under it. Returns how many breakpoints were deleted.
+    pub fn remove_break(&self, tag: &str) -> usize {
+        let deleted = self.engine.lock().remove_breakpoints(tag);
+        while self.resume(tag) {}
+        deleted
+    }
+
+    /// The `--max-suspend` watchdog: resumes requests suspended longer than `limit`.
+    pub fn resume_older_than(&self, limit: Duration) {
+        for (id, p) in self.breakpoints.take_older_than(limit) {
+            warn!(
+                "request {id} ({}) was suspended for more than {limit:?}: resuming it \
+                 (--max-suspend)",
+                p.op.name()
+            );
+            self.drive(p);
+        }
+    }
+
+    /// Shutdown: nothing parks any more, every parked request continues, waiters fail.
+    pub fn release_everything(&self) {
+        self.breakpoints.close();
+        let n = self.resume_all();
+        if n > 0 {
+            info!("released {n} suspended request(s) for shutdown");
+        }
+        self.breakpoints.cancel_waiters();
     }
 
     /// Checks one request against the rules; logs and returns the errno of an injection.

@@ -402,6 +402,46 @@ impl Engine {
         Some(slot.rule)
     }
 
+    /// Deletes the breakpoints (suspend rules) with `tag`; returns how many.
+    pub fn remove_breakpoints(&mut self, tag: &str) -> usize {
+        let ids: Vec<RuleId> = self
+            .rules
+            .iter()
+            .filter(|(_, s)| matches!(&s.rule.action, Action::Suspend { tag: t } if t == tag))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.remove(*id);
+        }
+        ids.len()
+    }
+
+    /// Deletes every rule and breakpoint and returns to state 1 (the `clear` command).
+    pub fn clear(&mut self) {
+        self.rules.clear();
+        self.by_event.iter_mut().for_each(Vec::clear);
+        self.active.clear();
+        self.state = 1;
+    }
+
+    /// Replaces every inject-error and set-state rule by `rules` (the `reload` command);
+    /// breakpoints and the state stay, nothing is armed until an event fires.
+    pub fn replace_rules(&mut self, rules: Vec<Rule>) {
+        let old: Vec<RuleId> = self
+            .rules
+            .iter()
+            .filter(|(_, s)| !matches!(s.rule.action, Action::Suspend { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            self.remove(id);
+        }
+        self.active.clear();
+        for rule in rules {
+            self.add(rule);
+        }
+    }
+
     pub fn state(&self) -> i64 {
         self.state
     }

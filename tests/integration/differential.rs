@@ -302,6 +302,7 @@ fn blkdebugfs_matches_qemu_on_every_scenario() {
             continue;
         }
         ran += 1;
+        let _exclusive = exclusive();
         let dir = tempfile::tempdir().unwrap();
         let qemu = run_qemu(s, dir.path());
         let ours = run_ours(s, dir.path());

@@ -1,6 +1,7 @@
 //! Integration tests: every test mounts the real `blkdebugfs` binary on a temporary image
 //! and drives real I/O through the kernel. One scenario per test.
 
+mod control;
 mod differential;
 mod util;
 
@@ -25,7 +26,8 @@ fn plain_mount_serves_the_image_bytes() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, vec!["disk.img".to_string()]);
+    // The view, and the control file (a dot file, so `ls` and globs skip it).
+    assert_eq!(names, vec!["disk.img".to_string(), ".control".to_string()]);
     assert_eq!(std::fs::metadata(s.view()).unwrap().len(), MIB as u64);
     assert_eq!(std::fs::read(s.view()).unwrap(), pattern(MIB));
     // O_DIRECT and buffered writes both land on the image.

@@ -5,6 +5,12 @@
 //! stderr and the mount table) if the daemon dies first. On drop it stops the daemon it
 //! started (SIGTERM by PID), waits for it, and as a last resort detaches the mount and kills
 //! the process, so no test leaves a mount or a process behind, even when it fails.
+//!
+//! Tests that mount run one at a time ([`exclusive`]): every close(2) of a file on a FUSE
+//! mount sends FLUSH, including the implicit closes when a forked child of this test process
+//! execs, and a child inherits the descriptors of every thread. A process spawned by one test
+//! would otherwise fire flush events on another test's mount and arm its rules, consume its
+//! `once` rules or hit its breakpoints.
 
 #![allow(dead_code)]
 
@@ -52,11 +58,20 @@ pub fn mount_table() -> String {
         .join("\n")
 }
 
+/// Holds the test process's one mount-and-spawn lock (reentrant: a test that holds it may
+/// still spawn). [`Scratch`], [`Daemon`] and [`run_cli`] take it, so while a test has a mount,
+/// no other test spawns a process that could close descriptors on it.
+pub fn exclusive() -> parking_lot::ReentrantMutexGuard<'static, ()> {
+    static LOCK: parking_lot::ReentrantMutex<()> = parking_lot::ReentrantMutex::new(());
+    LOCK.lock()
+}
+
 /// A scratch directory with an image whose 512-byte sector `i` holds byte `(i % 251) + 1`.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
     pub image: PathBuf,
     pub mnt: PathBuf,
+    _exclusive: parking_lot::ReentrantMutexGuard<'static, ()>,
 }
 
 pub fn pattern(size: usize) -> Vec<u8> {
@@ -65,12 +80,18 @@ pub fn pattern(size: usize) -> Vec<u8> {
 
 impl Scratch {
     pub fn new(size: usize) -> Scratch {
+        let exclusive = exclusive();
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("disk.img");
         std::fs::write(&image, pattern(size)).expect("write image");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir mnt");
-        Scratch { dir, image, mnt }
+        Scratch {
+            dir,
+            image,
+            mnt,
+            _exclusive: exclusive,
+        }
     }
 
     /// Writes a config file and returns its path.
@@ -96,12 +117,14 @@ pub struct Daemon {
     pub mountpoint: PathBuf,
     stderr_path: PathBuf,
     args: Vec<String>,
+    _exclusive: parking_lot::ReentrantMutexGuard<'static, ()>,
 }
 
 impl Daemon {
     /// Starts `blkdebugfs mount ARGS` (ARGS include image and mount point) and waits until
     /// `mountpoint` is mounted.
     pub fn start(mountpoint: &Path, args: &[&str]) -> Daemon {
+        let exclusive = exclusive();
         let stderr_path = mountpoint.with_extension(format!("stderr.{}", rand_suffix()));
         let stderr = File::create(&stderr_path).expect("stderr file");
         let mut cmd = Command::new(BIN);
@@ -117,6 +140,7 @@ impl Daemon {
             mountpoint: mountpoint.to_path_buf(),
             stderr_path,
             args: args.iter().map(|s| s.to_string()).collect(),
+            _exclusive: exclusive,
         };
         let up = wait_for(DEADLINE, || {
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -222,6 +246,7 @@ fn rand_suffix() -> String {
 
 /// Runs `blkdebugfs ARGS` to completion; returns (status code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let _exclusive = exclusive();
     let out = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "warn")

@@ -1,0 +1,271 @@
+//! Parked requests and `wait_break` waiters.
+//!
+//! Contract: a request that hits a breakpoint is *parked* here with everything it owns (its
+//! plan position, buffer and FUSE reply); the worker that was serving it returns at once, so
+//! no worker ever waits on a suspended request. Resuming takes a request out (newest first,
+//! as QEMU resumes) and hands it back to the caller, which continues it on its own thread.
+//! A request hit by several breakpoints in one event is parked once per tag, like QEMU's
+//! list entries, and continues when the last of them is resumed.
+//!
+//! `wait_break` waiters are parked the same way: a completion that fires when a request is
+//! suspended under their tag, or with ETIMEDOUT at their deadline. Lock rule: one mutex,
+//! held only to move entries in and out; continuations always run after it is released.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::mount::Pending;
+use crate::ops::Op;
+use crate::rules::Event;
+
+/// A parked request as `list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParkedInfo {
+    pub id: u64,
+    pub tags: Vec<String>,
+    pub event: Event,
+    pub op: Op,
+    pub suspended_for: Duration,
+}
+
+struct Parked {
+    id: u64,
+    /// Tags still holding it; it continues when the last one is resumed.
+    tags: Vec<String>,
+    event: Event,
+    since: Instant,
+    request: Pending<'static>,
+}
+
+/// Called when a waiter's tag is hit (`Ok`) or its deadline passes (`Err(ETIMEDOUT)`).
+pub type WaiterDone = Box<dyn FnOnce(Result<(), i32>) + Send>;
+
+struct Waiter {
+    tag: String,
+    deadline: Option<Instant>,
+    done: WaiterDone,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// In parking order: the newest is last.
+    parked: Vec<Parked>,
+    waiters: Vec<Waiter>,
+    next_id: u64,
+    closed: bool,
+}
+
+/// See the module doc.
+#[derive(Default)]
+pub struct Breakpoints {
+    inner: Mutex<Inner>,
+    /// Wakes the timer thread when a deadline may have moved earlier.
+    timer: Condvar,
+}
+
+/// What a resume found.
+pub enum Resumed {
+    /// Nothing was suspended under the tag.
+    NotFound,
+    /// A request was released from the tag; `Some` when it may now continue.
+    Released(Option<Pending<'static>>),
+}
+
+impl Breakpoints {
+    /// Parks `request` under `tags` and completes the waiters of those tags. Once closed
+    /// (shutdown), nothing parks: the request is handed straight back to continue.
+    pub(crate) fn park(
+        &self,
+        request: Pending<'static>,
+        tags: Vec<String>,
+        event: Event,
+    ) -> Option<Pending<'static>> {
+        let mut woken = Vec::new();
+        {
+            let mut inner = self.inner.lock();
+            if inner.closed {
+                return Some(request);
+            }
+            let id = inner.next_id;
+            inner.next_id += 1;
+            let mut i = 0;
+            while i < inner.waiters.len() {
+                if tags.contains(&inner.waiters[i].tag) {
+                    woken.push(inner.waiters.swap_remove(i).done);
+                } else {
+                    i += 1;
+                }
+            }
+            log::info!(
+                "suspended request {id} ({} at {}) on '{event}' under tag(s) {}",
+                request.op.name(),
+                op_range(&request.op),
+                tags.join(", ")
+            );
+            inner.parked.push(Parked {
+                id,
+                tags,
+                event,
+                since: Instant::now(),
+                request,
+            });
+        }
+        self.timer.notify_all();
+        for done in woken {
+            done(Ok(()));
+        }
+        None
+    }
+
+    /// Releases the newest request suspended under `tag` from it.
+    pub(crate) fn resume(&self, tag: &str) -> Resumed {
+        let mut inner = self.inner.lock();
+        let Some(pos) = inner
+            .parked
+            .iter()
+            .rposition(|p| p.tags.iter().any(|t| t == tag))
+        else {
+            return Resumed::NotFound;
+        };
+        let p = &mut inner.parked[pos];
+        if let Some(t) = p.tags.iter().position(|t| t == tag) {
+            p.tags.remove(t);
+        }
+        if !p.tags.is_empty() {
+            return Resumed::Released(None);
+        }
+        let p = inner.parked.remove(pos);
+        log::info!("resumed request {} (tag {tag})", p.id);
+        Resumed::Released(Some(p.request))
+    }
+
+    /// Takes every parked request out, newest first.
+    pub(crate) fn take_all(&self) -> Vec<Pending<'static>> {
+        let mut inner = self.inner.lock();
+        let all: Vec<Parked> = inner.parked.drain(..).rev().collect();
+        all.into_iter().map(|p| p.request).collect()
+    }
+
+    /// Takes out requests parked for longer than `limit` (the `--max-suspend` watchdog).
+    pub(crate) fn take_older_than(&self, limit: Duration) -> Vec<(u64, Pending<'static>)> {
+        let mut inner = self.inner.lock();
+        let now = Instant::now();
+        let (old, young): (Vec<Parked>, Vec<Parked>) = inner
+            .parked
+            .drain(..)
+            .partition(|p| now.duration_since(p.since) >= limit);
+        inner.parked = young;
+        old.into_iter().map(|p| (p.id, p.request)).collect()
+    }
+
+    /// Stops parking (shutdown): from now on a breakpoint hit continues at once.
+    pub(crate) fn close(&self) {
+        self.inner.lock().closed = true;
+        self.timer.notify_all();
+    }
+
+    /// Whether any request is suspended under `tag`.
+    pub fn is_suspended(&self, tag: &str) -> bool {
+        self.inner
+            .lock()
+            .parked
+            .iter()
+            .any(|p| p.tags.iter().any(|t| t == tag))
+    }
+
+    /// Completes `done` once a request is suspended under `tag` (at once if one already is),
+    /// or with ETIMEDOUT after `timeout`.
+    pub fn wait_for(&self, tag: &str, timeout: Option<Duration>, done: WaiterDone) {
+        {
+            let mut inner = self.inner.lock();
+            let already = inner.parked.iter().any(|p| p.tags.iter().any(|t| t == tag));
+            if !already {
+                inner.waiters.push(Waiter {
+                    tag: tag.to_string(),
+                    deadline: timeout.map(|t| Instant::now() + t),
+                    done,
+                });
+                drop(inner);
+                self.timer.notify_all();
+                return;
+            }
+        }
+        done(Ok(()));
+    }
+
+    /// Times out expired waiters; returns when the next deadline is due.
+    pub(crate) fn expire_waiters(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let next = {
+            let mut inner = self.inner.lock();
+            let mut i = 0;
+            while i < inner.waiters.len() {
+                if inner.waiters[i].deadline.is_some_and(|d| d <= now) {
+                    expired.push(inner.waiters.swap_remove(i).done);
+                } else {
+                    i += 1;
+                }
+            }
+            inner.waiters.iter().filter_map(|w| w.deadline).min()
+        };
+        for done in expired {
+            done(Err(libc::ETIMEDOUT));
+        }
+        next
+    }
+
+    /// Fails every waiter (shutdown).
+    pub(crate) fn cancel_waiters(&self) {
+        let waiters: Vec<Waiter> = self.inner.lock().waiters.drain(..).collect();
+        for w in waiters {
+            (w.done)(Err(libc::ECANCELED));
+        }
+    }
+
+    /// Sleeps until `until` or until something may have changed a deadline.
+    pub(crate) fn sleep_until(&self, until: Instant) {
+        let mut inner = self.inner.lock();
+        if !inner.closed {
+            self.timer.wait_until(&mut inner, until);
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().closed
+    }
+
+    /// The oldest parking time, for the watchdog.
+    pub(crate) fn oldest_parked(&self) -> Option<Instant> {
+        self.inner.lock().parked.iter().map(|p| p.since).min()
+    }
+
+    /// The parked requests, oldest first.
+    pub fn list(&self) -> Vec<ParkedInfo> {
+        let now = Instant::now();
+        self.inner
+            .lock()
+            .parked
+            .iter()
+            .map(|p| ParkedInfo {
+                id: p.id,
+                tags: p.tags.clone(),
+                event: p.event,
+                op: p.request.op,
+                suspended_for: now.duration_since(p.since),
+            })
+            .collect()
+    }
+}
+
+/// `offset 4096, 512 bytes` for log lines and `list`.
+pub fn op_range(op: &Op) -> String {
+    match *op {
+        Op::Read { offset, len }
+        | Op::Write { offset, len }
+        | Op::Zero { offset, len, .. }
+        | Op::BlockStatus { offset, len } => format!("offset {offset}, {len} bytes"),
+        Op::Flush => "no range".to_string(),
+    }
+}
