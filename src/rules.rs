@@ -9,9 +9,17 @@
 //!
 //! The engine is plain data: no FUSE, no I/O, no locks. The caller (see `mount.rs`) holds it
 //! under one mutex for the duration of a single `fire` or `check` call only.
+//!
+//! Cost: neither call walks the rules. What a fire does in a given state (the new active
+//! list, the new state) is computed once per (event, state) and cached until the rules
+//! change (adding or deleting a rule, a `once` rule failing a request included, costs the
+//! next fire of that event one pass over that event's rules); hit counts are derived from per-event fire counters. The active list is indexed
+//! by the byte each rule names, so a check looks only at sector-less rules and at the bytes
+//! inside the request. Breakpoints are few and one-shot, and are scanned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 /// Defines [`Event`] with its QEMU name table in one place, so the parser, `check` output and
 /// log lines can never disagree on a name.
@@ -220,7 +228,9 @@ pub struct RequestMatch {
 
 impl RequestMatch {
     /// QEMU's `rule_check` predicate: a zero-length request (a flush) has no range, so only
-    /// sector-less rules match it.
+    /// sector-less rules match it. The engine answers it through [`ActiveSet`]'s index; this
+    /// plain form is the reference the index is tested against.
+    #[cfg(test)]
     fn matches(&self, iotype: IoType, offset: u64, len: u64) -> bool {
         let in_range = match self.sector {
             None => true,
@@ -347,17 +357,137 @@ pub enum Verdict {
 
 struct Slot {
     rule: Rule,
-    hits: u64,
+    /// Requests this rule failed.
+    failures: u64,
+    /// The fire counter of the rule's (event, state gate) when the rule was added: the rule
+    /// was processed once per fire since, so its hit count needs no per-fire update.
+    fires_at_add: u64,
+}
+
+/// The rules of one event, split by kind, in written order, and how often the event fired.
+#[derive(Default)]
+struct EventRules {
+    inject: Vec<Armable>,
+    /// (id, state gate, new state).
+    set_state: Vec<(RuleId, i64, i64)>,
+    suspend: Vec<RuleId>,
+    fires: u64,
+    fires_in_state: HashMap<i64, u64>,
+}
+
+impl EventRules {
+    /// How often a rule with state gate `gate` has been processed: every fire for gate 0,
+    /// the fires in that state otherwise.
+    fn fires_for(&self, gate: i64) -> u64 {
+        if gate == 0 {
+            self.fires
+        } else {
+            self.fires_in_state.get(&gate).copied().unwrap_or(0)
+        }
+    }
+}
+
+/// What firing one event in one state does, computed once per (event, state) and cached
+/// until the rules change, so a fire never walks the event's rules.
+#[derive(Clone)]
+struct Compiled {
+    /// The new active list, or `None` when no inject-error rule passes the state gate (the
+    /// list then stays as it is).
+    active: Option<Arc<ActiveSet>>,
+    /// The first written set-state rule's new state.
+    new_state: Option<i64>,
+}
+
+/// An inject-error rule as the index needs it, kept beside its id so that compiling a plan
+/// never looks rules up.
+#[derive(Clone, Copy)]
+struct Armable {
+    id: RuleId,
+    gate: i64,
+    /// The byte the rule's sector names (`sector * 512`), or `None` for any request.
+    byte: Option<u64>,
+    iotypes: IoTypes,
+}
+
+/// An armed list of inject-error rules, indexed for [`Engine::check`]: sector-less rules in
+/// written order, and rules with a sector sorted by the byte they name. A check looks at the
+/// sector-less rules and at the bytes inside the request only, so its cost does not grow
+/// with the number of rules elsewhere on the image.
+#[derive(Clone, Default)]
+struct ActiveSet {
+    /// Every rule of the set, in written (= id) order.
+    ids: Vec<RuleId>,
+    anywhere: Vec<(RuleId, IoTypes)>,
+    /// Sorted by (byte, id).
+    at_byte: Vec<(u64, RuleId, IoTypes)>,
+}
+
+impl ActiveSet {
+    /// `armed` in written order.
+    fn build(armed: &[Armable]) -> ActiveSet {
+        let mut set = ActiveSet {
+            ids: armed.iter().map(|a| a.id).collect(),
+            ..ActiveSet::default()
+        };
+        for a in armed {
+            match a.byte {
+                None => set.anywhere.push((a.id, a.iotypes)),
+                Some(byte) => set.at_byte.push((byte, a.id, a.iotypes)),
+            }
+        }
+        // Stable, and ids are already in order, so (byte, id) order results.
+        set.at_byte.sort_by_key(|e| e.0);
+        set
+    }
+
+    fn contains(&self, id: RuleId) -> bool {
+        self.ids.binary_search(&id).is_ok()
+    }
+
+    /// Deletes one rule in place (a `once` rule that failed, `remove N`).
+    fn remove(&mut self, id: RuleId) {
+        let Ok(at) = self.ids.binary_search(&id) else {
+            return;
+        };
+        self.ids.remove(at);
+        self.anywhere.retain(|e| e.0 != id);
+        self.at_byte.retain(|e| e.1 != id);
+    }
+
+    /// The first written rule matching the request (QEMU's `rule_check` predicate: a
+    /// zero-length request, a flush, has no range, so only sector-less rules match it).
+    fn first_match(&self, iotype: IoType, offset: u64, len: u64) -> Option<RuleId> {
+        let mut best = self
+            .anywhere
+            .iter()
+            .find(|(_, types)| types.contains(iotype))
+            .map(|(id, _)| *id);
+        if len > 0 {
+            let start = self.at_byte.partition_point(|e| e.0 < offset);
+            let end = offset.checked_add(len);
+            for &(byte, id, types) in &self.at_byte[start..] {
+                if end.is_some_and(|end| byte >= end) {
+                    break;
+                }
+                if types.contains(iotype) && best.is_none_or(|b| id < b) {
+                    best = Some(id);
+                }
+            }
+        }
+        best
+    }
 }
 
 /// Rules, the active list and the state. See the module doc for the contract.
 pub struct Engine {
     /// Every live rule by id; ids grow in written order, so map order is written order.
     rules: BTreeMap<RuleId, Slot>,
-    /// Rule ids per event, in written order.
-    by_event: Vec<Vec<RuleId>>,
-    /// The armed inject-error rules, in written order.
-    active: Vec<RuleId>,
+    by_event: Vec<EventRules>,
+    /// The armed inject-error rules.
+    active: Arc<ActiveSet>,
+    /// Per (event, state): what a fire does. An event's entries are dropped whenever one of
+    /// its rules is added or removed.
+    compiled: HashMap<(Event, i64), Compiled>,
     state: i64,
     next_id: u32,
 }
@@ -368,14 +498,21 @@ impl Default for Engine {
     }
 }
 
+/// Bound on cached (event, state) plans: a config that walks through many states must not
+/// grow the cache without limit.
+const MAX_COMPILED: usize = 256;
+
 impl Engine {
     /// Builds an engine with `rules` in written order; state 1, nothing armed. The caller fires
     /// [`Event::None`] once the mount is live.
     pub fn new(rules: Vec<Rule>) -> Engine {
         let mut engine = Engine {
             rules: BTreeMap::new(),
-            by_event: vec![Vec::new(); Event::ALL.len()],
-            active: Vec::new(),
+            by_event: (0..Event::ALL.len())
+                .map(|_| EventRules::default())
+                .collect(),
+            active: Arc::default(),
+            compiled: HashMap::new(),
             state: 1,
             next_id: 1,
         };
@@ -389,17 +526,49 @@ impl Engine {
     pub fn add(&mut self, rule: Rule) -> RuleId {
         let id = RuleId(self.next_id);
         self.next_id += 1;
-        self.by_event[rule.event.index()].push(id);
-        self.rules.insert(id, Slot { rule, hits: 0 });
+        let rules = &mut self.by_event[rule.event.index()];
+        match rule.action {
+            Action::InjectError { matches, .. } => rules.inject.push(Armable {
+                id,
+                gate: rule.state,
+                byte: matches.sector.map(|s| s.saturating_mul(512)),
+                iotypes: matches.iotypes,
+            }),
+            Action::SetState { new_state } => rules.set_state.push((id, rule.state, new_state)),
+            Action::Suspend { .. } => rules.suspend.push(id),
+        }
+        let fires_at_add = rules.fires_for(rule.state);
+        self.forget_compiled(rule.event);
+        self.rules.insert(
+            id,
+            Slot {
+                rule,
+                failures: 0,
+                fires_at_add,
+            },
+        );
         id
     }
 
     /// Deletes a rule everywhere (its event and the active list).
     pub fn remove(&mut self, id: RuleId) -> Option<Rule> {
         let slot = self.rules.remove(&id)?;
-        self.by_event[slot.rule.event.index()].retain(|r| *r != id);
-        self.active.retain(|r| *r != id);
+        let rules = &mut self.by_event[slot.rule.event.index()];
+        rules.inject.retain(|a| a.id != id);
+        rules.set_state.retain(|e| e.0 != id);
+        rules.suspend.retain(|r| *r != id);
+        self.forget_compiled(slot.rule.event);
+        if self.active.contains(id) {
+            // The cached plans that shared this list are gone, so this rarely copies.
+            Arc::make_mut(&mut self.active).remove(id);
+        }
         Some(slot.rule)
+    }
+
+    /// Drops the cached plans of `event`: its rules changed. Costs the next fire of the event
+    /// one pass over its rules.
+    fn forget_compiled(&mut self, event: Event) {
+        self.compiled.retain(|(e, _), _| *e != event);
     }
 
     /// Deletes the breakpoints (suspend rules) with `tag`; returns how many.
@@ -418,10 +587,7 @@ impl Engine {
 
     /// Deletes every rule and breakpoint and returns to state 1 (the `clear` command).
     pub fn clear(&mut self) {
-        self.rules.clear();
-        self.by_event.iter_mut().for_each(Vec::clear);
-        self.active.clear();
-        self.state = 1;
+        *self = Engine::new(Vec::new());
     }
 
     /// Replaces every inject-error and set-state rule by `rules` (the `reload` command);
@@ -436,7 +602,7 @@ impl Engine {
         for id in old {
             self.remove(id);
         }
-        self.active.clear();
+        self.active = Arc::default();
         for rule in rules {
             self.add(rule);
         }
@@ -453,50 +619,78 @@ impl Engine {
     /// The live rules in written order, with how often each fired (armed, set the state,
     /// suspended or failed a request).
     pub fn rules(&self) -> impl Iterator<Item = (RuleId, &Rule, u64)> {
-        self.rules.iter().map(|(id, s)| (*id, &s.rule, s.hits))
+        self.rules.iter().map(|(id, s)| {
+            let fires = self.by_event[s.rule.event.index()].fires_for(s.rule.state);
+            (*id, &s.rule, s.failures + (fires - s.fires_at_add))
+        })
     }
 
     /// Whether the rule is in the active list.
     pub fn is_armed(&self, id: RuleId) -> bool {
-        self.active.contains(&id)
+        self.active.contains(id)
     }
 
-    /// Processes every rule of `event` against the state from before the event (spec §1).
+    /// What firing `event` in the current state does (cached).
+    fn compiled(&mut self, event: Event) -> Compiled {
+        let key = (event, self.state);
+        if let Some(c) = self.compiled.get(&key) {
+            return c.clone();
+        }
+        let state = self.state;
+        let passes = |gate: i64| gate == 0 || gate == state;
+        let rules = &self.by_event[event.index()];
+        let armed: Vec<Armable> = rules
+            .inject
+            .iter()
+            .copied()
+            .filter(|a| passes(a.gate))
+            .collect();
+        let compiled = Compiled {
+            active: (!armed.is_empty()).then(|| Arc::new(ActiveSet::build(&armed))),
+            new_state: rules.set_state.iter().find(|e| passes(e.1)).map(|e| e.2),
+        };
+        if self.compiled.len() >= MAX_COMPILED {
+            self.compiled.clear();
+        }
+        self.compiled.insert(key, compiled.clone());
+        compiled
+    }
+
+    /// Processes every rule of `event` against the state from before the event (spec §1):
+    /// inject-error rules that pass the state gate replace the active list, the first
+    /// written set-state rule sets the state, breakpoints hit once and are deleted.
     pub fn fire(&mut self, event: Event) -> Fired {
+        let state = self.state;
+        let compiled = self.compiled(event);
         let mut fired = Fired::default();
-        let mut new_state = None;
-        let mut replaced = false;
-        let mut one_shot = Vec::new();
-        for &id in &self.by_event[event.index()] {
-            let Some(slot) = self.rules.get_mut(&id) else {
-                continue;
-            };
-            if slot.rule.state != 0 && slot.rule.state != self.state {
-                continue;
-            }
-            match &slot.rule.action {
-                Action::InjectError { .. } => {
-                    if !replaced {
-                        self.active.clear();
-                        replaced = true;
-                    }
-                    self.active.push(id);
-                }
-                Action::SetState { new_state: n } => {
-                    // The first written rule wins, as in QEMU.
-                    new_state.get_or_insert(*n);
-                }
-                Action::Suspend { tag } => {
-                    fired.suspend.push(tag.clone());
-                    one_shot.push(id);
+        let rules = &mut self.by_event[event.index()];
+        rules.fires += 1;
+        *rules.fires_in_state.entry(state).or_default() += 1;
+        if !rules.suspend.is_empty() {
+            let hit: Vec<RuleId> = rules
+                .suspend
+                .iter()
+                .copied()
+                .filter(|id| {
+                    self.rules
+                        .get(id)
+                        .is_some_and(|s| s.rule.state == 0 || s.rule.state == state)
+                })
+                .collect();
+            for id in hit {
+                if let Some(Rule {
+                    action: Action::Suspend { tag },
+                    ..
+                }) = self.remove(id)
+                {
+                    fired.suspend.push(tag);
                 }
             }
-            slot.hits += 1;
         }
-        for id in one_shot {
-            self.remove(id);
+        if let Some(active) = compiled.active {
+            self.active = active;
         }
-        if let Some(n) = new_state {
+        if let Some(n) = compiled.new_state {
             self.state = n;
         }
         fired
@@ -504,13 +698,7 @@ impl Engine {
 
     /// Checks one request against the active list (QEMU's `rule_check`).
     pub fn check(&mut self, iotype: IoType, offset: u64, len: u64) -> Verdict {
-        let winner = self.active.iter().copied().find(|id| {
-            matches!(
-                self.rules.get(id).map(|s| &s.rule.action),
-                Some(Action::InjectError { matches, .. }) if matches.matches(iotype, offset, len)
-            )
-        });
-        let Some(id) = winner else {
+        let Some(id) = self.active.first_match(iotype, offset, len) else {
             return Verdict::Pass;
         };
         let Some(slot) = self.rules.get_mut(&id) else {
@@ -524,7 +712,7 @@ impl Engine {
             // delete a `once` rule here, since it did not fail anything.
             return Verdict::Pass;
         }
-        slot.hits += 1;
+        slot.failures += 1;
         let event = slot.rule.event;
         if once {
             self.remove(id);
@@ -760,5 +948,120 @@ mod tests {
         assert_eq!(fired.suspend, vec!["a".to_string()]);
         assert_eq!(e.state(), 2);
         assert_eq!(e.fire(Event::WriteAio), Fired::default());
+    }
+
+    /// A tiny deterministic generator, so the property test needs no extra crate.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, bound: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % bound
+        }
+    }
+
+    #[test]
+    fn the_index_answers_exactly_like_a_scan_of_the_active_list() {
+        let mut rng = Lcg(7);
+        for round in 0..200 {
+            let mut rules = Vec::new();
+            for _ in 0..rng.next(40) + 1 {
+                let mut iotypes = IoTypes::only(IoType::ALL[rng.next(6) as usize]);
+                if rng.next(2) == 0 {
+                    iotypes = iotypes.with(IoType::ALL[rng.next(6) as usize]);
+                }
+                let sector = (rng.next(4) != 0).then(|| rng.next(64));
+                rules.push(Rule {
+                    event: Event::ReadAio,
+                    state: 0,
+                    action: Action::InjectError {
+                        errno: [0, 5, 28][rng.next(3) as usize],
+                        matches: RequestMatch { sector, iotypes },
+                        once: false,
+                        immediately: false,
+                    },
+                    origin: Origin::Runtime,
+                });
+            }
+            let mut e = Engine::new(rules.clone());
+            e.fire(Event::ReadAio);
+            for _ in 0..200 {
+                let iotype = IoType::ALL[rng.next(6) as usize];
+                let offset = rng.next(64 * 512 + 1024);
+                let len = [0, 1, 511, 512, 4096, 16384][rng.next(6) as usize];
+                let scan = rules.iter().enumerate().find(|(_, r)| {
+                    matches!(&r.action, Action::InjectError { matches, .. }
+                        if matches.matches(iotype, offset, len))
+                });
+                let expected = match scan {
+                    Some((i, r)) => match r.action {
+                        Action::InjectError { errno, .. } if errno != 0 => {
+                            fail(errno, i as u32 + 1, Event::ReadAio)
+                        }
+                        _ => Verdict::Pass,
+                    },
+                    None => Verdict::Pass,
+                };
+                assert_eq!(
+                    e.check(iotype, offset, len),
+                    expected,
+                    "round {round}: {iotype} at {offset}+{len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hit_counts_follow_fires_per_state_and_failures() {
+        let mut e = Engine::new(vec![
+            inject(Event::ReadAio, 0, 5, Some(0), false),
+            inject(Event::ReadAio, 2, 5, Some(0), false),
+            set_state(Event::WriteAio, 1, 2),
+        ]);
+        let hits = |e: &Engine| e.rules().map(|(_, _, h)| h).collect::<Vec<_>>();
+        e.fire(Event::ReadAio);
+        assert_eq!(hits(&e), vec![1, 0, 0]);
+        assert_eq!(e.check(IoType::Read, 0, 512), fail(5, 1, Event::ReadAio));
+        assert_eq!(hits(&e), vec![2, 0, 0]);
+        e.fire(Event::WriteAio);
+        e.fire(Event::ReadAio);
+        assert_eq!(hits(&e), vec![3, 1, 1]);
+        // A rule added later counts only the fires after it.
+        let id = e.add(inject(Event::ReadAio, 0, 5, None, false));
+        e.fire(Event::ReadAio);
+        assert_eq!(e.rules().find(|(i, _, _)| *i == id).unwrap().2, 1);
+    }
+
+    #[test]
+    fn removing_an_armed_rule_disarms_only_it() {
+        let mut e = Engine::new(vec![
+            inject(Event::ReadAio, 0, 5, Some(0), false),
+            inject(Event::ReadAio, 0, 28, Some(0), false),
+        ]);
+        e.fire(Event::ReadAio);
+        assert!(e.remove(RuleId(1)).is_some());
+        assert!(!e.is_armed(RuleId(1)) && e.is_armed(RuleId(2)));
+        assert_eq!(e.check(IoType::Read, 0, 512), fail(28, 2, Event::ReadAio));
+        // The cached plan of read_aio was rebuilt without the removed rule.
+        e.fire(Event::ReadAio);
+        assert_eq!(e.check(IoType::Read, 0, 512), fail(28, 2, Event::ReadAio));
+    }
+
+    #[test]
+    fn ten_thousand_rules_elsewhere_do_not_change_the_verdict() {
+        let mut rules: Vec<Rule> = (0..10_000)
+            .map(|i| inject(Event::ReadAio, 0, 5, Some(1 << 40 | i), false))
+            .collect();
+        rules.push(inject(Event::ReadAio, 0, 28, Some(8), false));
+        let mut e = Engine::new(rules);
+        e.fire(Event::ReadAio);
+        assert_eq!(e.check(IoType::Read, 0, 4096), Verdict::Pass);
+        assert_eq!(
+            e.check(IoType::Read, 4096, 4096),
+            fail(28, 10_001, Event::ReadAio)
+        );
     }
 }

@@ -1,0 +1,404 @@
+#!/usr/bin/env bash
+# Benchmark blkdebugfs against the raw image and against QEMU's own blkdebug stack.
+#
+#   scripts/bench.sh            # full run: a few minutes (5 workloads x 5 targets, 8 s each)
+#   scripts/bench.sh --quick    # CI smoke run: 256 MiB image, ~1 s per job, ~1 minute
+#
+# Targets (all serve the same image in /dev/shm; each workload measures them one after
+# another, so background noise hits every target of a workload alike):
+#   raw             the image file itself (tmpfs, O_DIRECT)
+#   blkdebugfs x0   blkdebugfs, no rules
+#   blkdebugfs x100, x10000
+#                   blkdebugfs with 100 / 10,000 inject-error rules that every event arms
+#                   but no request ever matches (see gen_config)
+#   QEMU x100       qemu-storage-daemon: file -> blkdebug (the 100-rule config) -> raw,
+#                   FUSE export onto a regular file (as tests/integration/differential.rs)
+#
+# Workloads (fio, direct=1, time-based): 4k random read psync QD1, 4k random read libaio
+# QD16, 4k random write libaio QD16, 1 MiB sequential read psync, 1 MiB sequential write
+# psync. The result is one Markdown table (IOPS, MB/s, p99 completion latency, IOPS ratio
+# to QEMU and to the raw file) on stdout, ready for the README; progress goes to stderr.
+#
+# Environment:
+#   BLKDEBUGFS=PATH       use this binary instead of building with `cargo build --release`
+#   BLKDEBUGFS_ARGS="..." extra `blkdebugfs mount` options (e.g. "--threads 4"); default:
+#                         none (direct I/O, one FUSE worker per CPU)
+#
+# Needs root (FUSE mounts, apt-get), /dev/fuse, python3; installs fio and qemu-utils
+# (qemu-storage-daemon) with apt-get when they are missing. Everything it starts, mounts
+# or creates is stopped, unmounted and removed on exit, also on failure or Ctrl-C.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+
+# ---------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------
+quick=0
+for arg in "$@"; do
+  case $arg in
+    --quick) quick=1 ;;
+    -h | --help)
+      sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "bench.sh: unknown argument '$arg' (try --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+if [ "$quick" = 1 ]; then
+  size_mib=256   # image size
+  runtime=1      # seconds measured per job
+  ramp=500ms     # warm-up per job, not measured
+else
+  size_mib=1024
+  runtime=8      # 25 jobs x (8 s + 1 s ramp) + setup: about 4 minutes in all
+  ramp=1s
+fi
+
+# Rule counts for the blkdebugfs targets; QEMU gets the 100-rule config.
+rule_counts=(0 100 10000)
+qemu_rules=100
+
+# Extra blkdebugfs mount options from the environment, split on whitespace.
+read -r -a bdfs_args <<<"${BLKDEBUGFS_ARGS:-}"
+
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+  log "error: $*"
+  exit 1
+}
+
+# ---------------------------------------------------------------------------------------
+# Tools
+# ---------------------------------------------------------------------------------------
+[ "$(id -u)" = 0 ] || die "run as root (FUSE mounts and apt-get need it)"
+[ -c /dev/fuse ] || die "/dev/fuse is missing"
+command -v python3 >/dev/null 2>&1 || die "python3 is needed to read fio's JSON"
+
+need=()
+command -v fio >/dev/null 2>&1 || need+=(fio)
+command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-utils)
+if [ "${#need[@]}" -gt 0 ]; then
+  log "installing: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+fi
+
+if [ -n "${BLKDEBUGFS:-}" ]; then
+  bdfs=$BLKDEBUGFS
+else
+  log "building: cargo build --release"
+  (cd "$repo" && cargo build --release >&2)
+  bdfs=$repo/target/release/blkdebugfs
+fi
+[ -x "$bdfs" ] || die "no executable blkdebugfs at '$bdfs'"
+
+# ---------------------------------------------------------------------------------------
+# Cleanup: registered before anything is created
+# ---------------------------------------------------------------------------------------
+work=""          # scratch directory: configs, mount points, logs, fio output
+image=""         # the image in /dev/shm
+pids=()          # daemons we started, by PID (index-aligned with mounts)
+mounts=()        # their mount points
+fio_pid=""       # the running fio job (its `timeout` wrapper), if any
+
+# True while PID runs (a zombie child of ours counts as gone).
+alive() {
+  [ -e "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+
+# True while something is mounted on PATH (read from the mount table: `mountpoint` would
+# stat PATH, which fails with ENOTCONN once a FUSE daemon has died).
+is_mounted() {
+  awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
+}
+
+# Stop daemon number I: SIGTERM (both daemons then unmount and exit), then umount, and
+# as a last resort a lazy umount and SIGKILL. Only the PID we recorded is signalled.
+stop_daemon() {
+  local i=$1 pid=${pids[$1]} mnt=${mounts[$1]} t
+  if [ -n "$pid" ] && alive "$pid"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((t = 0; t < 100; t++)); do
+      alive "$pid" || break
+      sleep 0.1
+    done
+  fi
+  if is_mounted "$mnt"; then
+    umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+  fi
+  if [ -n "$pid" ] && alive "$pid"; then
+    log "warning: daemon $pid ($mnt) ignored SIGTERM for 10 s; killing it"
+    umount -l "$mnt" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  # Reap it if it is our child (qemu-storage-daemon); harmless otherwise.
+  if [ -n "$pid" ]; then wait "$pid" 2>/dev/null || true; fi
+  pids[i]=""
+}
+
+cleanup() {
+  local rc=$? i t
+  trap - EXIT INT TERM
+  # First the client: `timeout` passes SIGTERM on to fio. Not waited for without bound:
+  # a request stuck in a hung daemon only returns once that daemon is gone.
+  if [ -n "$fio_pid" ]; then
+    kill -TERM "$fio_pid" 2>/dev/null || true
+    for ((t = 0; t < 50; t++)); do
+      alive "$fio_pid" || break
+      sleep 0.1
+    done
+  fi
+  for i in "${!mounts[@]}"; do
+    stop_daemon "$i"
+  done
+  if [ -n "$fio_pid" ]; then
+    alive "$fio_pid" && kill -KILL "$fio_pid" 2>/dev/null
+    wait "$fio_pid" 2>/dev/null || true
+  fi
+  if [ "$rc" != 0 ] && [ -n "$work" ]; then
+    # On failure, show what the daemons said.
+    for f in "$work"/*.log; do
+      [ -s "$f" ] || continue
+      log "--- last lines of $(basename "$f"):"
+      tail -n 20 "$f" >&2
+    done
+  fi
+  [ -n "$image" ] && rm -f "$image"
+  [ -n "$work" ] && rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+work=$(mktemp -d /tmp/blkdebugfs-bench.XXXXXX)
+image=$(mktemp /dev/shm/blkdebugfs-bench.XXXXXX.img)
+image_name=$(basename "$image")
+
+# ---------------------------------------------------------------------------------------
+# Image and configs
+# ---------------------------------------------------------------------------------------
+log "filling ${size_mib} MiB image $image from /dev/urandom"
+dd if=/dev/urandom of="$image" bs=1M count="$size_mib" iflag=fullblock status=none
+
+# gen_config N FILE: N [inject-error] rules that every event arms and no request matches.
+# Rules cycle through the six events a read, write or flush fires (read_aio; write_aio,
+# pwritev, pwritev_done; flush_to_os, flush_to_disk), so each event replaces the active
+# list with ~N/6 rules and every request is checked against all of them. Each rule's
+# `sector` lies 1 TiB beyond the image end: reads and writes never contain it, and a
+# flush (no range) never matches a rule with a sector. Every other rule also names the
+# iotype of its event (so the range, not the type, is what rejects it). Every value is
+# quoted, which QEMU 10's INI parser requires; blkdebugfs accepts the same file.
+gen_config() {
+  local n=$1 file=$2
+  awk -v n="$n" -v base=$((size_mib * 2048 + (1 << 31))) 'BEGIN {
+    split("read_aio write_aio pwritev pwritev_done flush_to_os flush_to_disk", ev, " ")
+    split("read write write write flush flush", type, " ")
+    for (i = 0; i < n; i++) {
+      e = i % 6 + 1
+      printf "[inject-error]\nevent = \"%s\"\nerrno = \"5\"\nsector = \"%.0f\"\n", ev[e], base + i
+      if (i % 2) printf "iotype = \"%s\"\n", type[e]
+      printf "\n"
+    }
+  }' >"$file"
+}
+
+for n in "${rule_counts[@]}" "$qemu_rules"; do
+  [ -e "$work/rules-$n.ini" ] || gen_config "$n" "$work/rules-$n.ini"
+done
+
+# ---------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------
+labels=()   # table label per target
+files=()    # the file fio opens per target
+daemon=()   # index into pids/mounts of the target's daemon ("" for raw)
+
+labels+=("raw file")
+files+=("$image")
+daemon+=("")
+
+# Mount blkdebugfs with N rules on a directory; the view is DIR/<image name>.
+for n in "${rule_counts[@]}"; do
+  mnt=$work/bdfs-$n
+  mkdir "$mnt"
+  mounts+=("$mnt")
+  pids+=("")
+  idx=$((${#mounts[@]} - 1))
+  log "mounting blkdebugfs, $n rules${bdfs_args[*]:+, ${bdfs_args[*]}}"
+  "$bdfs" mount -c "$work/rules-$n.ini" "${bdfs_args[@]}" \
+    --daemonize --pidfile "$work/bdfs-$n.pid" --log-file "$work/bdfs-$n.log" \
+    "$image" "$mnt" 2>"$work/bdfs-$n.start.log" ||
+    die "blkdebugfs mount ($n rules) failed: $(cat "$work/bdfs-$n.start.log")"
+  pids[idx]=$(cat "$work/bdfs-$n.pid")
+  is_mounted "$mnt" || die "blkdebugfs ($n rules) reported success but $mnt is not mounted"
+  labels+=("blkdebugfs, $n rules")
+  files+=("$mnt/$image_name")
+  daemon+=("$idx")
+done
+
+# qemu-storage-daemon: file -> blkdebug(config) -> raw, FUSE-exported onto a regular file.
+# Started as our background child (its --daemonize would send its log to /dev/null), in
+# its own session (setsid execs it, keeping the PID) so that a Ctrl-C on the terminal
+# does not kill it behind our back: cleanup stops it.
+qtarget=$work/qemu-export
+: >"$qtarget"
+mounts+=("$qtarget")
+pids+=("")
+idx=$((${#mounts[@]} - 1))
+log "starting qemu-storage-daemon, $qemu_rules rules"
+setsid qemu-storage-daemon \
+  --blockdev "driver=file,node-name=f,filename=$image" \
+  --blockdev "driver=blkdebug,node-name=bd,config=$work/rules-$qemu_rules.ini,image=f" \
+  --blockdev "driver=raw,node-name=r,file=bd" \
+  --export "type=fuse,id=e,node-name=r,mountpoint=$qtarget,writable=on" \
+  </dev/null >"$work/qemu.log" 2>&1 &
+pids[idx]=$!
+for ((t = 0; t < 100; t++)); do
+  is_mounted "$qtarget" && break
+  alive "${pids[idx]}" || die "qemu-storage-daemon exited: $(cat "$work/qemu.log")"
+  sleep 0.1
+done
+is_mounted "$qtarget" || die "qemu-storage-daemon export did not come up in 10 s"
+labels+=("QEMU FUSE, $qemu_rules rules")
+files+=("$qtarget")
+daemon+=("$idx")
+qemu_idx=$((${#labels[@]} - 1))
+
+# ---------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------
+# name | fio options | direction reported
+workloads=(
+  "4k randread psync QD1|--rw=randread --bs=4k --ioengine=psync --iodepth=1|read"
+  "4k randread libaio QD16|--rw=randread --bs=4k --ioengine=libaio --iodepth=16|read"
+  "4k randwrite libaio QD16|--rw=randwrite --bs=4k --ioengine=libaio --iodepth=16|write"
+  "1M seqread psync|--rw=read --bs=1M --ioengine=psync --iodepth=1|read"
+  "1M seqwrite psync|--rw=write --bs=1M --ioengine=psync --iodepth=1|write"
+)
+
+# fio_job FILE OUT.json OPTIONS...: one time-based O_DIRECT job. --thread keeps fio in one
+# process so `timeout` can stop all of it if a daemon hangs; --allow_file_create=0 makes a
+# missing view an error instead of a new file inside the mount point.
+#
+# fio runs in the background and we `wait` for it: a trapped SIGINT/SIGTERM interrupts
+# `wait` at once and runs cleanup, which stops fio by its PID. (`timeout` puts fio in its
+# own process group, so a terminal's Ctrl-C reaches us, not fio.)
+fio_job() {
+  local file=$1 out=$2 rc=0
+  shift 2
+  timeout --kill-after=10 $((runtime + 60)) \
+    fio --name=bench --filename="$file" --size="${size_mib}M" --allow_file_create=0 \
+    --direct=1 --thread --time_based --runtime="$runtime" --ramp_time="$ramp" \
+    --norandommap --randrepeat=0 --output-format=json --output="$out" "$@" &
+  fio_pid=$!
+  wait "$fio_pid" || rc=$?
+  fio_pid=""
+  return "$rc"
+}
+
+results=$work/results.tsv # workload, target index, iops, MB/s, p99 us (or FAILED)
+: >"$results"
+failed=0
+start=$SECONDS
+log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+for w in "${workloads[@]}"; do
+  IFS='|' read -r wname wopts wdir <<<"$w"
+  read -r -a opts <<<"$wopts"
+  for t in "${!labels[@]}"; do
+    log "$wname on ${labels[t]}"
+    d=${daemon[t]}
+    if [ -n "$d" ] && ! { alive "${pids[d]}" && is_mounted "${mounts[d]}"; }; then
+      log "error: the daemon of ${labels[t]} (PID ${pids[d]}) is gone or unmounted"
+      printf '%s\t%s\tFAILED\n' "$wname" "$t" >>"$results"
+      failed=1
+      continue
+    fi
+    out=$work/fio-$t.json
+    if fio_job "${files[t]}" "$out" "${opts[@]}" 2>"$work/fio.err"; then
+      # IOPS, MB/s (10^6 bytes) and p99 completion latency in microseconds.
+      python3 - "$out" "$wdir" "$wname" "$t" >>"$results" <<'EOF'
+import json, sys
+path, direction, name, target = sys.argv[1:]
+with open(path) as f:
+    text = f.read()
+job = json.loads(text[text.index("{"):])["jobs"][0]  # skip any notes before the JSON
+d = job[direction]
+p99 = d["clat_ns"]["percentile"]["99.000000"] / 1000
+print(f"{name}\t{target}\t{d['iops']:.0f}\t{d['bw_bytes'] / 1e6:.1f}\t{p99:.0f}")
+EOF
+    else
+      log "error: fio failed on ${labels[t]}:"
+      cat "$work/fio.err" "$out" >&2 2>/dev/null || true
+      printf '%s\t%s\tFAILED\n' "$wname" "$t" >>"$results"
+      failed=1
+    fi
+  done
+done
+
+elapsed=$((SECONDS - start))
+log "load average after: $(cut -d' ' -f1-3 /proc/loadavg); measuring took ${elapsed} s"
+
+# Stop the daemons now (cleanup would too) so that their shutdown is checked as well.
+log "stopping the daemons"
+for i in "${!mounts[@]}"; do
+  stop_daemon "$i"
+done
+
+# Anything the daemons logged beyond their start and stop lines (blkdebugfs logs every
+# injected error and every warning; there should be none) is shown, so that a problem
+# does not hide behind a good-looking table.
+for f in "$work"/*.log; do
+  extra=$(grep -Ev 'INFO \] (serving .* at |signal 15: shutting down|unmounted )' "$f" || true)
+  if [ -n "$extra" ]; then
+    log "--- $(basename "$f") says:"
+    printf '%s\n' "$extra" | tail -n 20 >&2
+  fi
+done
+
+# ---------------------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------------------
+mode=$([ "$quick" = 1 ] && echo "quick" || echo "full")
+printf '\n%s mode: %d MiB image in /dev/shm, %s s per job (+%s ramp), fio direct=1, %s CPUs%s\n\n' \
+  "$mode" "$size_mib" "$runtime" "$ramp" "$(nproc)" \
+  "${bdfs_args[*]:+, blkdebugfs ${bdfs_args[*]}}"
+labels_joined=$(printf '%s\n' "${labels[@]}")
+python3 - "$results" "$qemu_idx" "$labels_joined" <<'EOF'
+import sys
+path, qemu, labels = sys.argv[1], sys.argv[2], sys.argv[3].split("\n")
+rows, order = {}, []
+for line in open(path):
+    f = line.rstrip("\n").split("\t")
+    if f[0] not in order:
+        order.append(f[0])
+    rows[(f[0], f[1])] = f[2:]
+
+def ratio(w, t, ref):
+    a, b = rows[(w, t)], rows.get((w, ref), ["FAILED"])
+    if a[0] == "FAILED" or b[0] == "FAILED" or float(b[0]) == 0:
+        return "–"
+    return f"{float(a[0]) / float(b[0]):.2f}×"
+
+print("| workload | target | IOPS | MB/s | p99 µs | vs QEMU | vs raw |")
+print("|---|---|--:|--:|--:|--:|--:|")
+for w in order:
+    for t in range(len(labels)):
+        r = rows.get((w, str(t)))
+        if r is None:
+            continue
+        if r[0] == "FAILED":
+            print(f"| {w} | {labels[t]} | FAILED | | | | |")
+            continue
+        print(f"| {w} | {labels[t]} | {r[0]} | {r[1]} | {r[2]} | "
+              f"{ratio(w, str(t), qemu)} | {ratio(w, str(t), '0')} |")
+EOF
+echo
+
+[ "$failed" = 0 ] || die "some jobs failed (see above)"

@@ -1,0 +1,504 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2317  # cleanup and the check helpers are called via trap/"$@"
+# vm-test.sh: prove that a real VM can use a blkdebugfs view as its disk, and that an
+# injected read error reaches the guest kernel at the right sector.
+#
+#   run 1  no rules: the guest writes a random 64 KiB pattern with O_DIRECT, reads it
+#          back and compares, and reads sector $SECTOR: all must succeed. Afterwards the
+#          host checks that the pattern really is in the image file.
+#   run 2  rule `event=read_aio,errno=EIO,sector=$SECTOR`: the guest's write/read-back
+#          must still succeed, its direct read of sector $SECTOR must fail, and the guest
+#          kernel must log `I/O error, dev vda, sector $SECTOR op 0x0:(READ)`.
+#
+# The guest is a Debian kernel plus a tiny busybox initramfs built here; QEMU opens the
+# view with cache=none (O_DIRECT), so every guest request reaches blkdebugfs.
+#
+# Environment:
+#   BLKDEBUGFS          the binary (default: target/release/blkdebugfs, built if missing)
+#   VMTEST_ACCEL        kvm | tcg (default: kvm when /dev/kvm works, else tcg)
+#   VMTEST_TIMEOUT      seconds allowed for one VM boot (default 120)
+#   VMTEST_RULE_SECTOR  sector the run-2 rule targets (default: the sector the guest
+#                       reads). Set it elsewhere to see the checks fail.
+#   VMTEST_KERNEL       a vmlinuz to boot instead of the newest /boot/vmlinuz-*
+#
+# Needs root (apt-get, FUSE mounts). Exits 0 only if every check passed; always removes
+# its mount, its processes and its temporary directory.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VM_TIMEOUT="${VMTEST_TIMEOUT:-120}"
+
+# Disk layout (512-byte sectors). The image is 64 MiB = 131072 sectors. The guest kernel's
+# partition probe reads the first sectors and the last ones (GPT backup header), so both
+# the pattern and the faulty sector sit well away from both ends and from each other.
+IMAGE_MIB=64
+PATTERN_OFFSET=$((8 * 1024 * 1024))           # byte offset of the pattern (sector 16384)
+PATTERN_BYTES=$((64 * 1024))                  # 64 KiB, written as 16 x 4 KiB blocks
+SECTOR=70001                                  # the sector the guest reads in both runs
+RULE_SECTOR="${VMTEST_RULE_SECTOR:-$SECTOR}"  # the sector run 2's rule fails
+
+log() { printf '==> %s\n' "$*"; }
+die() { printf 'vm-test: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (apt-get, FUSE mounts, /boot)"
+[ -c /dev/fuse ] || die "/dev/fuse is missing"
+
+T_START=$SECONDS
+
+# ---------------------------------------------------------------------------------------
+# 1. Dependencies
+# ---------------------------------------------------------------------------------------
+
+# Newest Debian kernel in /boot that comes with its config (to see how virtio is built)
+# and its module tree (to copy virtio modules from). Prints nothing if there is none.
+find_kernel() {
+  local f ver
+  for f in /boot/vmlinuz-*; do
+    [ -e "$f" ] || continue
+    ver="${f#/boot/vmlinuz-}"
+    if [ -r "/boot/config-$ver" ] && [ -d "/lib/modules/$ver/kernel" ]; then
+      printf '%s\n' "$ver"
+    fi
+  done | sort -V | tail -n 1
+}
+
+pkg_installed() {
+  [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = installed ]
+}
+
+install_deps() {
+  local need_main=() need_qemu=() apt_opts=(-o DPkg::Lock::Timeout=300)
+  local qemu_utils_ver="" bpo_suite="" tmp_sources=""
+
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || need_qemu+=(qemu-system-x86)
+  # A static busybox: the initramfs has no libc.
+  pkg_installed busybox-static || need_main+=(busybox-static)
+  command -v cpio >/dev/null 2>&1 || need_main+=(cpio)
+  if [ -z "${VMTEST_KERNEL:-}" ] && [ -z "$(find_kernel)" ]; then
+    # The cloud flavour is the smallest Debian kernel with virtio. A linux-image package
+    # needs an initramfs generator; initramfs-tools would pull udev and upgrade systemd,
+    # so unless one is already installed take tiny-initramfs (no dependencies to speak
+    # of; we build our own initramfs anyway).
+    need_main+=(linux-image-cloud-amd64)
+    if ! pkg_installed initramfs-tools && ! pkg_installed dracut \
+      && ! pkg_installed tiny-initramfs; then
+      need_main+=(tiny-initramfs)
+    fi
+  fi
+  command -v modprobe >/dev/null 2>&1 || need_main+=(kmod)
+
+  if [ "${#need_main[@]}" -eq 0 ] && [ "${#need_qemu[@]}" -eq 0 ]; then
+    log "dependencies: all present, nothing to install"
+    return
+  fi
+
+  # qemu-system-x86 must match the installed qemu-utils: qemu-utils 10 (the one .ci/run
+  # uses for the differential test, from backports) Breaks qemu-system-common << 8.0, so
+  # bookworm's own qemu-system-x86 7.2 would remove it. Take QEMU from backports then,
+  # through a temporary sources list: the machine's apt configuration is left alone.
+  if [ "${#need_qemu[@]}" -gt 0 ]; then
+    qemu_utils_ver="$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)"
+    if [[ "$qemu_utils_ver" == *~bpo* ]]; then
+      local codename mirror
+      # shellcheck disable=SC1091
+      codename="$(. /etc/os-release && printf '%s' "$VERSION_CODENAME")"
+      bpo_suite="${codename}-backports"
+      # The Debian mirror the machine already uses for its own release.
+      # shellcheck disable=SC2016  # $(...) here is apt's format syntax, not the shell's
+      mirror="$(apt-get indextargets --format '$(RELEASE) $(REPO_URI)' 2>/dev/null \
+        | awk -v s="$codename" '$1 == s { print $2; exit }')"
+      [ -n "$mirror" ] || die "qemu-utils $qemu_utils_ver is from backports, but no $codename mirror is configured"
+      tmp_sources="$(mktemp)"
+      # Dir::Etc::sourcelist replaces /etc/apt/sources.list: keep its entries too.
+      if [ -r /etc/apt/sources.list ]; then cat /etc/apt/sources.list >"$tmp_sources"; fi
+      printf 'deb %s %s main\n' "$mirror" "$bpo_suite" >>"$tmp_sources"
+      apt_opts+=(-o "Dir::Etc::sourcelist=$tmp_sources")
+    fi
+  fi
+
+  local before after t0=$SECONDS
+  before="$(dpkg-query -W -f='${Package} ${Version}\n' | sort)"
+  log "installing: ${need_main[*]} ${need_qemu[*]}${bpo_suite:+ (QEMU from $bpo_suite, to match qemu-utils $qemu_utils_ver)}"
+  apt-get "${apt_opts[@]}" update -qq
+  # --no-remove: never remove anything (e.g. qemu-utils) to make room.
+  local install=(apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends --no-remove)
+  if [ "${#need_main[@]}" -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive "${install[@]}" "${need_main[@]}" >/dev/null
+  fi
+  if [ "${#need_qemu[@]}" -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive "${install[@]}" ${bpo_suite:+-t "$bpo_suite"} \
+      "${need_qemu[@]}" >/dev/null
+  fi
+  [ -z "$tmp_sources" ] || rm -f "$tmp_sources"
+  after="$(dpkg-query -W -f='${Package} ${Version}\n' | sort)"
+  log "installed in $((SECONDS - t0)) s (package, version):"
+  comm -13 <(printf '%s\n' "$before") <(printf '%s\n' "$after") | sed 's/^/    /'
+}
+
+install_deps
+
+# The blkdebugfs binary: $BLKDEBUGFS, or the release build (built only when missing).
+BLKDEBUGFS="${BLKDEBUGFS:-$REPO_ROOT/target/release/blkdebugfs}"
+if [ ! -x "$BLKDEBUGFS" ]; then
+  log "building $BLKDEBUGFS (cargo build --release)"
+  (cd "$REPO_ROOT" && cargo build --release)
+  [ -x "$BLKDEBUGFS" ] || die "$BLKDEBUGFS missing after the build"
+fi
+
+# Kernel, and which virtio modules the initramfs must load.
+if [ -n "${VMTEST_KERNEL:-}" ]; then
+  KERNEL="$VMTEST_KERNEL"
+  KVER="$(basename "$KERNEL")"
+  KVER="${KVER#vmlinuz-}"
+else
+  KVER="$(find_kernel)"
+  [ -n "$KVER" ] || die "no kernel in /boot after the install"
+  KERNEL="/boot/vmlinuz-$KVER"
+fi
+[ -r "$KERNEL" ] || die "cannot read kernel $KERNEL"
+
+# ---------------------------------------------------------------------------------------
+# Cleanup: everything below is undone by this trap, on success, failure or Ctrl-C. Only
+# PIDs this script started are signalled.
+# ---------------------------------------------------------------------------------------
+WORK=""        # temporary directory
+MNT=""         # its FUSE mount point
+DAEMON_PID=""  # blkdebugfs serving MNT
+VM_PID=""      # `timeout qemu-system-x86_64 ...` (timeout passes signals on to QEMU)
+
+# True if PID is alive and still runs PROGRAM (guards against PID reuse).
+pid_runs() {
+  [ -n "$1" ] && grep -qa "$2" "/proc/$1/cmdline" 2>/dev/null
+}
+
+stop_vm() {
+  if [ -n "$VM_PID" ] && kill -0 "$VM_PID" 2>/dev/null; then
+    kill -TERM "$VM_PID" 2>/dev/null || true
+    local i
+    for i in $(seq 50); do kill -0 "$VM_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$VM_PID" 2>/dev/null || true
+    wait "$VM_PID" 2>/dev/null || true
+  fi
+  VM_PID=""
+}
+
+# Unmount MNT and wait for its daemon to exit (it flushes the image and exits on unmount;
+# SIGTERM, then SIGKILL, if it does not).
+stop_mount() {
+  local i
+  if [ -n "$MNT" ] && mountpoint -q "$MNT"; then
+    umount "$MNT" 2>/dev/null || true
+  fi
+  if pid_runs "$DAEMON_PID" blkdebugfs; then
+    for i in $(seq 100); do pid_runs "$DAEMON_PID" blkdebugfs || break; sleep 0.1; done
+    if pid_runs "$DAEMON_PID" blkdebugfs; then
+      printf 'vm-test: warning: blkdebugfs (pid %s) still running 10 s after umount; SIGTERM\n' "$DAEMON_PID" >&2
+      kill -TERM "$DAEMON_PID" 2>/dev/null || true
+      for i in $(seq 50); do pid_runs "$DAEMON_PID" blkdebugfs || break; sleep 0.1; done
+      if pid_runs "$DAEMON_PID" blkdebugfs; then kill -KILL "$DAEMON_PID" 2>/dev/null || true; fi
+    fi
+  fi
+  DAEMON_PID=""
+  # A mount whose daemon died without unmounting: detach it.
+  if [ -n "$MNT" ] && mountpoint -q "$MNT"; then
+    umount -l "$MNT" 2>/dev/null || true
+  fi
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_vm
+  stop_mount
+  # Never rm -r through a live mount: only remove WORK once MNT is gone.
+  if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+    if [ -n "$MNT" ] && mountpoint -q "$MNT"; then
+      printf 'vm-test: warning: %s is still mounted; leaving %s\n' "$MNT" "$WORK" >&2
+    else
+      rm -rf "$WORK"
+    fi
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+WORK="$(mktemp -d /tmp/vm-test.XXXXXX)"
+MNT="$WORK/mnt"
+mkdir "$MNT"
+
+# ---------------------------------------------------------------------------------------
+# 2. The initramfs: busybox + /init (+ virtio modules when the kernel has them as modules)
+# ---------------------------------------------------------------------------------------
+build_initramfs() {
+  local root="$WORK/initramfs" cfg modules=() line mod dst
+  mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,lib/modules,etc}
+  cp /bin/busybox "$root/bin/busybox"
+  head -c "$PATTERN_BYTES" /dev/urandom >"$WORK/pattern.bin"
+  cp "$WORK/pattern.bin" "$root/pattern.bin"
+
+  # virtio_blk (the disk) and virtio_pci (its transport) with their dependencies, in load
+  # order, unless the kernel has them built in (modprobe prints `builtin NAME` then).
+  cfg="/boot/config-$KVER"
+  if [ -r "$cfg" ]; then
+    log "kernel $KVER: $(grep -E '^CONFIG_VIRTIO(_PCI|_BLK)?=' "$cfg" | tr '\n' ' ')"
+  fi
+  if [ -d "/lib/modules/$KVER" ]; then
+    while read -r line; do
+      case "$line" in
+        insmod\ *)
+          mod="$(printf '%s\n' "$line" | awk '{print $2}')"
+          dst="$(basename "$mod")"
+          dst="${dst%.xz}"; dst="${dst%.zst}"; dst="${dst%.gz}"
+          case "$mod" in  # busybox insmod wants plain .ko
+            *.xz) xz -dc "$mod" >"$root/lib/modules/$dst" ;;
+            *.zst) zstd -qdc "$mod" >"$root/lib/modules/$dst" ;;
+            *.gz) gzip -dc "$mod" >"$root/lib/modules/$dst" ;;
+            *) cp "$mod" "$root/lib/modules/$dst" ;;
+          esac
+          modules+=("$dst")
+          ;;
+      esac
+    done < <(modprobe -a --show-depends -S "$KVER" virtio_pci virtio_blk | awk '!seen[$0]++')
+  fi
+  log "initramfs modules: ${modules[*]:-(none: virtio built in)}"
+
+  # busybox dd has iflag/oflag=direct only when built with them; Debian's has.
+  local direct_in="" direct_out=""
+  if /bin/busybox dd --help 2>&1 | grep -q 'direct'; then
+    direct_in="iflag=direct" direct_out="oflag=direct"
+  fi
+
+  cat >"$root/etc/vmtest.conf" <<EOF
+MODULES="${modules[*]}"
+SECTOR=$SECTOR
+PATTERN_BLOCKS=$((PATTERN_BYTES / 4096))
+PATTERN_SEEK=$((PATTERN_OFFSET / 4096))
+DIRECT_IN="$direct_in"
+DIRECT_OUT="$direct_out"
+EOF
+
+  # The guest's test. Every result is a line starting with VMTEST, which the host greps.
+  cat >"$root/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+. /etc/vmtest.conf
+# SeaBIOS leaves the cursor after "Booting from ROM..."; start our lines on a fresh one.
+echo
+# The accelerator probe boots with `vmtest.probe`: prove the kernel runs, then stop.
+if grep -q vmtest.probe /proc/cmdline; then
+  echo "VMTEST probe ok"
+  poweroff -f
+fi
+
+for m in $MODULES; do
+  insmod "/lib/modules/$m" || echo "VMTEST insmod $m failed"
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if [ -b /dev/vda ]; then
+  echo "VMTEST disk vda $(cat /sys/block/vda/size) sectors"
+
+  # Write the pattern (O_DIRECT), then flush: QEMU turns the flush into fdatasync.
+  if dd if=/pattern.bin of=/dev/vda bs=4096 seek="$PATTERN_SEEK" count="$PATTERN_BLOCKS" \
+      conv=notrunc $DIRECT_OUT 2>/tmp/err && sync; then
+    echo "VMTEST write ok"
+  else
+    echo "VMTEST write failed: $(tail -n 3 /tmp/err | tr '\n' ' ')"
+  fi
+  # Read it back (O_DIRECT, so from the disk, not the page cache) and compare. Drop
+  # the page cache first in case busybox fell back to buffered I/O.
+  echo 3 >/proc/sys/vm/drop_caches
+  if dd if=/dev/vda of=/tmp/readback bs=4096 skip="$PATTERN_SEEK" count="$PATTERN_BLOCKS" \
+      $DIRECT_IN 2>/tmp/err && cmp /tmp/readback /pattern.bin >/tmp/err 2>&1; then
+    echo "VMTEST read ok"
+  else
+    echo "VMTEST read failed: $(tail -n 3 /tmp/err | tr '\n' ' ')"
+  fi
+  # The read a rule targets: one O_DIRECT request starting exactly at SECTOR, so the
+  # kernel's error line names SECTOR. It is 4 KiB, not 512 bytes, because busybox dd
+  # page-aligns (mmaps) only buffers of 4 KiB and more: a smaller O_DIRECT read fails
+  # with EINVAL and busybox silently retries it through the page cache, which reads the
+  # whole page (sector rounded down to a multiple of 8) and logs "Buffer I/O error".
+  if dd if=/dev/vda of=/dev/null bs=4096 count=1 skip="$((SECTOR * 512))" \
+      iflag=skip_bytes${DIRECT_IN:+,direct} 2>/tmp/err; then
+    echo "VMTEST sector $SECTOR read ok"
+  else
+    echo "VMTEST sector $SECTOR read failed: $(head -n 1 /tmp/err)"
+  fi
+else
+  echo "VMTEST no /dev/vda"
+fi
+echo "VMTEST done"
+poweroff -f
+EOF
+  chmod 0755 "$root/init"
+  (cd "$root" && find . | cpio -o -H newc --quiet) | gzip -1 >"$WORK/initramfs.gz"
+}
+build_initramfs
+
+# ---------------------------------------------------------------------------------------
+# 3. Accelerator: KVM when /dev/kvm is there and really runs this guest, else TCG.
+# ---------------------------------------------------------------------------------------
+# Opening /dev/kvm, and even creating a VM, is not enough: under nested virtualization
+# (seen on a Firecracker host) KVM can stop the guest early in boot ("KVM internal
+# error. Suberror: 1 / emulation failure" with -cpu host, a silent hang without it) and
+# QEMU then sits there until the timeout. So boot the real kernel and initramfs once with
+# `vmtest.probe` (the init powers off at once) and use KVM only if that prints its
+# marker within 10 s; a working KVM takes ~1-2 s. A KVM internal error ends it early.
+kvm_works() {
+  local probe="$WORK/kvm-probe.log" i
+  [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
+  timeout -k 2 20 qemu-system-x86_64 -nographic -no-reboot -m 256 -smp 1 -nic none \
+    -enable-kvm -cpu host -kernel "$KERNEL" -initrd "$WORK/initramfs.gz" \
+    -append 'console=ttyS0 panic=-1 quiet vmtest.probe' </dev/null >"$probe" 2>&1 &
+  VM_PID=$!
+  for i in $(seq 100); do
+    kill -0 "$VM_PID" 2>/dev/null || break
+    grep -aq 'KVM internal error' "$probe" && break
+    sleep 0.1
+  done
+  stop_vm
+  if grep -aq 'VMTEST probe ok' "$probe"; then
+    return 0
+  fi
+  log "KVM does not boot this guest (probe after ${i}00 ms: $(grep -a -m 1 -o 'KVM internal error.*' "$probe" | tr -d '\r' || echo 'no output')); using TCG"
+  return 1
+}
+ACCEL="${VMTEST_ACCEL:-}"
+if [ -z "$ACCEL" ]; then
+  if kvm_works; then ACCEL=kvm; else ACCEL=tcg; fi
+fi
+case "$ACCEL" in
+  kvm) ACCEL_ARGS=(-enable-kvm -cpu host) ;;
+  tcg) ACCEL_ARGS=(-accel tcg) ;;
+  *) die "VMTEST_ACCEL must be kvm or tcg" ;;
+esac
+log "qemu: $(qemu-system-x86_64 --version | head -n 1); accelerator: $ACCEL; kernel: $KERNEL"
+
+# ---------------------------------------------------------------------------------------
+# 4. The runs
+# ---------------------------------------------------------------------------------------
+IMAGE="$WORK/disk.img"
+VIEW="$MNT/disk.img"
+truncate -s "${IMAGE_MIB}M" "$IMAGE"
+
+# mount_view LOGFILE [blkdebugfs mount options...]
+mount_view() {
+  local logf="$1"
+  shift
+  "$BLKDEBUGFS" mount "$@" --daemonize --pidfile "$WORK/blkdebugfs.pid" \
+    --log-file "$logf" "$IMAGE" "$MNT"
+  DAEMON_PID="$(cat "$WORK/blkdebugfs.pid")"
+  [ -e "$VIEW" ] || die "blkdebugfs mounted, but $VIEW does not exist"
+}
+
+# boot_vm CONSOLE_LOG: boot the guest on the view; sets VM_RC (124 = timed out).
+boot_vm() {
+  local console="$1" t0=$SECONDS
+  # In the background, waited on with `wait`: bash runs its INT/TERM traps at once then,
+  # where a foreground child would delay Ctrl-C until QEMU exits.
+  timeout -k 5 "$VM_TIMEOUT" qemu-system-x86_64 -nographic -no-reboot -m 256 -smp 1 \
+    -nic none "${ACCEL_ARGS[@]}" \
+    -kernel "$KERNEL" -initrd "$WORK/initramfs.gz" \
+    -append 'console=ttyS0 panic=-1 quiet' \
+    -drive "file=$VIEW,format=raw,cache=none,if=virtio" \
+    </dev/null >"$console" 2>&1 &
+  VM_PID=$!
+  VM_RC=0
+  wait "$VM_PID" || VM_RC=$?
+  VM_PID=""
+  # Drop carriage returns and SeaBIOS's terminal escapes, so lines start with their text.
+  sed -E $'s/\r$//; s/\x1b(\\[[0-9;?]*[A-Za-z]|c)//g' "$console" >"$console.txt"
+  log "VM exited with status $VM_RC after $((SECONDS - t0)) s; console:"
+  sed 's/^/    | /' "$console.txt"
+}
+
+RESULTS=()
+FAILED=0
+check() {  # check DESCRIPTION COMMAND...
+  local what="$1"
+  shift
+  if "$@"; then
+    RESULTS+=("PASS  $what")
+  else
+    RESULTS+=("FAIL  $what")
+    FAILED=1
+  fi
+}
+# Markers are matched anywhere in a line: a kernel message may share the line.
+has() { grep -aqE "$2" "$1"; }
+lacks() { ! grep -aqE "$2" "$1"; }
+# no_other_io_errors CONSOLE: no kernel I/O error line except the expected one.
+no_other_io_errors() {
+  [ "$({ grep -a 'I/O error' "$1" || true; } | grep -acvE "$IOERR_S " || true)" -eq 0 ]
+}
+# injected_at LOG BYTE: the daemon logged an injected EIO on a read covering BYTE.
+injected_at() {
+  local off len
+  while read -r off len; do
+    if [ "$off" -le "$2" ] && [ "$2" -lt $((off + len)) ]; then return 0; fi
+  done < <(sed -nE 's/.*injecting EIO \(5\) into read \(read at offset ([0-9]+), ([0-9]+) bytes\).*/\1 \2/p' "$1")
+  return 1
+}
+show_daemon_log() {
+  log "blkdebugfs log:"
+  sed 's/^/    | /' "$1"
+}
+
+# The kernel logs `I/O error, dev vda, sector N op 0x0:(READ) flags ...` for a failed read.
+IOERR_S="I/O error, dev vda, sector $SECTOR op 0x0:\(READ\)"
+
+# Run 1: no rules.
+log "run 1: no rules"
+mount_view "$WORK/run1.log"
+boot_vm "$WORK/run1.console"
+stop_mount
+show_daemon_log "$WORK/run1.log"
+C1="$WORK/run1.console.txt"
+check "run 1: VM powered off by itself (status 0)" test "$VM_RC" -eq 0
+check "run 1: guest sees /dev/vda" has "$C1" 'VMTEST disk vda [0-9]+ sectors'
+check "run 1: guest write ok" has "$C1" 'VMTEST write ok'
+check "run 1: guest read-back matches" has "$C1" 'VMTEST read ok'
+check "run 1: guest reads sector $SECTOR" has "$C1" "VMTEST sector $SECTOR read ok"
+check "run 1: guest done" has "$C1" 'VMTEST done'
+check "run 1: no I/O error in the guest kernel log" lacks "$C1" 'I/O error'
+check "run 1: blkdebugfs injected nothing" lacks "$WORK/run1.log" 'injecting'
+# The daemon has exited (and flushed): the bytes must be in the image file itself.
+check "run 1: pattern is in the image file at byte $PATTERN_OFFSET" \
+  cmp <(dd if="$IMAGE" bs=4096 skip=$((PATTERN_OFFSET / 4096)) \
+    count=$((PATTERN_BYTES / 4096)) status=none) "$WORK/pattern.bin"
+
+# Run 2: a read rule on RULE_SECTOR (normally the sector the guest reads).
+log "run 2: --inject-error event=read_aio,errno=EIO,sector=$RULE_SECTOR"
+mount_view "$WORK/run2.log" --inject-error "event=read_aio,errno=EIO,sector=$RULE_SECTOR"
+boot_vm "$WORK/run2.console"
+stop_mount
+show_daemon_log "$WORK/run2.log"
+C2="$WORK/run2.console.txt"
+check "run 2: VM powered off by itself (status 0)" test "$VM_RC" -eq 0
+check "run 2: guest write ok" has "$C2" 'VMTEST write ok'
+check "run 2: guest read-back matches" has "$C2" 'VMTEST read ok'
+check "run 2: guest's read of sector $SECTOR fails" has "$C2" "VMTEST sector $SECTOR read failed"
+check "run 2: guest done" has "$C2" 'VMTEST done'
+check "run 2: guest kernel logs '${IOERR_S//\\/}'" has "$C2" "$IOERR_S "
+check "run 2: no other I/O error in the guest kernel log" no_other_io_errors "$C2"
+check "run 2: blkdebugfs logged EIO injected into a read of byte $((SECTOR * 512))" \
+  injected_at "$WORK/run2.log" $((SECTOR * 512))
+
+# ---------------------------------------------------------------------------------------
+# 5. Summary
+# ---------------------------------------------------------------------------------------
+echo
+echo "vm-test summary ($ACCEL, $((SECONDS - T_START)) s):"
+printf '  %s\n' "${RESULTS[@]}"
+if [ "$FAILED" -eq 0 ]; then
+  echo "vm-test: PASS"
+else
+  echo "vm-test: FAIL"
+fi
+exit "$FAILED"
