@@ -71,8 +71,14 @@ install_deps() {
   local qemu_utils_ver="" bpo_suite="" tmp_sources=""
 
   command -v qemu-system-x86_64 >/dev/null 2>&1 || need_qemu+=(qemu-system-x86)
-  # A static busybox: the initramfs has no libc.
-  pkg_installed busybox-static || need_main+=(busybox-static)
+  # A static busybox: the initramfs has no libc. (busybox-static replaces the dynamic
+  # busybox package; we do not remove packages, so refuse instead.)
+  if ! pkg_installed busybox-static; then
+    if pkg_installed busybox; then
+      die "the dynamic busybox package is installed; replace it with busybox-static first"
+    fi
+    need_main+=(busybox-static)
+  fi
   command -v cpio >/dev/null 2>&1 || need_main+=(cpio)
   if [ -z "${VMTEST_KERNEL:-}" ] && [ -z "$(find_kernel)" ]; then
     # The cloud flavour is the smallest Debian kernel with virtio. A linux-image package
@@ -109,6 +115,8 @@ install_deps() {
         | awk -v s="$codename" '$1 == s { print $2; exit }')"
       [ -n "$mirror" ] || die "qemu-utils $qemu_utils_ver is from backports, but no $codename mirror is configured"
       tmp_sources="$(mktemp)"
+      # shellcheck disable=SC2064  # expand now: tmp_sources is local
+      trap "rm -f '$tmp_sources'" EXIT
       # Dir::Etc::sourcelist replaces /etc/apt/sources.list: keep its entries too.
       if [ -r /etc/apt/sources.list ]; then cat /etc/apt/sources.list >"$tmp_sources"; fi
       printf 'deb %s %s main\n' "$mirror" "$bpo_suite" >>"$tmp_sources"
@@ -129,7 +137,7 @@ install_deps() {
     DEBIAN_FRONTEND=noninteractive "${install[@]}" ${bpo_suite:+-t "$bpo_suite"} \
       "${need_qemu[@]}" >/dev/null
   fi
-  [ -z "$tmp_sources" ] || rm -f "$tmp_sources"
+  if [ -n "$tmp_sources" ]; then rm -f "$tmp_sources"; trap - EXIT; fi
   after="$(dpkg-query -W -f='${Package} ${Version}\n' | sort)"
   log "installed in $((SECONDS - t0)) s (package, version):"
   comm -13 <(printf '%s\n' "$before") <(printf '%s\n' "$after") | sed 's/^/    /'

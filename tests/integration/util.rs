@@ -260,6 +260,30 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs an external tool to completion; returns (status code, stdout, stderr). Panics with a
+/// clear message when the tool is not installed (`bash .ci/run` installs every tool the tests
+/// use).
+pub fn run_tool(program: &str, args: &[&str]) -> (i32, String, String) {
+    let _exclusive = exclusive();
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} ({e}): `bash .ci/run` installs it"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Like [`run_tool`], asserting success; returns stdout.
+pub fn tool_ok(program: &str, args: &[&str]) -> String {
+    let (code, out, err) = run_tool(program, args);
+    assert_eq!(code, 0, "{program} {args:?} failed:\n{out}\n{err}");
+    out
+}
+
 /// A 4096-aligned buffer for O_DIRECT.
 pub struct AlignedBuf {
     ptr: *mut u8,
