@@ -58,12 +58,11 @@ fn time(iters: u32, mut f: impl FnMut(u32)) -> f64 {
 }
 
 fn main() {
-    // `cargo bench -- --quick` (or any filter argument cargo passes) keeps runs short.
-    let iters = if std::env::args().any(|a| a == "--quick") {
-        10_000
-    } else {
-        1_000_000
-    };
+    // `cargo bench` passes `--bench`; without it (`cargo test --all-targets`) or with
+    // `--quick`, a short smoke run.
+    let full =
+        std::env::args().any(|a| a == "--bench") && !std::env::args().any(|a| a == "--quick");
+    let iters = if !full { 10_000 } else { 1_000_000 };
     println!("{:<44} {:>10}", "engine decision path", "ns/op");
     for n in [0, 100, 10_000] {
         let mut engine = Engine::new(rules(n));
