@@ -4,11 +4,12 @@
 # injected read error reaches the guest kernel at the right sector.
 #
 #   run 1  no rules: the guest writes a random 64 KiB pattern with O_DIRECT, reads it
-#          back and compares, and reads sector $SECTOR: all must succeed. Afterwards the
-#          host checks that the pattern really is in the image file.
+#          back and compares, and does one O_DIRECT read starting at sector $SECTOR: all
+#          must succeed. Afterwards the host checks the pattern is in the image file.
 #   run 2  rule `event=read_aio,errno=EIO,sector=$SECTOR`: the guest's write/read-back
-#          must still succeed, its direct read of sector $SECTOR must fail, and the guest
-#          kernel must log `I/O error, dev vda, sector $SECTOR op 0x0:(READ)`.
+#          must still succeed, its read at sector $SECTOR must fail, the guest kernel must
+#          log `I/O error, dev vda, sector $SECTOR op 0x0:(READ)` (and no other I/O
+#          error), and blkdebugfs must log the injection on a read covering that sector.
 #
 # The guest is a Debian kernel plus a tiny busybox initramfs built here; QEMU opens the
 # view with cache=none (O_DIRECT), so every guest request reaches blkdebugfs.
@@ -18,7 +19,8 @@
 #   VMTEST_ACCEL        kvm | tcg (default: kvm when /dev/kvm works, else tcg)
 #   VMTEST_TIMEOUT      seconds allowed for one VM boot (default 120)
 #   VMTEST_RULE_SECTOR  sector the run-2 rule targets (default: the sector the guest
-#                       reads). Set it elsewhere to see the checks fail.
+#                       reads). Set it elsewhere (e.g. 100000, or 70016, just past
+#                       QEMU's 4 KiB-aligned request) to see the run-2 checks fail.
 #   VMTEST_KERNEL       a vmlinuz to boot instead of the newest /boot/vmlinuz-*
 #
 # Needs root (apt-get, FUSE mounts). Exits 0 only if every check passed; always removes
@@ -329,9 +331,11 @@ if [ -b /dev/vda ]; then
   fi
   # The read a rule targets: one O_DIRECT request starting exactly at SECTOR, so the
   # kernel's error line names SECTOR. It is 4 KiB, not 512 bytes, because busybox dd
-  # page-aligns (mmaps) only buffers of 4 KiB and more: a smaller O_DIRECT read fails
-  # with EINVAL and busybox silently retries it through the page cache, which reads the
-  # whole page (sector rounded down to a multiple of 8) and logs "Buffer I/O error".
+  # mmaps (page-aligns) only buffers of 4 KiB or more; its malloc'd 512-byte buffer is
+  # not 512-aligned, the guest kernel refuses that O_DIRECT read (EINVAL) and busybox
+  # silently retries it through the page cache, which reads the whole page (sector
+  # rounded down to a multiple of 8) and logs "Buffer I/O error" (seen with Debian's
+  # busybox 1.35 and the 6.1 guest kernel).
   if dd if=/dev/vda of=/dev/null bs=4096 count=1 skip="$((SECTOR * 512))" \
       iflag=skip_bytes${DIRECT_IN:+,direct} 2>/tmp/err; then
     echo "VMTEST sector $SECTOR read ok"

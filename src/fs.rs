@@ -612,6 +612,23 @@ impl Filesystem for BlkdebugFs {
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // A regular file answers no ioctl. QEMU probes BLKSSZGET and XFS_IOC_DIOINFO on
+        // every open to find the O_DIRECT alignment; it falls back to a safe 4096 bytes.
+        debug!("ioctl {cmd:#x}: ENOTTY");
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: fstatvfs fills the struct we own.

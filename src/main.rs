@@ -215,8 +215,10 @@ fn init_logging(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
-    // fuser logs every unimplemented or unusual request at warn/debug; keep it quieter.
-    let default = format!("{level},fuser=warn");
+    // fuser logs every unimplemented or unusual request at warn/debug; keep it quieter. Its
+    // session also warns "Failed to umount filesystem: EINVAL" whenever the mount was ended
+    // by `umount` (the normal way to stop us): nothing failed, so only its errors show.
+    let default = format!("{level},fuser=warn,fuser::session=error");
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
         .format_target(false)
         .init();

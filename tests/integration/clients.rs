@@ -528,3 +528,28 @@ fn a_sparse_terabyte_image_stays_sparse_and_reports_its_holes() {
         md.blocks() * 512
     );
 }
+
+// ---------------------------------------------------------------------------------------- VM
+
+/// `scripts/vm-test.sh` with this build: a Debian kernel and a busybox initramfs boot in
+/// qemu-system-x86_64 with the view as a virtio disk (cache=none), write and read it, and
+/// with a read rule at a sector the guest kernel logs the I/O error at exactly that sector.
+/// The script installs what it needs and checks everything itself; it takes under a minute.
+#[test]
+fn vm_boots_from_the_view_and_sees_an_injected_read_error() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/vm-test.sh");
+    let out = {
+        let _exclusive = exclusive();
+        std::process::Command::new("bash")
+            .arg(&script)
+            .env("BLKDEBUGFS", BIN)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run scripts/vm-test.sh")
+    };
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "vm-test.sh failed:\n{text}");
+    assert!(text.contains("vm-test: PASS"), "{text}");
+    assert!(!text.contains("FAIL "), "{text}");
+}
