@@ -475,7 +475,8 @@ mod tests {
             img.path().to_path_buf(),
             Limits::default(),
             ImageMode::default(),
-        );
+        )
+        .unwrap();
         (img, Control::new(Arc::new(mount), ReloadSource::default()))
     }
 

@@ -148,7 +148,7 @@ impl BlkdebugFs {
         }
         Ok(FileAttr {
             ino: self.image_ino(),
-            size: md.len(),
+            size: self.mount.size(),
             blocks: md.blocks(),
             atime: time(md.atime(), md.atime_nsec()),
             mtime: time(md.mtime(), md.mtime_nsec()),
@@ -353,10 +353,7 @@ impl Filesystem for BlkdebugFs {
             *cursor = end;
             return reply.data(&text.as_bytes()[start..end]);
         }
-        let image_size = match self.mount.size() {
-            Ok(s) => s,
-            Err(e) => return reply.error(Errno::from(e)),
-        };
+        let image_size = self.mount.size();
         // Like QEMU's export: reads stop at the end of the image.
         let len = (size as u64).min(image_size.saturating_sub(offset));
         if len == 0 {
@@ -390,10 +387,7 @@ impl Filesystem for BlkdebugFs {
         if self.mount.mode.read_only {
             return reply.error(Errno::EROFS);
         }
-        let image_size = match self.mount.size() {
-            Ok(s) => s,
-            Err(e) => return reply.error(Errno::from(e)),
-        };
+        let image_size = self.mount.size();
         let end = offset + data.len() as u64;
         let len = if end <= image_size {
             data.len() as u64
@@ -481,10 +475,7 @@ impl Filesystem for BlkdebugFs {
         if self.mount.mode.read_only {
             return reply.error(Errno::EROFS);
         }
-        let image_size = match self.mount.size() {
-            Ok(s) => s,
-            Err(e) => return reply.error(Errno::from(e)),
-        };
+        let image_size = self.mount.size();
         let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
@@ -495,19 +486,9 @@ impl Filesystem for BlkdebugFs {
         }
         if !punch && !zero {
             // Plain allocation: no request reaches blkdebug; allocate in the image itself.
-            // SAFETY: fallocate on our own open descriptor; no memory is passed.
-            let r = unsafe {
-                libc::fallocate(
-                    self.mount.image().as_raw_fd(),
-                    mode,
-                    offset as i64,
-                    length as i64,
-                )
-            };
-            return if r == 0 {
-                reply.ok()
-            } else {
-                reply.error(Errno::from(std::io::Error::last_os_error()))
+            return match self.mount.allocate(mode, offset, length) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(Errno::from(e)),
             };
         }
         let end = offset.saturating_add(length);
@@ -539,10 +520,7 @@ impl Filesystem for BlkdebugFs {
         if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
             return reply.error(Errno::from_i32(libc::EINVAL));
         }
-        let size = match self.mount.size() {
-            Ok(s) => s,
-            Err(e) => return reply.error(Errno::from(e)),
-        };
+        let size = self.mount.size();
         let start = offset.max(0) as u64;
         if start >= size {
             return reply.error(Errno::from_i32(libc::ENXIO));

@@ -306,13 +306,14 @@ pub fn run(
         read_only: options.read_only,
         growable: options.growable,
     };
-    let mount = Arc::new(Mount::new(
-        engine,
-        image,
-        options.image.clone(),
-        options.limits,
-        mode,
-    ));
+    let mount = Arc::new(
+        Mount::new(engine, image, options.image.clone(), options.limits, mode).map_err(|e| {
+            Error::Image {
+                path: options.image.clone(),
+                why: format!("stat failed: {e}"),
+            }
+        })?,
+    );
     let control = Arc::new(Control::new(mount.clone(), options.reload.clone()));
     let socket = match &options.control_socket {
         Some(path) => Some(ControlSocket::bind(path, control.clone())?),

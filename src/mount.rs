@@ -6,6 +6,7 @@
 //! shared descriptor), so requests run in parallel on any number of FUSE workers.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -64,15 +65,86 @@ pub struct Mount {
     pub mode: ImageMode,
     raw_node: Generations,
     blkdebug_node: Generations,
-    /// Serialises size changes (growth, truncate) with each other; data I/O never takes it.
+    /// Serialises size changes (growth, truncate, allocation) with each other; data I/O
+    /// never takes it.
     resize: Mutex<()>,
+    /// The image's size, kept here so that requests need no fstat. Every size change goes
+    /// through this mount (the image must not be resized behind its back while mounted).
+    size: AtomicU64,
     /// Requests parked by breakpoints, and `wait_break` waiters.
     pub breakpoints: Breakpoints,
 }
 
 /// Called exactly once with a request's outcome: the bytes read (empty for other
 /// operations) or the errno. It owns the FUSE reply, so a parked request carries it along.
-pub type Completion = Box<dyn FnOnce(Result<Vec<u8>, i32>) + Send>;
+pub type Completion = Box<dyn FnOnce(Result<ReadBuf, i32>) + Send>;
+
+thread_local! {
+    /// Read buffers, kept per worker thread between requests.
+    static READ_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers each thread keeps, and the largest one worth keeping.
+const POOLED_PER_THREAD: usize = 4;
+const POOLED_MAX_BYTES: usize = 4 << 20;
+
+/// A read request's buffer: `len` bytes, taken from a small per-thread pool and given back
+/// when dropped (after the reply is sent), so reads neither allocate nor zero-fill in the
+/// steady state. A pooled vector stays fully initialised at its high-water length; only
+/// growth is zero-filled. Every read plan writes each byte it returns (tested in `ops.rs`).
+pub struct ReadBuf {
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+impl ReadBuf {
+    fn new(len: usize) -> ReadBuf {
+        if len == 0 {
+            return ReadBuf {
+                bytes: Vec::new(),
+                len: 0,
+            };
+        }
+        let mut bytes = READ_BUFFERS
+            .try_with(|pool| pool.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if bytes.len() < len {
+            bytes.resize(len, 0);
+        }
+        ReadBuf { bytes, len }
+    }
+}
+
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for ReadBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[..self.len]
+    }
+}
+
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        if self.bytes.is_empty() || self.bytes.len() > POOLED_MAX_BYTES {
+            return;
+        }
+        let bytes = std::mem::take(&mut self.bytes);
+        // During thread teardown the pool may be gone: then the buffer is simply freed.
+        let _ = READ_BUFFERS.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOLED_PER_THREAD {
+                pool.push(bytes);
+            }
+        });
+    }
+}
 
 /// A request in flight: its plan, where it is in it, and everything it owns.
 pub struct Pending<'a> {
@@ -83,7 +155,7 @@ pub struct Pending<'a> {
     /// Generations captured by the flush gates, recorded if the flush succeeds.
     raw_gen: Option<u64>,
     node_gen: Option<u64>,
-    read_buf: Vec<u8>,
+    read_buf: ReadBuf,
     /// Borrowed from the FUSE worker's buffer until the request parks.
     write_data: Cow<'a, [u8]>,
     done: Completion,
@@ -118,8 +190,9 @@ impl Mount {
         image_path: PathBuf,
         limits: Limits,
         mode: ImageMode,
-    ) -> Mount {
-        Mount {
+    ) -> io::Result<Mount> {
+        let size = AtomicU64::new(image.metadata()?.len());
+        Ok(Mount {
             engine: Mutex::new(engine),
             image,
             image_path,
@@ -128,8 +201,9 @@ impl Mount {
             raw_node: Generations::default(),
             blkdebug_node: Generations::default(),
             resize: Mutex::new(()),
+            size,
             breakpoints: Breakpoints::default(),
-        }
+        })
     }
 
     /// Runs `f` with the engine locked. Keep `f` short: no I/O, no waiting.
@@ -138,8 +212,8 @@ impl Mount {
     }
 
     /// The image's current size.
-    pub fn size(&self) -> io::Result<u64> {
-        Ok(self.image.metadata()?.len())
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn image(&self) -> &File {
@@ -157,8 +231,9 @@ impl Mount {
     /// Grows the image to at least `end` bytes (growable writes, zero-range past the end).
     pub fn grow_to(&self, end: u64) -> io::Result<()> {
         let _guard = self.resize.lock();
-        if self.size()? < end {
+        if self.size() < end {
             self.image.set_len(end)?;
+            self.size.store(end, Ordering::Release);
         }
         Ok(())
     }
@@ -166,7 +241,23 @@ impl Mount {
     /// Truncates or extends the image (setattr size).
     pub fn set_size(&self, size: u64) -> io::Result<()> {
         let _guard = self.resize.lock();
-        self.image.set_len(size)
+        self.image.set_len(size)?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Plain `fallocate(2)` on the image (no blkdebug request: allocation only). Without
+    /// `FALLOC_FL_KEEP_SIZE` it may extend the image.
+    pub fn allocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        let _guard = self.resize.lock();
+        // SAFETY: fallocate on our own open descriptor; no memory is passed.
+        let r = unsafe { libc::fallocate(self.image.as_raw_fd(), mode, offset as i64, len as i64) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.size
+            .store(self.image.metadata()?.len(), Ordering::Release);
+        Ok(())
     }
 
     /// Starts one client operation: walks its plan until it finishes (and `done` replies) or
@@ -181,8 +272,8 @@ impl Mount {
             raw_gen: None,
             node_gen: None,
             read_buf: match op {
-                Op::Read { len, .. } => vec![0; len as usize],
-                _ => Vec::new(),
+                Op::Read { len, .. } => ReadBuf::new(len as usize),
+                _ => ReadBuf::new(0),
             },
             write_data: Cow::Borrowed(write_data),
             done,

@@ -875,4 +875,37 @@ mod tests {
             vec![(IoType::BlockStatus, 512, 1024)]
         );
     }
+
+    /// The read buffer is not zeroed (it comes from a pool), so every successful read plan
+    /// must write each byte of the client's range exactly once.
+    #[test]
+    fn read_plans_cover_every_client_byte_exactly_once() {
+        for (align, max_transfer) in [(1, 0), (512, 0), (4096, 0), (512, 4096), (4096, 8192)] {
+            let limits = Limits {
+                align,
+                max_transfer,
+                ..Limits::default()
+            };
+            for offset in [0u64, 1, 511, 512, 4095, 4097, 10_000] {
+                for len in [1u64, 100, 512, 4096, 5000, 20_000] {
+                    let mut seen = vec![0u8; len as usize];
+                    for step in plan(Op::Read { offset, len }, limits) {
+                        if let Step::Read {
+                            offset: o,
+                            len: l,
+                            at,
+                        } = step
+                        {
+                            assert_eq!(o - offset, at as u64);
+                            seen[at..at + l as usize].iter_mut().for_each(|c| *c += 1);
+                        }
+                    }
+                    assert!(
+                        seen.iter().all(|&c| c == 1),
+                        "align {align} max_transfer {max_transfer}: read {offset}+{len}"
+                    );
+                }
+            }
+        }
+    }
 }
