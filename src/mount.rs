@@ -271,10 +271,8 @@ impl Mount {
             failed: None,
             raw_gen: None,
             node_gen: None,
-            read_buf: match op {
-                Op::Read { len, .. } => ReadBuf::new(len as usize),
-                _ => ReadBuf::new(0),
-            },
+            // Allocated at the first read step, so a request parked before it holds none.
+            read_buf: ReadBuf::new(0),
             write_data: Cow::Borrowed(write_data),
             done,
         };
@@ -362,6 +360,9 @@ impl Mount {
                 }
                 Step::Jump { to } => p.pc = to,
                 Step::Read { offset, len, at } => {
+                    if let (Op::Read { len: total, .. }, true) = (p.op, p.read_buf.is_empty()) {
+                        p.read_buf = ReadBuf::new(total as usize);
+                    }
                     let dst = &mut p.read_buf[at..at + len as usize];
                     if let Err(e) = read_full(&self.image, dst, offset) {
                         return Advance::Finished(Err(self.io_failed("read", offset, len, e)));

@@ -480,3 +480,52 @@ fn concurrent_writes_resumed_newest_first_iotest_046() {
     assert!(d.stop().success());
     assert!(s.image_bytes()[..4096].iter().all(|&x| x == 0x30));
 }
+
+/// The daemon's resident set size in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn a_thousand_suspended_requests_cost_well_under_ten_mib() {
+    const N: usize = 1000;
+    let s = Scratch::new(4 * MIB);
+    let d = mount(&s, &["--threads", "2"]);
+    let file = std::sync::Arc::new(open_rw(&s.view()));
+    // Warm up: the workers' buffers and the first request's allocations.
+    for i in 0..64 {
+        file.read_exact_at(&mut [0u8; 4096], i * 4096).unwrap();
+    }
+    let before = rss_kib(d.pid());
+    let readers: Vec<_> = (0..N)
+        .map(|i| {
+            control_file(&s.mnt, &format!("break read_aio t{i}")).unwrap();
+            let file = file.clone();
+            let reader = std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || pread(&file, &mut [0u8; 4096], (i % 1024) as u64 * 4096))
+                .unwrap();
+            control_file(&s.mnt, &format!("wait_break t{i} 20000")).unwrap();
+            reader
+        })
+        .collect();
+    let parked = rss_kib(d.pid());
+    let list = control_file(&s.mnt, "list").unwrap();
+    assert_eq!(list.matches("suspended ").count(), N, "{list}");
+    control_file(&s.mnt, "resume_all").unwrap();
+    for r in readers {
+        assert_eq!(join(r), Ok(4096));
+    }
+    let grown = parked.saturating_sub(before);
+    eprintln!("daemon RSS {before} KiB, with {N} requests suspended {parked} KiB (+{grown} KiB)");
+    assert!(
+        grown < 10 * 1024,
+        "{N} suspended requests grew the daemon by {grown} KiB"
+    );
+    assert!(d.stop().success());
+}
