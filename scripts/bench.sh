@@ -302,6 +302,18 @@ fio_job() {
   return "$rc"
 }
 
+# rss PID: resident set size in KiB (0 if gone).
+rss() {
+  awk '/^VmRSS:/ { print $2; found = 1 } END { if (!found) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0
+}
+# Resident size of each daemon before the workloads: compared after them, it shows whether
+# memory grows with the number of requests served (it should stay flat).
+rss_before=()
+for t in "${!labels[@]}"; do
+  d=${daemon[t]}
+  rss_before[t]=$([ -n "$d" ] && rss "${pids[d]}" || echo "")
+done
+
 results=$work/results.tsv # workload, target index, iops, MB/s, p99 us (or FAILED)
 : >"$results"
 failed=0
@@ -344,6 +356,13 @@ done
 
 elapsed=$((SECONDS - start))
 log "load average after: $(cut -d' ' -f1-3 /proc/loadavg); measuring took ${elapsed} s"
+
+rss_report=""
+for t in "${!labels[@]}"; do
+  d=${daemon[t]}
+  [ -n "$d" ] || continue
+  rss_report+="${labels[t]}: ${rss_before[t]} -> $(rss "${pids[d]}") KiB; "
+done
 
 # Stop the daemons now (cleanup would too) so that their shutdown is checked as well.
 log "stopping the daemons"
@@ -403,5 +422,6 @@ print("vs QEMU, vs raw: IOPS divided by the IOPS of the QEMU export / the raw fi
       "same workload (above 1 = faster). p99 µs: 99th percentile completion latency.")
 EOF
 echo
+printf 'Daemon resident size before -> after all workloads: %s\n\n' "${rss_report%; }"
 
 [ "$failed" = 0 ] || die "some jobs failed (see above)"

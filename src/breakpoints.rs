@@ -269,3 +269,113 @@ pub fn op_range(op: &Op) -> String {
         Op::Flush => "no range".to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn read_at(offset: u64) -> Pending<'static> {
+        Pending::for_test(Op::Read { offset, len: 512 }, Box::new(|_| {}))
+    }
+
+    fn offset_of(p: &Pending<'static>) -> u64 {
+        match p.op {
+            Op::Read { offset, .. } => offset,
+            _ => unreachable!(),
+        }
+    }
+
+    fn tags(t: &[&str]) -> Vec<String> {
+        t.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn resume_takes_the_newest_request_of_the_tag() {
+        let b = Breakpoints::default();
+        assert!(b.park(read_at(0), tags(&["t"]), Event::ReadAio).is_none());
+        assert!(b.park(read_at(512), tags(&["t"]), Event::ReadAio).is_none());
+        assert!(
+            b.park(read_at(1024), tags(&["other"]), Event::ReadAio)
+                .is_none()
+        );
+        let Resumed::Released(Some(p)) = b.resume("t") else {
+            panic!("nothing resumed");
+        };
+        assert_eq!(offset_of(&p), 512);
+        let Resumed::Released(Some(p)) = b.resume("t") else {
+            panic!("nothing resumed");
+        };
+        assert_eq!(offset_of(&p), 0);
+        assert!(matches!(b.resume("t"), Resumed::NotFound));
+        assert_eq!(b.list().len(), 1);
+    }
+
+    #[test]
+    fn a_request_held_by_two_tags_continues_after_both_resume() {
+        let b = Breakpoints::default();
+        assert!(
+            b.park(read_at(0), tags(&["a", "b"]), Event::ReadAio)
+                .is_none()
+        );
+        assert!(matches!(b.resume("a"), Resumed::Released(None)));
+        assert!(b.is_suspended("b") && !b.is_suspended("a"));
+        assert!(matches!(b.resume("b"), Resumed::Released(Some(_))));
+        assert!(b.list().is_empty());
+    }
+
+    #[test]
+    fn waiters_complete_on_park_at_once_if_parked_and_time_out() {
+        let b = Breakpoints::default();
+        let ok = Arc::new(AtomicUsize::new(0));
+        let timed_out = Arc::new(AtomicUsize::new(0));
+        let waiter = |ok: &Arc<AtomicUsize>, to: &Arc<AtomicUsize>| -> WaiterDone {
+            let (ok, to) = (ok.clone(), to.clone());
+            Box::new(move |r| match r {
+                Ok(()) => {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    assert_eq!(e, libc::ETIMEDOUT);
+                    to.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        b.wait_for("t", None, waiter(&ok, &timed_out));
+        b.wait_for("late", Some(Duration::ZERO), waiter(&ok, &timed_out));
+        assert_eq!(ok.load(Ordering::SeqCst), 0);
+        b.park(read_at(0), tags(&["t"]), Event::ReadAio);
+        assert_eq!(ok.load(Ordering::SeqCst), 1);
+        // Already suspended: completes at once.
+        b.wait_for("t", Some(Duration::from_secs(60)), waiter(&ok, &timed_out));
+        assert_eq!(ok.load(Ordering::SeqCst), 2);
+        assert_eq!(b.expire_waiters(), None);
+        assert_eq!(timed_out.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn once_closed_nothing_parks_and_everything_can_be_taken() {
+        let b = Breakpoints::default();
+        b.park(read_at(0), tags(&["t"]), Event::ReadAio);
+        b.park(read_at(512), tags(&["u"]), Event::ReadAio);
+        b.close();
+        assert!(
+            b.park(read_at(1024), tags(&["t"]), Event::ReadAio)
+                .is_some()
+        );
+        let all: Vec<u64> = b.take_all().iter().map(offset_of).collect();
+        assert_eq!(all, vec![512, 0]);
+        assert!(b.list().is_empty());
+    }
+
+    #[test]
+    fn the_watchdog_takes_only_old_requests() {
+        let b = Breakpoints::default();
+        b.park(read_at(0), tags(&["t"]), Event::ReadAio);
+        assert!(b.take_older_than(Duration::from_secs(3600)).is_empty());
+        assert_eq!(b.take_older_than(Duration::ZERO).len(), 1);
+        assert!(b.list().is_empty());
+    }
+}

@@ -161,6 +161,24 @@ pub struct Pending<'a> {
     done: Completion,
 }
 
+impl Pending<'static> {
+    /// A request that has not started, for tests of the parking lot.
+    #[cfg(test)]
+    pub(crate) fn for_test(op: Op, done: Completion) -> Pending<'static> {
+        Pending {
+            op,
+            steps: Vec::new(),
+            pc: 0,
+            failed: None,
+            raw_gen: None,
+            node_gen: None,
+            read_buf: ReadBuf::new(0),
+            write_data: Cow::Owned(Vec::new()),
+            done,
+        }
+    }
+}
+
 impl Pending<'_> {
     /// Takes ownership of the write payload so the request can outlive the worker's buffer.
     fn into_owned(self) -> Pending<'static> {

@@ -13,12 +13,6 @@ use crate::util::*;
 
 const MIB: usize = 1 << 20;
 
-fn mount(s: &Scratch, extra: &[&str]) -> Daemon {
-    let mut args = vec![s.image.to_str().unwrap(), s.mnt.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Daemon::start(&s.mnt, &args)
-}
-
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }

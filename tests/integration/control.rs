@@ -11,12 +11,6 @@ use crate::util::*;
 
 const MIB: usize = 1 << 20;
 
-fn mount(s: &Scratch, extra: &[&str]) -> Daemon {
-    let mut args = vec![s.image.to_str().unwrap(), s.mnt.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Daemon::start(&s.mnt, &args)
-}
-
 /// `blkdebugfs ctl TARGET WORDS...`, asserting success; returns stdout.
 fn ctl(target: &Path, words: &[&str]) -> String {
     let mut args = vec!["ctl", target.to_str().unwrap()];

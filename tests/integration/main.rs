@@ -13,12 +13,6 @@ use util::*;
 
 const MIB: usize = 1 << 20;
 
-fn mount(s: &Scratch, extra: &[&str]) -> Daemon {
-    let mut args = vec![s.image.to_str().unwrap(), s.mnt.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Daemon::start(&s.mnt, &args)
-}
-
 #[test]
 fn plain_mount_serves_the_image_bytes() {
     let s = Scratch::new(MIB);

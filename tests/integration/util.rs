@@ -111,6 +111,13 @@ impl Scratch {
     }
 }
 
+/// Mounts `s.image` on the directory `s.mnt` with `extra` options.
+pub fn mount(s: &Scratch, extra: &[&str]) -> Daemon {
+    let mut args = vec![s.image.to_str().unwrap(), s.mnt.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Daemon::start(&s.mnt, &args)
+}
+
 /// A running `blkdebugfs mount`; see the module doc.
 pub struct Daemon {
     child: Option<Child>,
