@@ -9,6 +9,7 @@
 //! event sequences), `mount.rs` (state + executor), `fs.rs` (FUSE adapter).
 
 pub mod breakpoints;
+pub mod buffers;
 pub mod config;
 pub mod control;
 pub mod demo;

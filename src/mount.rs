@@ -6,12 +6,12 @@
 //! shared descriptor), so requests run in parallel on any number of FUSE workers.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ use log::{info, warn};
 use parking_lot::Mutex;
 
 use crate::breakpoints::{Breakpoints, Resumed};
+pub use crate::buffers::ReadBuf;
+use crate::buffers::{ImageMap, MAPPED_READ_MIN};
 use crate::config::Limits;
 use crate::errno;
 use crate::ops::{Op, Step, plan};
@@ -73,78 +75,13 @@ pub struct Mount {
     size: AtomicU64,
     /// Requests parked by breakpoints, and `wait_break` waiters.
     pub breakpoints: Breakpoints,
+    /// The image mapped read-only for large reads (`None` if it cannot be mapped).
+    map: Option<Arc<ImageMap>>,
 }
 
 /// Called exactly once with a request's outcome: the bytes read (empty for other
 /// operations) or the errno. It owns the FUSE reply, so a parked request carries it along.
 pub type Completion = Box<dyn FnOnce(Result<ReadBuf, i32>) + Send>;
-
-thread_local! {
-    /// Read buffers, kept per worker thread between requests.
-    static READ_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Buffers each thread keeps, and the largest one worth keeping.
-const POOLED_PER_THREAD: usize = 4;
-const POOLED_MAX_BYTES: usize = 4 << 20;
-
-/// A read request's buffer: `len` bytes, taken from a small per-thread pool and given back
-/// when dropped (after the reply is sent), so reads neither allocate nor zero-fill in the
-/// steady state. A pooled vector stays fully initialised at its high-water length; only
-/// growth is zero-filled. Every read plan writes each byte it returns (tested in `ops.rs`).
-pub struct ReadBuf {
-    bytes: Vec<u8>,
-    len: usize,
-}
-
-impl ReadBuf {
-    fn new(len: usize) -> ReadBuf {
-        if len == 0 {
-            return ReadBuf {
-                bytes: Vec::new(),
-                len: 0,
-            };
-        }
-        let mut bytes = READ_BUFFERS
-            .try_with(|pool| pool.borrow_mut().pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        if bytes.len() < len {
-            bytes.resize(len, 0);
-        }
-        ReadBuf { bytes, len }
-    }
-}
-
-impl std::ops::Deref for ReadBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-impl std::ops::DerefMut for ReadBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes[..self.len]
-    }
-}
-
-impl Drop for ReadBuf {
-    fn drop(&mut self) {
-        if self.bytes.is_empty() || self.bytes.len() > POOLED_MAX_BYTES {
-            return;
-        }
-        let bytes = std::mem::take(&mut self.bytes);
-        // During thread teardown the pool may be gone: then the buffer is simply freed.
-        let _ = READ_BUFFERS.try_with(|pool| {
-            let mut pool = pool.borrow_mut();
-            if pool.len() < POOLED_PER_THREAD {
-                pool.push(bytes);
-            }
-        });
-    }
-}
 
 /// A request in flight: its plan, where it is in it, and everything it owns.
 pub struct Pending<'a> {
@@ -172,7 +109,7 @@ impl Pending<'static> {
             failed: None,
             raw_gen: None,
             node_gen: None,
-            read_buf: ReadBuf::new(0),
+            read_buf: ReadBuf::pooled(0),
             write_data: Cow::Owned(Vec::new()),
             done,
         }
@@ -209,7 +146,9 @@ impl Mount {
         limits: Limits,
         mode: ImageMode,
     ) -> io::Result<Mount> {
-        let size = AtomicU64::new(image.metadata()?.len());
+        let len = image.metadata()?.len();
+        let size = AtomicU64::new(len);
+        let map = ImageMap::new(&image, len);
         Ok(Mount {
             engine: Mutex::new(engine),
             image,
@@ -221,6 +160,7 @@ impl Mount {
             resize: Mutex::new(()),
             size,
             breakpoints: Breakpoints::default(),
+            map,
         })
     }
 
@@ -259,6 +199,8 @@ impl Mount {
     /// Truncates or extends the image (setattr size).
     pub fn set_size(&self, size: u64) -> io::Result<()> {
         let _guard = self.resize.lock();
+        // Pages past a new, smaller end must not be in any reply's window when they go.
+        let _no_windows = self.map.as_ref().map(|m| m.exclude_windows());
         self.image.set_len(size)?;
         self.size.store(size, Ordering::Release);
         Ok(())
@@ -290,7 +232,7 @@ impl Mount {
             raw_gen: None,
             node_gen: None,
             // Allocated at the first read step, so a request parked before it holds none.
-            read_buf: ReadBuf::new(0),
+            read_buf: ReadBuf::pooled(0),
             write_data: Cow::Borrowed(write_data),
             done,
         };
@@ -379,11 +321,23 @@ impl Mount {
                 Step::Jump { to } => p.pc = to,
                 Step::Read { offset, len, at } => {
                     if let (Op::Read { len: total, .. }, true) = (p.op, p.read_buf.is_empty()) {
-                        p.read_buf = ReadBuf::new(total as usize);
+                        // A large read done in one step that nothing can park after (the
+                        // next step is the end) may reply straight from the mapping.
+                        let whole_and_last = at == 0
+                            && len == total
+                            && len >= MAPPED_READ_MIN
+                            && matches!(p.steps.get(p.pc), Some(Step::Done));
+                        let window = match &self.map {
+                            Some(map) if whole_and_last => map.window(&self.image, offset, len),
+                            _ => None,
+                        };
+                        p.read_buf = window.unwrap_or_else(|| ReadBuf::pooled(total as usize));
                     }
-                    let dst = &mut p.read_buf[at..at + len as usize];
-                    if let Err(e) = read_full(&self.image, dst, offset) {
-                        return Advance::Finished(Err(self.io_failed("read", offset, len, e)));
+                    if let Some(buf) = p.read_buf.as_mut() {
+                        let dst = &mut buf[at..at + len as usize];
+                        if let Err(e) = read_full(&self.image, dst, offset) {
+                            return Advance::Finished(Err(self.io_failed("read", offset, len, e)));
+                        }
                     }
                 }
                 Step::Write { offset, len, at } => {

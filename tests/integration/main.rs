@@ -488,3 +488,63 @@ fn check_prints_rules_and_warns_about_rules_that_never_fire() {
         "{out}"
     );
 }
+
+/// Large reads are answered from a mapping of the image (one copy instead of two). On a
+/// tmpfs image: the bytes are right, holes read as zeroes and stay holes, reads after a
+/// shrink see the new end, and rules still see every request.
+#[test]
+fn large_reads_match_the_image_and_keep_a_tmpfs_image_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Scratch::new(0);
+    let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("no /dev/shm here: nothing to test");
+        return;
+    };
+    let image = shm.path().join("disk.img");
+    let data = pattern(4 * MIB);
+    std::fs::write(&image, &data).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(8 * MIB as u64)
+        .unwrap();
+    let blocks = std::fs::metadata(&image).unwrap().blocks();
+    let view = s.mnt.join("disk.img");
+    let args = [
+        image.to_str().unwrap(),
+        s.mnt.to_str().unwrap(),
+        "--inject-error",
+        "event=read_aio,errno=EIO,sector=10240",
+    ];
+    let d = Daemon::start(&s.mnt, &args);
+    let f = open_direct(&view);
+    let mut buf = AlignedBuf::new(MIB);
+    for i in 0..8 {
+        let r = pread(&f, buf.as_mut(), (i * MIB) as u64);
+        if i == 5 {
+            // Sector 10240 is byte 5 MiB: the rule still sees the large read.
+            assert_eq!(r, Err(libc::EIO));
+            continue;
+        }
+        assert_eq!(r, Ok(MIB), "read {i}");
+        let want: &[u8] = if i < 4 {
+            &data[i * MIB..(i + 1) * MIB]
+        } else {
+            &[0; MIB]
+        };
+        assert!(buf.as_ref() == want, "bytes of read {i}");
+    }
+    assert_eq!(
+        std::fs::metadata(&image).unwrap().blocks(),
+        blocks,
+        "holes stay holes"
+    );
+    // Shrink through the view, then read across and past the new end.
+    f.set_len(3 * MIB as u64 / 2).unwrap();
+    assert_eq!(pread(&f, buf.as_mut(), MIB as u64), Ok(MIB / 2));
+    assert!(buf.as_ref()[..MIB / 2] == data[MIB..3 * MIB / 2]);
+    assert_eq!(pread(&f, buf.as_mut(), 2 * MIB as u64), Ok(0));
+    drop(f);
+    assert!(d.stop().success());
+}
