@@ -16,6 +16,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use parking_lot::lock_api::ArcRwLockReadGuard;
@@ -31,7 +32,8 @@ const POOLED_PER_THREAD: usize = 4;
 const POOLED_MAX_BYTES: usize = 4 << 20;
 
 /// Reads at least this large are served from the mapping when possible: below it, the
-/// extra checks (a `SEEK_HOLE` and an `fstat`) cost about what the saved copy does.
+/// extra work (an `fstat`, `mincore` on tmpfs, `madvise` after the reply) costs about what
+/// the saved copy does.
 pub const MAPPED_READ_MIN: u64 = 128 * 1024;
 
 /// The address space reserved for the mapping: images up to this size are mapped whole,
@@ -172,6 +174,17 @@ impl ImageMap {
         let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
         let on_tmpfs = unsafe { libc::fstatfs(image.as_raw_fd(), &mut fs) } == 0
             && fs.f_type == libc::TMPFS_MAGIC;
+        // The kernel answers mincore truthfully for a file only to its owner (or root, or a
+        // writer); anyone else is told every page is resident, holes included. Without a
+        // truthful answer a tmpfs image is not read through the mapping.
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if on_tmpfs && euid != 0 && image.metadata().map(|m| m.uid()).ok() != Some(euid) {
+            // SAFETY: unmapping the mapping just created.
+            unsafe { libc::munmap(ptr, reserved) };
+            log::debug!("tmpfs image owned by another user: reads use pread");
+            return None;
+        }
         Some(Arc::new(ImageMap {
             ptr: ptr.cast(),
             reserved,
@@ -184,9 +197,9 @@ impl ImageMap {
     /// so this says the range has no hole (`SEEK_HOLE` would answer too, but it walks on to
     /// the next hole, which in a fully written image is the end: far too slow per read).
     fn all_resident(&self, offset: u64, end: u64) -> bool {
-        const PAGE: u64 = 4096;
-        let start = offset / PAGE * PAGE;
-        let pages = (end - start).div_ceil(PAGE) as usize;
+        let page = page_size() as u64;
+        let start = offset / page * page;
+        let pages = (end - start).div_ceil(page) as usize;
         thread_local! {
             static RESIDENCY: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
@@ -213,9 +226,9 @@ impl ImageMap {
     /// pages stay in the page cache (the image's data is untouched), but the daemon's
     /// resident size does not grow to the image's size as reads pass over it.
     fn forget_pages(&self, offset: usize, len: usize) {
-        const PAGE: usize = 4096;
-        let start = offset / PAGE * PAGE;
-        let end = (offset + len).div_ceil(PAGE) * PAGE;
+        let page = page_size();
+        let start = offset / page * page;
+        let end = (offset + len).div_ceil(page) * page;
         // SAFETY: a page-aligned range inside our own read-only shared file mapping;
         // MADV_DONTNEED on it only unmaps pages, which fault back in from the file.
         unsafe {
@@ -255,6 +268,15 @@ impl ImageMap {
             },
             len: len as usize,
         })
+    }
+}
+
+/// The kernel's page size.
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
     }
 }
 

@@ -189,11 +189,26 @@ impl Mount {
     /// Grows the image to at least `end` bytes (growable writes, zero-range past the end).
     pub fn grow_to(&self, end: u64) -> io::Result<()> {
         let _guard = self.resize.lock();
-        if self.size() < end {
+        // The real size, not the cache: a racing truncate and write could leave the file
+        // longer than the cache says, and growing must never cut it.
+        let real = self.image.metadata()?.len();
+        if real < end {
             self.image.set_len(end)?;
-            self.size.store(end, Ordering::Release);
         }
+        self.size.store(real.max(end), Ordering::Release);
         Ok(())
+    }
+
+    /// After a write or zeroing that ended past the cached size (it was checked against the
+    /// size before a truncate that ran meanwhile, and extended the file again), re-reads the
+    /// size so that the cache never stays below the file.
+    fn note_extent(&self, end: u64) {
+        if end > self.size() {
+            let _guard = self.resize.lock();
+            if let Ok(md) = self.image.metadata() {
+                self.size.store(md.len(), Ordering::Release);
+            }
+        }
     }
 
     /// Truncates or extends the image (setattr size).
@@ -345,6 +360,7 @@ impl Mount {
                     if let Err(e) = self.image.write_all_at(src, offset) {
                         return Advance::Finished(Err(self.io_failed("write", offset, len, e)));
                     }
+                    self.note_extent(offset + len);
                 }
                 Step::Zero { offset, len, punch } => {
                     if len > 0
@@ -352,6 +368,7 @@ impl Mount {
                     {
                         return Advance::Finished(Err(self.io_failed("zero", offset, len, e)));
                     }
+                    self.note_extent(offset + len);
                 }
                 Step::RawWritten => self.raw_node.bump(),
                 Step::NodeWritten => self.blkdebug_node.bump(),

@@ -586,23 +586,32 @@ impl Engine {
     }
 
     /// Deletes every rule and breakpoint and returns to state 1 (the `clear` command).
+    /// Rule numbers keep counting, so a stale `remove N` cannot hit a newer rule.
     pub fn clear(&mut self) {
+        let next_id = self.next_id;
         *self = Engine::new(Vec::new());
+        self.next_id = next_id;
     }
 
     /// Replaces every inject-error and set-state rule by `rules` (the `reload` command);
     /// breakpoints and the state stay, nothing is armed until an event fires.
     pub fn replace_rules(&mut self, rules: Vec<Rule>) {
-        let old: Vec<RuleId> = self
-            .rules
-            .iter()
-            .filter(|(_, s)| !matches!(s.rule.action, Action::Suspend { .. }))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in old {
-            self.remove(id);
+        // Rebuilt in one pass (removing thousands of rules one by one would be quadratic):
+        // keep the breakpoints with their numbers, drop everything else, add the new rules.
+        let old = std::mem::take(&mut self.rules);
+        for event in &mut self.by_event {
+            event.inject.clear();
+            event.set_state.clear();
+            event.suspend.clear();
         }
+        self.compiled.clear();
         self.active = Arc::default();
+        for (id, slot) in old {
+            if matches!(slot.rule.action, Action::Suspend { .. }) {
+                self.by_event[slot.rule.event.index()].suspend.push(id);
+                self.rules.insert(id, slot);
+            }
+        }
         for rule in rules {
             self.add(rule);
         }
@@ -1063,5 +1072,53 @@ mod tests {
             e.check(IoType::Read, 4096, 4096),
             fail(28, 10_001, Event::ReadAio)
         );
+    }
+
+    #[test]
+    fn the_index_handles_the_ends_of_the_address_space() {
+        let huge = u64::MAX / 512; // sector * 512 stays below u64::MAX
+        let mut e = Engine::new(vec![
+            inject(Event::ReadAio, 0, 5, Some(huge), false),
+            inject(Event::ReadAio, 0, 28, Some(u64::MAX), false), // byte saturates
+        ]);
+        e.fire(Event::ReadAio);
+        let byte = huge * 512;
+        assert_eq!(e.check(IoType::Read, byte, 1), fail(5, 1, Event::ReadAio));
+        assert_eq!(e.check(IoType::Read, byte - 512, 512), Verdict::Pass);
+        // offset + len overflows: every byte from offset on is inside.
+        assert_eq!(
+            e.check(IoType::Read, u64::MAX - 10, 100),
+            fail(28, 2, Event::ReadAio)
+        );
+        assert_eq!(e.check(IoType::Read, u64::MAX - 10, 0), Verdict::Pass);
+    }
+
+    #[test]
+    fn clear_and_reload_keep_numbering_and_breakpoints() {
+        let mut e = Engine::new(vec![inject(Event::ReadAio, 0, 5, None, false)]);
+        e.add(Rule {
+            event: Event::WriteAio,
+            state: 0,
+            action: Action::Suspend { tag: "t".into() },
+            origin: Origin::Runtime,
+        });
+        e.fire(Event::ReadAio);
+        e.replace_rules(vec![inject(Event::ReadAio, 0, 28, None, false)]);
+        let ids: Vec<u32> = e.rules().map(|(id, _, _)| id.0).collect();
+        assert_eq!(
+            ids,
+            vec![2, 3],
+            "the breakpoint keeps its number, the new rule is 3"
+        );
+        assert_eq!(
+            e.check(IoType::Read, 0, 512),
+            Verdict::Pass,
+            "nothing armed"
+        );
+        e.fire(Event::ReadAio);
+        assert_eq!(e.check(IoType::Read, 0, 512), fail(28, 3, Event::ReadAio));
+        assert_eq!(e.fire(Event::WriteAio).suspend, vec!["t".to_string()]);
+        e.clear();
+        assert_eq!(e.add(inject(Event::ReadAio, 0, 5, None, false)), RuleId(4));
     }
 }

@@ -277,7 +277,11 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 
 #[test]
 fn blkdebugfs_matches_qemu_on_every_scenario() {
-    if Command::new(QSD).arg("--version").output().is_err() {
+    let probe = {
+        let _exclusive = exclusive();
+        Command::new(QSD).arg("--version").output()
+    };
+    if probe.is_err() {
         // CI installs qemu-utils, so there this is a failure, not a skip.
         assert!(
             std::env::var_os("CI").is_none(),
