@@ -38,6 +38,12 @@ struct Parked {
     request: Pending<'static>,
 }
 
+impl Parked {
+    fn held_by(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
 /// Called when a waiter's tag is hit (`Ok`) or its deadline passes (`Err(ETIMEDOUT)`).
 pub type WaiterDone = Box<dyn FnOnce(Result<(), i32>) + Send>;
 
@@ -54,6 +60,9 @@ struct Inner {
     waiters: Vec<Waiter>,
     next_id: u64,
     closed: bool,
+    /// Bumped whenever a deadline may have moved (a park, a new waiter, shutdown), so the
+    /// timer never sleeps through a change made while it was computing its deadline.
+    changes: u64,
 }
 
 /// See the module doc.
@@ -89,6 +98,7 @@ impl Breakpoints {
             }
             let id = inner.next_id;
             inner.next_id += 1;
+            inner.changes += 1;
             let mut i = 0;
             while i < inner.waiters.len() {
                 if tags.contains(&inner.waiters[i].tag) {
@@ -121,11 +131,7 @@ impl Breakpoints {
     /// Releases the newest request suspended under `tag` from it.
     pub(crate) fn resume(&self, tag: &str) -> Resumed {
         let mut inner = self.inner.lock();
-        let Some(pos) = inner
-            .parked
-            .iter()
-            .rposition(|p| p.tags.iter().any(|t| t == tag))
-        else {
+        let Some(pos) = inner.parked.iter().rposition(|p| p.held_by(tag)) else {
             return Resumed::NotFound;
         };
         let p = &mut inner.parked[pos];
@@ -161,17 +167,16 @@ impl Breakpoints {
 
     /// Stops parking (shutdown): from now on a breakpoint hit continues at once.
     pub(crate) fn close(&self) {
-        self.inner.lock().closed = true;
+        let mut inner = self.inner.lock();
+        inner.closed = true;
+        inner.changes += 1;
+        drop(inner);
         self.timer.notify_all();
     }
 
     /// Whether any request is suspended under `tag`.
     pub fn is_suspended(&self, tag: &str) -> bool {
-        self.inner
-            .lock()
-            .parked
-            .iter()
-            .any(|p| p.tags.iter().any(|t| t == tag))
+        self.inner.lock().parked.iter().any(|p| p.held_by(tag))
     }
 
     /// Completes `done` once a request is suspended under `tag` (at once if one already is),
@@ -179,13 +184,14 @@ impl Breakpoints {
     pub fn wait_for(&self, tag: &str, timeout: Option<Duration>, done: WaiterDone) {
         {
             let mut inner = self.inner.lock();
-            let already = inner.parked.iter().any(|p| p.tags.iter().any(|t| t == tag));
+            let already = inner.parked.iter().any(|p| p.held_by(tag));
             if !already {
                 inner.waiters.push(Waiter {
                     tag: tag.to_string(),
                     deadline: timeout.map(|t| Instant::now() + t),
                     done,
                 });
+                inner.changes += 1;
                 drop(inner);
                 self.timer.notify_all();
                 return;
@@ -224,11 +230,23 @@ impl Breakpoints {
         }
     }
 
-    /// Sleeps until `until` or until something may have changed a deadline.
-    pub(crate) fn sleep_until(&self, until: Instant) {
+    /// The change counter, read before computing a deadline for [`Self::sleep_until`].
+    pub(crate) fn changes(&self) -> u64 {
+        self.inner.lock().changes
+    }
+
+    /// Sleeps until `until` (or, with `None`, indefinitely) or until something may have
+    /// changed a deadline: a new waiter, a parked request, shutdown. Returns at once if
+    /// anything changed since `seen` was read.
+    pub(crate) fn sleep_until(&self, until: Option<Instant>, seen: u64) {
         let mut inner = self.inner.lock();
-        if !inner.closed {
-            self.timer.wait_until(&mut inner, until);
+        if !inner.closed && inner.changes == seen {
+            match until {
+                Some(until) => {
+                    self.timer.wait_until(&mut inner, until);
+                }
+                None => self.timer.wait(&mut inner),
+            }
         }
     }
 

@@ -298,7 +298,7 @@ impl Control {
         };
         let tag = args[0].to_string();
         self.mount.breakpoints.wait_for(
-            &tag.clone(),
+            args[0],
             timeout,
             Box::new(move |r| {
                 reply(match r {

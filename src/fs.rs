@@ -92,6 +92,11 @@ impl BlkdebugFs {
         matches!(self.layout, Layout::Directory { .. })
     }
 
+    /// Whether `ino` is the control file (which exists in the directory layout only).
+    fn is_control(&self, ino: INodeNo) -> bool {
+        ino == CONTROL && self.has_control()
+    }
+
     fn control_attr(&self) -> FileAttr {
         FileAttr {
             ino: CONTROL,
@@ -168,7 +173,7 @@ impl BlkdebugFs {
     fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
         if self.is_image(ino) {
             self.image_attr()
-        } else if ino == CONTROL && self.has_control() {
+        } else if self.is_control(ino) {
             Ok(self.control_attr())
         } else if ino == ROOT {
             Ok(self.dir_attr())
@@ -180,9 +185,7 @@ impl BlkdebugFs {
     fn flush(&self, reply: ReplyEmpty) {
         self.mount.submit(Op::Flush, &[], empty_reply(reply));
     }
-}
 
-impl BlkdebugFs {
     /// One command per write(2); the write returns once the command took effect, and a
     /// later read on the same open file returns the reply text.
     fn control_write(&self, fh: FileHandle, data: &[u8], reply: ReplyWrite) {
@@ -305,7 +308,7 @@ impl Filesystem for BlkdebugFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if ino == CONTROL && self.has_control() {
+        if self.is_control(ino) {
             // Only the mounting user, even with --allow-other.
             if req.uid() != self.uid {
                 return reply.error(Errno::EACCES);
@@ -343,7 +346,7 @@ impl Filesystem for BlkdebugFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if ino == CONTROL && self.has_control() {
+        if self.is_control(ino) {
             let mut texts = self.control_texts.lock();
             let Some((text, cursor)) = texts.get_mut(&fh.0) else {
                 return reply.data(&[]);
@@ -381,7 +384,7 @@ impl Filesystem for BlkdebugFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if ino == CONTROL && self.has_control() {
+        if self.is_control(ino) {
             return self.control_write(fh, data, reply);
         }
         if self.mount.mode.read_only {
@@ -425,7 +428,7 @@ impl Filesystem for BlkdebugFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if ino == CONTROL {
+        if self.is_control(ino) {
             return reply.ok();
         }
         // Every close() flushes, as through QEMU's export.
@@ -442,7 +445,7 @@ impl Filesystem for BlkdebugFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if ino == CONTROL {
+        if self.is_control(ino) {
             self.control_texts.lock().remove(&fh.0);
         }
         reply.ok();
@@ -456,7 +459,7 @@ impl Filesystem for BlkdebugFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if ino == CONTROL {
+        if self.is_control(ino) {
             return reply.ok();
         }
         BlkdebugFs::flush(self, reply);

@@ -437,18 +437,15 @@ pub fn run(
 fn timer_loop(mount: &Mount, max_suspend: Option<Duration>) {
     let bp = &mount.breakpoints;
     while !bp.is_closed() {
-        let now = std::time::Instant::now();
-        let mut next = now + Duration::from_secs(1);
-        if let Some(waiter) = bp.expire_waiters() {
-            next = next.min(waiter);
-        }
+        let seen = bp.changes();
+        let mut next = bp.expire_waiters();
         if let Some(limit) = max_suspend {
             mount.resume_older_than(limit);
-            if let Some(oldest) = bp.oldest_parked() {
-                next = next.min(oldest + limit);
+            if let Some(due) = bp.oldest_parked().map(|oldest| oldest + limit) {
+                next = Some(next.map_or(due, |n| n.min(due)));
             }
         }
-        bp.sleep_until(next);
+        bp.sleep_until(next, seen);
     }
 }
 

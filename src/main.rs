@@ -10,9 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use blkdebugfs::config::{self, Group, Limits, RuleSet};
 use std::sync::{Arc, OnceLock};
 
+use blkdebugfs::config::{self, Group, Limits, RuleSet};
 use blkdebugfs::control::{Control, ReloadSource};
 use blkdebugfs::{Error, MountOptions, Shutdown, errno, rules::Event};
 
@@ -358,7 +358,7 @@ fn ctl(args: CtlArgs) -> Result<(), Error> {
     use std::io::{BufRead, Read};
     use std::os::unix::fs::FileTypeExt;
     let line = args.command.join(" ");
-    let failed = |e: String| Error::Ctl(e);
+    let failed = Error::Ctl;
     let md = std::fs::metadata(&args.target)
         .map_err(|e| failed(format!("{}: {e}", args.target.display())))?;
     let result = if md.file_type().is_socket() {

@@ -387,6 +387,11 @@ impl EventRules {
     }
 }
 
+/// A rule's `state` gate passes in `state` when it is 0 (any) or equal to it.
+fn gate_passes(gate: i64, state: i64) -> bool {
+    gate == 0 || gate == state
+}
+
 /// What firing one event in one state does, computed once per (event, state) and cached
 /// until the rules change, so a fire never walks the event's rules.
 #[derive(Clone)]
@@ -646,7 +651,7 @@ impl Engine {
             return c.clone();
         }
         let state = self.state;
-        let passes = |gate: i64| gate == 0 || gate == state;
+        let passes = |gate: i64| gate_passes(gate, state);
         let rules = &self.by_event[event.index()];
         let armed: Vec<Armable> = rules
             .inject
@@ -683,7 +688,7 @@ impl Engine {
                 .filter(|id| {
                     self.rules
                         .get(id)
-                        .is_some_and(|s| s.rule.state == 0 || s.rule.state == state)
+                        .is_some_and(|s| gate_passes(s.rule.state, state))
                 })
                 .collect();
             for id in hit {

@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 
 use crate::util::*;
 
-const MIB: usize = 1 << 20;
-
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -185,6 +183,8 @@ fn fio_verifies_with_psync_libaio_and_io_uring() {
                 "--iodepth=16",
                 "--rw=randwrite",
                 "--verify=crc32c",
+                // No verify state file in the working directory.
+                "--verify_state_save=0",
                 "--do_verify=1",
                 "--verify_fatal=1",
             ],
@@ -307,15 +307,11 @@ fn mmap_of_a_faulted_page_delivers_sigbus() {
          print('no fault')\n",
         path(&s.view())
     );
-    let out = {
-        let _exclusive = exclusive();
-        std::process::Command::new("python3")
-            .args(["-c", &script])
-            .output()
-            .expect("python3")
-    };
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let out = output(
+        std::process::Command::new("python3").args(["-c", &script]),
+        "python3",
+    );
+    let text = text(&out);
     use std::os::unix::process::ExitStatusExt;
     assert!(text.contains("page 0 ok"), "{text}");
     assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{text}");
@@ -438,8 +434,7 @@ fn ext4_reports_an_injected_write_error_and_the_daemon_keeps_serving() {
         .unwrap_or_else(|| panic!("no extent in filefrag output:\n{map}"));
     let sector = block * 8;
     let rule = format!("event=write_aio,errno=EIO,sector={sector}");
-    let out = run_cli(&["ctl", path(&s.mnt), "inject-error", &rule]);
-    assert_eq!(out.0, 0, "{out:?}");
+    ctl(&s.mnt, &["inject-error", &rule]);
     let mark = kernel_log_mark();
     let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     f.write_all_at(&[0x22; 4096], 0).unwrap();
@@ -463,7 +458,7 @@ fn ext4_reports_an_injected_write_error_and_the_daemon_keeps_serving() {
         "{daemon_log}"
     );
     // The daemon goes on serving: control, and I/O through the filesystem once cleared.
-    run_cli(&["ctl", path(&s.mnt), "clear"]);
+    ctl(&s.mnt, &["clear"]);
     std::fs::write(fs.0.join("after"), b"still serving").unwrap();
     tool_ok("sync", &[]);
     assert_eq!(std::fs::read(fs.0.join("after")).unwrap(), b"still serving");
@@ -532,17 +527,10 @@ fn a_sparse_terabyte_image_stays_sparse_and_reports_its_holes() {
 #[test]
 fn vm_boots_from_the_view_and_sees_an_injected_read_error() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/vm-test.sh");
-    let out = {
-        let _exclusive = exclusive();
-        std::process::Command::new("bash")
-            .arg(&script)
-            .env("BLKDEBUGFS", BIN)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run scripts/vm-test.sh")
-    };
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(&script).env("BLKDEBUGFS", BIN);
+    let out = output(&mut cmd, "scripts/vm-test.sh");
+    let text = text(&out);
     assert!(out.status.success(), "vm-test.sh failed:\n{text}");
     assert!(text.contains("vm-test: PASS"), "{text}");
     assert!(!text.contains("FAIL "), "{text}");

@@ -9,17 +9,6 @@ use std::thread::JoinHandle;
 
 use crate::util::*;
 
-const MIB: usize = 1 << 20;
-
-/// `blkdebugfs ctl TARGET WORDS...`, asserting success; returns stdout.
-fn ctl(target: &Path, words: &[&str]) -> String {
-    let mut args = vec!["ctl", target.to_str().unwrap()];
-    args.extend_from_slice(words);
-    let (code, out, err) = run_cli(&args);
-    assert_eq!(code, 0, "ctl {words:?} failed: {err}");
-    out
-}
-
 /// `blkdebugfs ctl` expected to fail; returns stderr.
 fn ctl_err(target: &Path, words: &[&str]) -> String {
     let mut args = vec!["ctl", target.to_str().unwrap()];

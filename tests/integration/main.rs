@@ -11,8 +11,6 @@ use std::sync::Arc;
 
 use util::*;
 
-const MIB: usize = 1 << 20;
-
 #[test]
 fn plain_mount_serves_the_image_bytes() {
     let s = Scratch::new(MIB);

@@ -19,11 +19,12 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_blkdebugfs");
 pub const DEADLINE: Duration = Duration::from_secs(20);
+pub const MIB: usize = 1 << 20;
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -253,13 +254,36 @@ fn rand_suffix() -> String {
 
 /// Runs `blkdebugfs ARGS` to completion; returns (status code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("RUST_LOG", "warn");
+    code_and_text(&output(&mut cmd, "blkdebugfs"))
+}
+
+/// `blkdebugfs ctl TARGET WORDS...`, asserting success; returns stdout.
+pub fn ctl(target: &Path, words: &[&str]) -> String {
+    let mut args = vec!["ctl", target.to_str().unwrap()];
+    args.extend_from_slice(words);
+    let (code, out, err) = run_cli(&args);
+    assert_eq!(code, 0, "ctl {words:?} failed: {err}");
+    out
+}
+
+/// Runs `cmd` to completion under the test lock (see [`exclusive`]), stdin from /dev/null.
+/// Panics with a clear message when the program is not installed (`bash .ci/run` installs
+/// every tool the tests use).
+pub fn output(cmd: &mut Command, what: &str) -> Output {
     let _exclusive = exclusive();
-    let out = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .output()
-        .expect("run blkdebugfs");
+        .unwrap_or_else(|e| panic!("cannot run {what} ({e}): `bash .ci/run` installs it"))
+}
+
+/// Stdout followed by stderr, as text.
+pub fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn code_and_text(out: &Output) -> (i32, String, String) {
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -267,21 +291,9 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Runs an external tool to completion; returns (status code, stdout, stderr). Panics with a
-/// clear message when the tool is not installed (`bash .ci/run` installs every tool the tests
-/// use).
+/// Runs an external tool to completion; returns (status code, stdout, stderr).
 pub fn run_tool(program: &str, args: &[&str]) -> (i32, String, String) {
-    let _exclusive = exclusive();
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} ({e}): `bash .ci/run` installs it"));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    code_and_text(&output(Command::new(program).args(args), program))
 }
 
 /// Like [`run_tool`], asserting success; returns stdout.
