@@ -245,9 +245,9 @@ fn is_mount_point(path: &Path) -> bool {
     mounted_device(path).is_some()
 }
 
-/// The FUSE connection id (the minor device number) of our mount at `path`.
-fn fuse_connection(path: &Path) -> Option<u32> {
-    mounted_device(path)?.split_once(':')?.1.parse().ok()
+/// The FUSE connection id of a mount: the minor number of its `major:minor` device.
+fn fuse_connection(device: &str) -> Option<u32> {
+    device.split_once(':')?.1.parse().ok()
 }
 
 /// Undoes the octal escapes of /proc/self/mountinfo (`\040` for a space).
@@ -268,6 +268,75 @@ fn unescape_mount_path(field: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a filesystem with device `major:minor` is in the mount table.
+fn device_mounted(device: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|t| t.lines().any(|l| l.split(' ').nth(2) == Some(device)))
+}
+
+/// Triggers the shutdown when our mount leaves the mount table from outside. A lazy
+/// `umount -l` while a client holds the file open takes the mount out of the namespace but
+/// keeps the FUSE connection, and the kernel tells the daemon nothing: without this watch,
+/// suspended requests (and so the client and the daemon) would wait for a signal. The mount
+/// table reports every change with POLLPRI, so the thread sleeps until one happens; dropping
+/// the watch wakes and joins it.
+struct DetachWatch {
+    wake: std::os::unix::net::UnixStream,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DetachWatch {
+    fn start(device: String, shutdown: Shutdown) -> std::io::Result<DetachWatch> {
+        use std::os::fd::AsRawFd;
+        let table = File::open("/proc/self/mountinfo")?;
+        let (wake, woken) = std::os::unix::net::UnixStream::pair()?;
+        let thread = std::thread::Builder::new()
+            .name("blkdebugfs-detach".into())
+            .spawn(move || {
+                loop {
+                    let mut fds = [
+                        libc::pollfd {
+                            fd: table.as_raw_fd(),
+                            events: libc::POLLPRI,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: woken.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    ];
+                    // SAFETY: poll on two descriptors this thread owns, no timeout.
+                    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                    if r < 0
+                        && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                        || fds[1].revents != 0
+                    {
+                        return;
+                    }
+                    if fds[0].revents != 0 && !device_mounted(&device) {
+                        info!("the mount was detached from outside: shutting down");
+                        shutdown.trigger();
+                        return;
+                    }
+                }
+            })?;
+        Ok(DetachWatch {
+            wake,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for DetachWatch {
+    fn drop(&mut self) {
+        let _ = self.wake.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// When clients still hold files open and a plain unmount fails, detaches the mount and
@@ -351,7 +420,17 @@ pub fn run(
             source,
         })?;
     // Never stat the mount point here: no worker serves requests until `run` below.
-    let connection = fuse_connection(&mountpoint);
+    let device = mounted_device(&mountpoint);
+    let connection = device.as_deref().and_then(fuse_connection);
+    let detach_watch = match &device {
+        Some(d) => Some(
+            DetachWatch::start(d.clone(), shutdown.clone()).map_err(|source| Error::Fuse {
+                path: mountpoint.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
     info!(
         "serving {} at {} ({} rules, {} workers)",
         options.image.display(),
@@ -395,10 +474,13 @@ pub fn run(
     mount.release_everything();
     let _ = timer.join();
     drop(socket);
+    drop(detach_watch);
+    let detached = device.as_deref().is_some_and(|d| !device_mounted(d));
     let served = match ended_rx.try_recv() {
         Ok(served) => Some(served),
         Err(_) => {
-            if let Err(e) = unmounter.unmount() {
+            // Unmounted lazily from outside: nothing is left to unmount.
+            if !detached && let Err(e) = unmounter.unmount() {
                 warn!(
                     "unmount of {} failed ({e}); detaching it",
                     mountpoint.display()

@@ -293,6 +293,27 @@ fn sigterm_releases_suspended_requests_and_exits_cleanly() {
     assert!(s.image_bytes()[..4096].iter().all(|&x| x == 0x42));
 }
 
+/// A lazy unmount alone (no signal) ends the daemon: it sees its mount leave the mount
+/// table, releases the suspended request, and exits.
+#[test]
+fn lazy_umount_alone_releases_suspended_requests_and_ends_the_daemon() {
+    let s = Scratch::new(MIB);
+    let mut d = mount(&s, &["--threads", "2"]);
+    ctl(&s.mnt, &["break", "write_aio", "a"]);
+    let writer = spawn_write(&s.view(), 0, 7);
+    ctl(&s.mnt, &["wait_break", "a", "20000"]);
+    let st = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&s.mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(d.wait_exit().success(), "{}", d.stderr());
+    assert_eq!(join(writer), Ok(4096));
+    assert!(d.stderr().contains("detached from outside"), "{}", d.stderr());
+    assert!(s.image_bytes()[..4096].iter().all(|&x| x == 7));
+}
+
 #[test]
 fn umount_with_suspended_requests_does_not_hang() {
     let s = Scratch::new(MIB);
