@@ -17,7 +17,8 @@ use blkdebugfs::control::{Control, ReloadSource};
 use blkdebugfs::{Error, MountOptions, Shutdown, errno, rules::Event};
 
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (image missing or \
-unreadable, bad mount point, already mounted, FUSE mount refused); 2 usage or configuration \
+unreadable, bad mount point, already mounted, FUSE mount refused; ctl: the command was refused \
+or failed); 2 usage or configuration \
 error (bad option, rule or config file; nothing is mounted).";
 
 /// Mount a faulty view of a disk image: QEMU blkdebug's fault-injection rules over FUSE.

@@ -310,7 +310,11 @@ fn lazy_umount_alone_releases_suspended_requests_and_ends_the_daemon() {
     assert!(st.success());
     assert!(d.wait_exit().success(), "{}", d.stderr());
     assert_eq!(join(writer), Ok(4096));
-    assert!(d.stderr().contains("detached from outside"), "{}", d.stderr());
+    assert!(
+        d.stderr().contains("detached from outside"),
+        "{}",
+        d.stderr()
+    );
     assert!(s.image_bytes()[..4096].iter().all(|&x| x == 7));
 }
 
