@@ -1,21 +1,22 @@
 //! Parked requests and `wait_break` waiters.
 //!
 //! Contract: a request that hits a breakpoint is *parked* here with everything it owns (its
-//! plan position, buffer and FUSE reply); the worker that was serving it returns at once, so
+//! plan position, buffer and FUSE reply: to this module an opaque `T`, described by the
+//! [`Op`] it serves); the worker that was serving it returns at once, so
 //! no worker ever waits on a suspended request. Resuming takes a request out (newest first,
 //! as QEMU resumes) and hands it back to the caller, which continues it on its own thread.
 //! A request hit by several breakpoints in one event is parked once per tag, like QEMU's
 //! list entries, and continues when the last of them is resumed.
 //!
 //! `wait_break` waiters are parked the same way: a completion that fires when a request is
-//! suspended under their tag, or with ETIMEDOUT at their deadline. Lock rule: one mutex,
-//! held only to move entries in and out; continuations always run after it is released.
+//! suspended under their tag, with ETIMEDOUT at their deadline, or never, when cancelled
+//! (its client went away). Lock rule: one mutex, held only to move entries in and out;
+//! continuations always run after it is released.
 
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::mount::Pending;
 use crate::ops::Op;
 use crate::rules::Event;
 
@@ -29,16 +30,17 @@ pub struct ParkedInfo {
     pub suspended_for: Duration,
 }
 
-struct Parked {
+struct Parked<T> {
     id: u64,
     /// Tags still holding it; it continues when the last one is resumed.
     tags: Vec<String>,
     event: Event,
+    op: Op,
     since: Instant,
-    request: Pending<'static>,
+    request: T,
 }
 
-impl Parked {
+impl<T> Parked<T> {
     fn held_by(&self, tag: &str) -> bool {
         self.tags.iter().any(|t| t == tag)
     }
@@ -47,49 +49,64 @@ impl Parked {
 /// Called when a waiter's tag is hit (`Ok`) or its deadline passes (`Err(ETIMEDOUT)`).
 pub type WaiterDone = Box<dyn FnOnce(Result<(), i32>) + Send>;
 
+/// Names one `wait_break` waiter, to cancel it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaiterId(u64);
+
 struct Waiter {
+    id: WaiterId,
     tag: String,
     deadline: Option<Instant>,
     done: WaiterDone,
 }
 
-#[derive(Default)]
-struct Inner {
+struct Inner<T> {
     /// In parking order: the newest is last.
-    parked: Vec<Parked>,
+    parked: Vec<Parked<T>>,
     waiters: Vec<Waiter>,
     next_id: u64,
+    next_waiter: u64,
     closed: bool,
     /// Bumped whenever a deadline may have moved (a park, a new waiter, shutdown), so the
     /// timer never sleeps through a change made while it was computing its deadline.
     changes: u64,
 }
 
-/// See the module doc.
-#[derive(Default)]
-pub struct Breakpoints {
-    inner: Mutex<Inner>,
+/// See the module doc. `T` is whatever a parked request is to its owner.
+pub struct Breakpoints<T> {
+    inner: Mutex<Inner<T>>,
     /// Wakes the timer thread when a deadline may have moved earlier.
     timer: Condvar,
 }
 
+impl<T> Default for Breakpoints<T> {
+    fn default() -> Self {
+        Breakpoints {
+            inner: Mutex::new(Inner {
+                parked: Vec::new(),
+                waiters: Vec::new(),
+                next_id: 0,
+                next_waiter: 0,
+                closed: false,
+                changes: 0,
+            }),
+            timer: Condvar::new(),
+        }
+    }
+}
+
 /// What a resume found.
-pub enum Resumed {
+pub enum Resumed<T> {
     /// Nothing was suspended under the tag.
     NotFound,
     /// A request was released from the tag; `Some` when it may now continue.
-    Released(Option<Pending<'static>>),
+    Released(Option<T>),
 }
 
-impl Breakpoints {
-    /// Parks `request` under `tags` and completes the waiters of those tags. Once closed
-    /// (shutdown), nothing parks: the request is handed straight back to continue.
-    pub(crate) fn park(
-        &self,
-        request: Pending<'static>,
-        tags: Vec<String>,
-        event: Event,
-    ) -> Option<Pending<'static>> {
+impl<T> Breakpoints<T> {
+    /// Parks `request` (serving `op`) under `tags` and completes the waiters of those tags.
+    /// Once closed (shutdown), nothing parks: the request is handed straight back.
+    pub fn park(&self, request: T, op: Op, tags: Vec<String>, event: Event) -> Option<T> {
         let mut woken = Vec::new();
         {
             let mut inner = self.inner.lock();
@@ -109,14 +126,15 @@ impl Breakpoints {
             }
             log::info!(
                 "suspended request {id} ({} at {}) on '{event}' under tag(s) {}",
-                request.op.name(),
-                op_range(&request.op),
+                op.name(),
+                op_range(&op),
                 tags.join(", ")
             );
             inner.parked.push(Parked {
                 id,
                 tags,
                 event,
+                op,
                 since: Instant::now(),
                 request,
             });
@@ -129,7 +147,7 @@ impl Breakpoints {
     }
 
     /// Releases the newest request suspended under `tag` from it.
-    pub(crate) fn resume(&self, tag: &str) -> Resumed {
+    pub fn resume(&self, tag: &str) -> Resumed<T> {
         let mut inner = self.inner.lock();
         let Some(pos) = inner.parked.iter().rposition(|p| p.held_by(tag)) else {
             return Resumed::NotFound;
@@ -147,26 +165,26 @@ impl Breakpoints {
     }
 
     /// Takes every parked request out, newest first.
-    pub(crate) fn take_all(&self) -> Vec<Pending<'static>> {
+    pub fn take_all(&self) -> Vec<T> {
         let mut inner = self.inner.lock();
-        let all: Vec<Parked> = inner.parked.drain(..).rev().collect();
+        let all: Vec<Parked<T>> = inner.parked.drain(..).rev().collect();
         all.into_iter().map(|p| p.request).collect()
     }
 
     /// Takes out requests parked for longer than `limit` (the `--max-suspend` watchdog).
-    pub(crate) fn take_older_than(&self, limit: Duration) -> Vec<(u64, Pending<'static>)> {
+    pub fn take_older_than(&self, limit: Duration) -> Vec<(u64, Op, T)> {
         let mut inner = self.inner.lock();
         let now = Instant::now();
-        let (old, young): (Vec<Parked>, Vec<Parked>) = inner
+        let (old, young): (Vec<Parked<T>>, Vec<Parked<T>>) = inner
             .parked
             .drain(..)
             .partition(|p| now.duration_since(p.since) >= limit);
         inner.parked = young;
-        old.into_iter().map(|p| (p.id, p.request)).collect()
+        old.into_iter().map(|p| (p.id, p.op, p.request)).collect()
     }
 
     /// Stops parking (shutdown): from now on a breakpoint hit continues at once.
-    pub(crate) fn close(&self) {
+    pub fn close(&self) {
         let mut inner = self.inner.lock();
         inner.closed = true;
         inner.changes += 1;
@@ -180,28 +198,56 @@ impl Breakpoints {
     }
 
     /// Completes `done` once a request is suspended under `tag` (at once if one already is),
-    /// or with ETIMEDOUT after `timeout`.
-    pub fn wait_for(&self, tag: &str, timeout: Option<Duration>, done: WaiterDone) {
+    /// or with ETIMEDOUT after `timeout` (a timeout past the end of time is none). Returns
+    /// the waiter's id while it waits, for [`Self::cancel_waiter`].
+    pub fn wait_for(
+        &self,
+        tag: &str,
+        timeout: Option<Duration>,
+        done: WaiterDone,
+    ) -> Option<WaiterId> {
         {
             let mut inner = self.inner.lock();
             let already = inner.parked.iter().any(|p| p.held_by(tag));
             if !already {
+                let id = WaiterId(inner.next_waiter);
+                inner.next_waiter += 1;
                 inner.waiters.push(Waiter {
+                    id,
                     tag: tag.to_string(),
-                    deadline: timeout.map(|t| Instant::now() + t),
+                    deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
                     done,
                 });
                 inner.changes += 1;
                 drop(inner);
                 self.timer.notify_all();
-                return;
+                return Some(id);
             }
         }
         done(Ok(()));
+        None
+    }
+
+    /// Forgets a waiter whose client went away; its completion is dropped unrun. `false`
+    /// when it had already completed.
+    pub fn cancel_waiter(&self, id: WaiterId) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(at) = inner.waiters.iter().position(|w| w.id == id) else {
+            return false;
+        };
+        let waiter = inner.waiters.swap_remove(at);
+        drop(inner);
+        drop(waiter);
+        true
+    }
+
+    /// How many `wait_break` waiters are waiting.
+    pub fn waiter_count(&self) -> usize {
+        self.inner.lock().waiters.len()
     }
 
     /// Times out expired waiters; returns when the next deadline is due.
-    pub(crate) fn expire_waiters(&self) -> Option<Instant> {
+    pub fn expire_waiters(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut expired = Vec::new();
         let next = {
@@ -223,7 +269,7 @@ impl Breakpoints {
     }
 
     /// Fails every waiter (shutdown).
-    pub(crate) fn cancel_waiters(&self) {
+    pub fn cancel_waiters(&self) {
         let waiters: Vec<Waiter> = self.inner.lock().waiters.drain(..).collect();
         for w in waiters {
             (w.done)(Err(libc::ECANCELED));
@@ -231,14 +277,14 @@ impl Breakpoints {
     }
 
     /// The change counter, read before computing a deadline for [`Self::sleep_until`].
-    pub(crate) fn changes(&self) -> u64 {
+    pub fn changes(&self) -> u64 {
         self.inner.lock().changes
     }
 
     /// Sleeps until `until` (or, with `None`, indefinitely) or until something may have
     /// changed a deadline: a new waiter, a parked request, shutdown. Returns at once if
     /// anything changed since `seen` was read.
-    pub(crate) fn sleep_until(&self, until: Option<Instant>, seen: u64) {
+    pub fn sleep_until(&self, until: Option<Instant>, seen: u64) {
         let mut inner = self.inner.lock();
         if !inner.closed && inner.changes == seen {
             match until {
@@ -255,7 +301,7 @@ impl Breakpoints {
     }
 
     /// The oldest parking time, for the watchdog.
-    pub(crate) fn oldest_parked(&self) -> Option<Instant> {
+    pub fn oldest_parked(&self) -> Option<Instant> {
         self.inner.lock().parked.iter().map(|p| p.since).min()
     }
 
@@ -270,7 +316,7 @@ impl Breakpoints {
                 id: p.id,
                 tags: p.tags.clone(),
                 event: p.event,
-                op: p.request.op,
+                op: p.op,
                 suspended_for: now.duration_since(p.since),
             })
             .collect()
@@ -295,15 +341,15 @@ mod tests {
 
     use super::*;
 
-    fn read_at(offset: u64) -> Pending<'static> {
-        Pending::for_test(Op::Read { offset, len: 512 }, Box::new(|_| {}))
+    /// A parked "request" is just its offset here: the lot never looks inside.
+    type Lot = Breakpoints<u64>;
+
+    fn park(b: &Lot, offset: u64, tags: Vec<String>) -> Option<u64> {
+        b.park(offset, Op::Read { offset, len: 512 }, tags, Event::ReadAio)
     }
 
-    fn offset_of(p: &Pending<'static>) -> u64 {
-        match p.op {
-            Op::Read { offset, .. } => offset,
-            _ => unreachable!(),
-        }
+    fn offset_of(p: &u64) -> u64 {
+        *p
     }
 
     fn tags(t: &[&str]) -> Vec<String> {
@@ -312,13 +358,10 @@ mod tests {
 
     #[test]
     fn resume_takes_the_newest_request_of_the_tag() {
-        let b = Breakpoints::default();
-        assert!(b.park(read_at(0), tags(&["t"]), Event::ReadAio).is_none());
-        assert!(b.park(read_at(512), tags(&["t"]), Event::ReadAio).is_none());
-        assert!(
-            b.park(read_at(1024), tags(&["other"]), Event::ReadAio)
-                .is_none()
-        );
+        let b = Lot::default();
+        assert!(park(&b, 0, tags(&["t"])).is_none());
+        assert!(park(&b, 512, tags(&["t"])).is_none());
+        assert!(park(&b, 1024, tags(&["other"])).is_none());
         let Resumed::Released(Some(p)) = b.resume("t") else {
             panic!("nothing resumed");
         };
@@ -333,11 +376,8 @@ mod tests {
 
     #[test]
     fn a_request_held_by_two_tags_continues_after_both_resume() {
-        let b = Breakpoints::default();
-        assert!(
-            b.park(read_at(0), tags(&["a", "b"]), Event::ReadAio)
-                .is_none()
-        );
+        let b = Lot::default();
+        assert!(park(&b, 0, tags(&["a", "b"])).is_none());
         assert!(matches!(b.resume("a"), Resumed::Released(None)));
         assert!(b.is_suspended("b") && !b.is_suspended("a"));
         assert!(matches!(b.resume("b"), Resumed::Released(Some(_))));
@@ -346,7 +386,7 @@ mod tests {
 
     #[test]
     fn waiters_complete_on_park_at_once_if_parked_and_time_out() {
-        let b = Breakpoints::default();
+        let b = Lot::default();
         let ok = Arc::new(AtomicUsize::new(0));
         let timed_out = Arc::new(AtomicUsize::new(0));
         let waiter = |ok: &Arc<AtomicUsize>, to: &Arc<AtomicUsize>| -> WaiterDone {
@@ -364,7 +404,7 @@ mod tests {
         b.wait_for("t", None, waiter(&ok, &timed_out));
         b.wait_for("late", Some(Duration::ZERO), waiter(&ok, &timed_out));
         assert_eq!(ok.load(Ordering::SeqCst), 0);
-        b.park(read_at(0), tags(&["t"]), Event::ReadAio);
+        park(&b, 0, tags(&["t"]));
         assert_eq!(ok.load(Ordering::SeqCst), 1);
         // Already suspended: completes at once.
         b.wait_for("t", Some(Duration::from_secs(60)), waiter(&ok, &timed_out));
@@ -374,15 +414,41 @@ mod tests {
     }
 
     #[test]
-    fn once_closed_nothing_parks_and_everything_can_be_taken() {
-        let b = Breakpoints::default();
-        b.park(read_at(0), tags(&["t"]), Event::ReadAio);
-        b.park(read_at(512), tags(&["u"]), Event::ReadAio);
-        b.close();
+    fn a_cancelled_waiter_never_completes_and_is_gone() {
+        let b = Lot::default();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let id = b
+            .wait_for(
+                "t",
+                None,
+                Box::new(move |_| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+            .expect("waits: nothing is parked");
+        assert_eq!(b.waiter_count(), 1);
+        assert!(b.cancel_waiter(id));
+        assert!(!b.cancel_waiter(id));
+        assert_eq!(b.waiter_count(), 0);
+        park(&b, 0, tags(&["t"]));
+        b.cancel_waiters();
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        // A timeout no clock can reach is no timeout, not a panic.
         assert!(
-            b.park(read_at(1024), tags(&["t"]), Event::ReadAio)
+            b.wait_for("u", Some(Duration::MAX), Box::new(|_| {}))
                 .is_some()
         );
+        assert_eq!(b.expire_waiters(), None);
+    }
+
+    #[test]
+    fn once_closed_nothing_parks_and_everything_can_be_taken() {
+        let b = Lot::default();
+        park(&b, 0, tags(&["t"]));
+        park(&b, 512, tags(&["u"]));
+        b.close();
+        assert!(park(&b, 1024, tags(&["t"])).is_some());
         let all: Vec<u64> = b.take_all().iter().map(offset_of).collect();
         assert_eq!(all, vec![512, 0]);
         assert!(b.list().is_empty());
@@ -390,8 +456,8 @@ mod tests {
 
     #[test]
     fn the_watchdog_takes_only_old_requests() {
-        let b = Breakpoints::default();
-        b.park(read_at(0), tags(&["t"]), Event::ReadAio);
+        let b = Lot::default();
+        park(&b, 0, tags(&["t"]));
         assert!(b.take_older_than(Duration::from_secs(3600)).is_empty());
         assert_eq!(b.take_older_than(Duration::ZERO).len(), 1);
         assert!(b.list().is_empty());

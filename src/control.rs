@@ -1,12 +1,14 @@
 //! Run-time control: breakpoints (QEMU's qemu-io vocabulary) and rule changes, from the
 //! control file `MOUNTPOINT/.control`, the UNIX socket of `--control`, `blkdebugfs ctl` and
-//! signals. One table ([`COMMANDS`]) drives parsing and `help`.
+//! signals. One table ([`COMMANDS`]) holds each command's name, arguments, help line and
+//! handler; parsing, dispatch and `help` all read it.
 //!
 //! Contract: a command replies only once it has taken effect, with `Ok(text)` or an errno
 //! and a reason ([`CtlError`]): EINVAL for bad syntax or a bad rule (nothing changes),
 //! ENOENT for an unknown event or tag, ETIMEDOUT for a `wait_break` that timed out. Control
 //! commands never fire events or match rules. Replies are completions, not return values, so
-//! `wait_break` parks its caller instead of blocking a thread.
+//! `wait_break` parks its caller instead of blocking a thread. Handlers reach the mount only
+//! through [`Mount`]'s methods.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, Write};
@@ -16,24 +18,35 @@ use std::time::Duration;
 
 use crate::breakpoints::op_range;
 use crate::config::{self, Group, RuleSet, Source};
-use crate::mount::Mount;
+use crate::mount::{Mount, WaiterId};
 use crate::rules::{Action, Event, Origin, Rule, RuleId};
 
-/// One control command: its name, arguments and help line.
+/// A command that completes before it returns: `(control, args, whole line)`.
+type NowFn = fn(&Control, &[&str], &str) -> Result<String, CtlError>;
+/// A command that completes later (`wait_break`); returns its waiter while it waits.
+type LaterFn = fn(&Control, &[&str], CtlReply) -> Option<WaiterId>;
+
+enum Handler {
+    Now(NowFn),
+    Later(LaterFn),
+}
+
+/// One control command: its name, arguments, help line and handler.
 pub struct CommandSpec {
     pub name: &'static str,
     pub args: &'static str,
     pub help: &'static str,
     min_args: usize,
     max_args: usize,
+    handler: Handler,
 }
 
 const fn cmd(
     name: &'static str,
     args: &'static str,
-    min_args: usize,
-    max_args: usize,
+    (min_args, max_args): (usize, usize),
     help: &'static str,
+    handler: NowFn,
 ) -> CommandSpec {
     CommandSpec {
         name,
@@ -41,80 +54,123 @@ const fn cmd(
         help,
         min_args,
         max_args,
+        handler: Handler::Now(handler),
     }
 }
+
+/// Longest command line accepted (a rule is a few hundred bytes).
+pub const MAX_LINE: usize = 64 << 10;
+/// Default and largest number of lines `log` returns.
+const LOG_LINES: usize = 50;
 
 /// Every command. `help` prints this table; the parser checks arity against it.
 pub const COMMANDS: &[CommandSpec] = &[
     cmd(
         "break",
         "EVENT TAG",
-        2,
-        2,
+        (2, 2),
         "suspend the next request that fires EVENT, under TAG (one-shot, any state)",
+        Control::cmd_break,
     ),
     cmd(
         "remove_break",
         "TAG",
-        1,
-        1,
+        (1, 1),
         "delete breakpoints with TAG and resume requests suspended under it (ENOENT if no breakpoint was deleted)",
+        Control::cmd_remove_break,
     ),
     cmd(
         "resume",
         "TAG",
-        1,
-        1,
+        (1, 1),
         "resume the newest request suspended under TAG (ENOENT if none)",
+        Control::cmd_resume,
     ),
-    cmd("resume_all", "", 0, 0, "resume every suspended request"),
     cmd(
-        "wait_break",
-        "TAG [TIMEOUT_MS]",
-        1,
-        2,
-        "return once a request is suspended under TAG (ETIMEDOUT after TIMEOUT_MS)",
+        "resume_all",
+        "",
+        (0, 0),
+        "resume every suspended request",
+        Control::cmd_resume_all,
     ),
+    CommandSpec {
+        name: "wait_break",
+        args: "TAG [TIMEOUT_MS]",
+        help: "return once a request is suspended under TAG (ETIMEDOUT after TIMEOUT_MS)",
+        min_args: 1,
+        max_args: 2,
+        handler: Handler::Later(Control::cmd_wait_break),
+    },
     cmd(
         "list",
         "",
-        0,
-        0,
+        (0, 0),
         "suspended requests and pending breakpoints",
+        |c, _, _| Ok(c.list()),
     ),
-    cmd("rules", "", 0, 0, "the rules, numbered, with hit counts"),
-    cmd("state", "", 0, 0, "the current state"),
-    cmd("set_state", "N", 1, 1, "set the current state"),
+    cmd(
+        "rules",
+        "",
+        (0, 0),
+        "the rules, numbered: hits = requests acted on, armed = times its event armed it",
+        |c, _, _| Ok(c.rules()),
+    ),
+    cmd("state", "", (0, 0), "the current state", |c, _, _| {
+        Ok(format!("state {}", c.mount.state()))
+    }),
+    cmd(
+        "set_state",
+        "N",
+        (1, 1),
+        "set the current state",
+        Control::cmd_set_state,
+    ),
     cmd(
         "inject-error",
         "K=V,...",
-        1,
-        1,
+        (1, 1),
         "add an inject-error rule (same keys as the config file)",
+        |c, args, line| c.add_rule(Group::InjectError, args[0], line),
     ),
     cmd(
         "set-state",
         "K=V,...",
-        1,
-        1,
+        (1, 1),
         "add a set-state rule (same keys as the config file)",
+        |c, args, line| c.add_rule(Group::SetState, args[0], line),
     ),
-    cmd("remove", "N", 1, 1, "delete rule N"),
+    cmd(
+        "remove",
+        "N",
+        (1, 1),
+        "delete rule N (numbers are never reused in a mount's life)",
+        Control::cmd_remove,
+    ),
     cmd(
         "clear",
         "",
-        0,
-        0,
-        "delete every rule and breakpoint; state back to 1",
+        (0, 0),
+        "delete every rule and breakpoint; state back to 1 (numbering goes on)",
+        |c, _, _| {
+            c.mount.clear_rules();
+            Ok("cleared: no rules, no breakpoints, state 1".to_string())
+        },
     ),
     cmd(
         "reload",
         "",
-        0,
-        0,
+        (0, 0),
         "re-read the config file; a bad file is refused and the old rules stay",
+        |c, _, _| c.reload(),
     ),
-    cmd("help", "", 0, 0, "this list"),
+    cmd(
+        "log",
+        "[N]",
+        (0, 1),
+        "the daemon's last N log lines (default 50), also when --daemonize discards stderr",
+        Control::cmd_log,
+    ),
+    cmd("help", "", (0, 0), "this list", |_, _, _| Ok(help())),
 ];
 
 /// A refused or failed command.
@@ -130,6 +186,10 @@ impl CtlError {
             errno,
             message: message.into(),
         }
+    }
+
+    fn invalid(message: impl Into<String>) -> CtlError {
+        CtlError::new(libc::EINVAL, message)
     }
 }
 
@@ -158,146 +218,169 @@ impl Control {
         &self.mount
     }
 
+    /// Runs one command given as raw bytes (a write to `.control`): text that is not UTF-8
+    /// or longer than [`MAX_LINE`] is refused with EINVAL.
+    pub fn run_bytes(&self, data: &[u8], reply: CtlReply) -> Option<WaiterId> {
+        if data.len() > MAX_LINE {
+            reply(Err(line_too_long()));
+            return None;
+        }
+        match std::str::from_utf8(data) {
+            Ok(line) => self.run(line.trim(), reply),
+            Err(_) => {
+                reply(Err(not_text()));
+                None
+            }
+        }
+    }
+
     /// Runs one command line; `reply` is called once it has taken effect (later, for
-    /// `wait_break`).
-    pub fn run(&self, line: &str, reply: CtlReply) {
+    /// `wait_break`, which returns its waiter so that a client that goes away can cancel
+    /// it with [`Control::cancel`]).
+    pub fn run(&self, line: &str, reply: CtlReply) -> Option<WaiterId> {
+        match self.parse(line) {
+            Err(e) => {
+                reply(Err(e));
+                None
+            }
+            Ok((spec, args)) => match spec.handler {
+                Handler::Now(f) => {
+                    reply(f(self, &args, line));
+                    None
+                }
+                Handler::Later(f) => f(self, &args, reply),
+            },
+        }
+    }
+
+    /// Forgets a `wait_break` whose client went away.
+    pub fn cancel(&self, waiter: WaiterId) {
+        self.mount.cancel_wait(waiter);
+    }
+
+    fn parse<'l>(&self, line: &'l str) -> Result<(&'static CommandSpec, Vec<&'l str>), CtlError> {
         let words: Vec<&str> = line.split_whitespace().collect();
         let Some((&name, args)) = words.split_first() else {
-            return reply(Err(CtlError::new(
-                libc::EINVAL,
-                "empty command (try 'help')",
-            )));
+            return Err(CtlError::invalid("empty command (try 'help')"));
         };
-        let Some(spec) = COMMANDS.iter().find(|c| c.name == name) else {
-            return reply(Err(CtlError::new(
-                libc::EINVAL,
-                format!("unknown command '{name}' (try 'help')"),
-            )));
-        };
+        let spec = COMMANDS
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| CtlError::invalid(format!("unknown command '{name}' (try 'help')")))?;
         if args.len() < spec.min_args || args.len() > spec.max_args {
-            return reply(Err(CtlError::new(
-                libc::EINVAL,
-                format!("usage: {} {}", spec.name, spec.args),
+            return Err(CtlError::invalid(format!(
+                "usage: {} {}",
+                spec.name, spec.args
             )));
         }
-        if name == "wait_break" {
-            return self.wait_break(args, reply);
-        }
-        reply(self.run_now(name, args, line));
+        Ok((spec, args.to_vec()))
     }
 
-    /// Every command but `wait_break`: they complete before returning.
-    fn run_now(&self, name: &str, args: &[&str], line: &str) -> Result<String, CtlError> {
-        let mount = &self.mount;
-        match name {
-            "break" => {
-                let event = Event::from_name(args[0]).ok_or_else(|| {
-                    CtlError::new(libc::ENOENT, format!("unknown event '{}'", args[0]))
-                })?;
-                let id = mount.with_engine(|e| {
-                    e.add(Rule {
-                        event,
-                        state: 0,
-                        action: Action::Suspend {
-                            tag: args[1].to_string(),
-                        },
-                        origin: Origin::Runtime,
-                    })
-                });
-                Ok(format!("breakpoint {id}: {event} tag {}", args[1]))
-            }
-            "remove_break" => {
-                let deleted = mount.remove_break(args[0]);
-                if deleted == 0 {
-                    Err(CtlError::new(
-                        libc::ENOENT,
-                        format!("no breakpoint with tag '{}'", args[0]),
-                    ))
-                } else {
-                    Ok(format!(
-                        "removed {deleted} breakpoint(s) with tag '{}'",
-                        args[0]
-                    ))
-                }
-            }
-            "resume" => {
-                if mount.resume(args[0]) {
-                    Ok(format!("resumed a request suspended under '{}'", args[0]))
-                } else {
-                    Err(CtlError::new(
-                        libc::ENOENT,
-                        format!("no request suspended under '{}'", args[0]),
-                    ))
-                }
-            }
-            "resume_all" => Ok(format!("resumed {} request(s)", mount.resume_all())),
-            "list" => Ok(self.list()),
-            "rules" => Ok(self.rules()),
-            "state" => Ok(format!("state {}", mount.with_engine(|e| e.state()))),
-            "set_state" => {
-                let n = config::parse_number(args[0])
-                    .ok()
-                    .and_then(|n| i64::try_from(n).ok())
-                    .ok_or_else(|| {
-                        CtlError::new(libc::EINVAL, format!("not a state: '{}'", args[0]))
-                    })?;
-                mount.with_engine(|e| e.set_state(n));
-                Ok(format!("state {n}"))
-            }
-            "inject-error" | "set-state" => {
-                let group = if name == "inject-error" {
-                    Group::InjectError
-                } else {
-                    Group::SetState
-                };
-                let rule = config::parse_rule_option(
-                    group,
-                    args[0],
-                    Source::Command(line.trim().to_string()),
-                    Origin::Runtime,
-                )
-                .map_err(|e| CtlError::new(libc::EINVAL, e.to_string()))?;
-                let text = rule.to_string();
-                let id = mount.with_engine(|e| e.add(rule));
-                Ok(format!("added rule {id}: {text}"))
-            }
-            "remove" => {
-                let n: u32 = args[0].parse().map_err(|_| {
-                    CtlError::new(libc::EINVAL, format!("not a rule number: '{}'", args[0]))
-                })?;
-                match mount.with_engine(|e| e.remove(RuleId(n))) {
-                    Some(rule) => Ok(format!("removed rule {n}: {rule}")),
-                    None => Err(CtlError::new(libc::ENOENT, format!("no rule {n}"))),
-                }
-            }
-            "clear" => {
-                mount.with_engine(|e| e.clear());
-                Ok("cleared: no rules, no breakpoints, state 1".to_string())
-            }
-            "reload" => self.reload(),
-            "help" => Ok(help()),
-            _ => Err(CtlError::new(
-                libc::EINVAL,
-                format!("unknown command '{name}'"),
+    fn cmd_break(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
+        let event = Event::from_name(args[0])
+            .ok_or_else(|| CtlError::new(libc::ENOENT, format!("unknown event '{}'", args[0])))?;
+        let id = self.mount.add_rule(Rule {
+            event,
+            state: 0,
+            action: Action::Suspend {
+                tag: args[1].to_string(),
+            },
+            origin: Origin::Runtime,
+        });
+        Ok(format!("breakpoint {id}: {event} tag {}", args[1]))
+    }
+
+    fn cmd_remove_break(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
+        match self.mount.remove_break(args[0]) {
+            0 => Err(CtlError::new(
+                libc::ENOENT,
+                format!("no breakpoint with tag '{}'", args[0]),
             )),
+            n => Ok(format!("removed {n} breakpoint(s) with tag '{}'", args[0])),
         }
     }
 
-    fn wait_break(&self, args: &[&str], reply: CtlReply) {
+    fn cmd_resume(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
+        if self.mount.resume(args[0]) {
+            Ok(format!("resumed a request suspended under '{}'", args[0]))
+        } else {
+            Err(CtlError::new(
+                libc::ENOENT,
+                format!("no request suspended under '{}'", args[0]),
+            ))
+        }
+    }
+
+    fn cmd_resume_all(&self, _: &[&str], _: &str) -> Result<String, CtlError> {
+        Ok(format!("resumed {} request(s)", self.mount.resume_all()))
+    }
+
+    fn cmd_set_state(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
+        let n = config::parse_number(args[0])
+            .ok()
+            .and_then(|n| i64::try_from(n).ok())
+            .ok_or_else(|| CtlError::invalid(format!("not a state: '{}'", args[0])))?;
+        self.mount.set_state(n);
+        Ok(format!("state {n}"))
+    }
+
+    fn add_rule(&self, group: Group, text: &str, line: &str) -> Result<String, CtlError> {
+        let rule = config::parse_rule_option(
+            group,
+            text,
+            Source::Command(line.trim().to_string()),
+            Origin::Runtime,
+        )
+        .map_err(|e| CtlError::invalid(e.to_string()))?;
+        let shown = rule.to_string();
+        let id = self.mount.add_rule(rule);
+        Ok(format!("added rule {id}: {shown}"))
+    }
+
+    fn cmd_remove(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
+        let n: u32 = args[0]
+            .parse()
+            .map_err(|_| CtlError::invalid(format!("not a rule number: '{}'", args[0])))?;
+        match self.mount.remove_rule(RuleId(n)) {
+            Some(rule) => Ok(format!("removed rule {n}: {rule}")),
+            None => Err(CtlError::new(libc::ENOENT, format!("no rule {n}"))),
+        }
+    }
+
+    fn cmd_log(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
+        let n = match args.first() {
+            None => LOG_LINES,
+            Some(t) => t
+                .parse::<usize>()
+                .map_err(|_| CtlError::invalid(format!("not a number of lines: '{t}'")))?,
+        };
+        let lines = crate::logring::recent(n).ok_or_else(|| {
+            CtlError::new(
+                libc::ENODATA,
+                "this process keeps no log in memory (only the blkdebugfs command does)",
+            )
+        })?;
+        if lines.is_empty() {
+            return Ok("no log lines yet".to_string());
+        }
+        Ok(lines.join("\n"))
+    }
+
+    fn cmd_wait_break(&self, args: &[&str], reply: CtlReply) -> Option<WaiterId> {
         let timeout = match args.get(1) {
             None => None,
             Some(ms) => match ms.parse::<u64>() {
                 Ok(ms) => Some(Duration::from_millis(ms)),
                 Err(_) => {
-                    return reply(Err(CtlError::new(
-                        libc::EINVAL,
-                        format!("not a timeout in milliseconds: '{ms}'"),
-                    )));
+                    reply(Err(CtlError::invalid(format!(
+                        "not a timeout in milliseconds: '{ms}'"
+                    ))));
+                    return None;
                 }
             },
         };
         let tag = args[0].to_string();
-        self.mount.breakpoints.wait_for(
+        self.mount.wait_for_break(
             args[0],
             timeout,
             Box::new(move |r| {
@@ -310,21 +393,21 @@ impl Control {
                     Err(e) => Err(CtlError::new(e, "the mount is shutting down")),
                 })
             }),
-        );
+        )
     }
 
     /// `reload`: re-reads the config and the command-line rules; all or nothing.
     pub fn reload(&self) -> Result<String, CtlError> {
         let set = RuleSet::load(self.reload.config.as_deref(), &self.reload.cli)
-            .map_err(|e| CtlError::new(libc::EINVAL, e.to_string()))?;
+            .map_err(|e| CtlError::invalid(e.to_string()))?;
         let n = set.rules.len();
-        self.mount.with_engine(|e| e.replace_rules(set.rules));
+        self.mount.replace_rules(set.rules);
         Ok(format!("reloaded {n} rule(s)"))
     }
 
     fn list(&self) -> String {
         let mut out = String::new();
-        let parked = self.mount.breakpoints.list();
+        let parked = self.mount.parked();
         if parked.is_empty() {
             out.push_str("no suspended requests\n");
         }
@@ -340,24 +423,26 @@ impl Control {
                 p.suspended_for.as_secs_f64()
             );
         }
-        self.mount.with_engine(|e| {
-            for (id, rule, _) in e.rules() {
-                if let Action::Suspend { tag } = &rule.action {
-                    let _ = writeln!(out, "breakpoint {id}: {} tag {tag}", rule.event);
-                }
+        for r in self.mount.rules() {
+            if let Action::Suspend { tag } = &r.rule.action {
+                let _ = writeln!(out, "breakpoint {}: {} tag {tag}", r.id, r.rule.event);
             }
-        });
+        }
         out.trim_end().to_string()
     }
 
     fn rules(&self) -> String {
         let mut out = String::new();
-        self.mount.with_engine(|e| {
-            for (id, rule, hits) in e.rules() {
-                let armed = if e.is_armed(id) { " armed" } else { "" };
-                let _ = writeln!(out, "rule {id}: {rule} hits={hits}{armed}");
+        for r in self.mount.rules() {
+            let _ = write!(out, "rule {}: {} hits={}", r.id, r.rule, r.stats.hits);
+            if let Action::InjectError { .. } = r.rule.action {
+                let _ = write!(out, " armed={}", r.stats.armed);
+                if r.armed_now {
+                    out.push_str(" (armed now)");
+                }
             }
-        });
+            out.push('\n');
+        }
         if out.is_empty() {
             out.push_str("no rules");
         }
@@ -366,41 +451,148 @@ impl Control {
 
     /// What a fresh read of the control file shows.
     pub fn status(&self) -> String {
+        let log = if crate::logring::recent(0).is_some() {
+            "log: 'log [N]' shows the last lines\n"
+        } else {
+            ""
+        };
         format!(
-            "state {}\n{}\n{}\n",
-            self.mount.with_engine(|e| e.state()),
+            "state {}\n{}\n{}\n{log}",
+            self.mount.state(),
             self.rules(),
             self.list()
         )
     }
 
-    /// Serves line-oriented clients (the `--control` socket): one command per line in, one
-    /// line out (`ok TEXT` or `error ERRNO_NAME TEXT`, newlines in TEXT escaped as `\n`).
+    /// Serves a line-oriented client (the `--control` socket): one command per line in, one
+    /// line out (`ok TEXT` or `error ERRNO_NAME TEXT`, newlines in TEXT escaped as `\n`). A
+    /// line that is not UTF-8 or longer than [`MAX_LINE`] gets an error and the next line is
+    /// served. `hung_up` tells whether the client went away, so that a `wait_break` it left
+    /// behind is cancelled instead of holding this thread.
     pub fn serve_stream<R: BufRead, W: Write>(
         &self,
-        input: R,
+        mut input: R,
         mut output: W,
+        hung_up: impl Fn() -> bool,
     ) -> std::io::Result<()> {
-        for line in input.lines() {
-            let line = line?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let (tx, rx) = std::sync::mpsc::channel();
-            self.run(
-                &line,
-                Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            );
-            // Not a FUSE worker: this connection's thread may wait (for `wait_break`).
-            let result = rx
-                .recv()
-                .unwrap_or_else(|_| Err(CtlError::new(libc::ECANCELED, "the command was dropped")));
+        let mut buf = Vec::new();
+        loop {
+            let result = match read_line_capped(&mut input, &mut buf, MAX_LINE)? {
+                Line::End => return Ok(()),
+                Line::TooLong => Err(line_too_long()),
+                Line::Complete => match std::str::from_utf8(&buf) {
+                    Err(_) => Err(not_text()),
+                    Ok(line) if line.trim().is_empty() => continue,
+                    Ok(line) => match self.run_and_wait(line.trim(), &hung_up) {
+                        Some(result) => result,
+                        // The client is gone: nobody to answer.
+                        None => return Ok(()),
+                    },
+                },
+            };
             writeln!(output, "{}", encode_reply(&result))?;
             output.flush()?;
         }
-        Ok(())
+    }
+
+    /// Runs a command and waits for its reply (this is a connection's own thread, never a
+    /// FUSE worker); `None` when the client hung up first (its waiter is cancelled).
+    fn run_and_wait(
+        &self,
+        line: &str,
+        hung_up: &impl Fn() -> bool,
+    ) -> Option<Result<String, CtlError>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = self.run(
+            line,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(result) => return Some(result),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Some(Err(CtlError::new(
+                        libc::ECANCELED,
+                        "the command was dropped",
+                    )));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if hung_up() {
+                        if let Some(w) = waiter {
+                            self.cancel(w);
+                        }
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn line_too_long() -> CtlError {
+    CtlError::invalid(format!("command longer than {MAX_LINE} bytes"))
+}
+
+fn not_text() -> CtlError {
+    CtlError::invalid("the command is not UTF-8 text")
+}
+
+enum Line {
+    /// A line (without its newline) is in the buffer.
+    Complete,
+    /// The line was longer than the cap; it was read and dropped up to its newline.
+    TooLong,
+    /// End of input (a final line without a newline counts as complete).
+    End,
+}
+
+/// Reads one line into `buf`, holding at most `cap` bytes of it: a longer line is consumed
+/// and reported as [`Line::TooLong`], so that no client can grow the daemon's memory.
+fn read_line_capped(
+    input: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<Line> {
+    buf.clear();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let chunk = match input.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok(match (any, too_long) {
+                (false, _) => Line::End,
+                (true, true) => Line::TooLong,
+                (true, false) => Line::Complete,
+            });
+        }
+        any = true;
+        let (part, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(at) => (&chunk[..at], Some(at + 1)),
+            None => (chunk, None),
+        };
+        if !too_long {
+            if buf.len() + part.len() > cap {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(part);
+            }
+        }
+        let used = done.unwrap_or(chunk.len());
+        input.consume(used);
+        if done.is_some() {
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete
+            });
+        }
     }
 }
 
@@ -482,7 +674,7 @@ mod tests {
 
     fn session(c: &Control, input: &str) -> Vec<String> {
         let mut out = Vec::new();
-        c.serve_stream(Cursor::new(input.as_bytes()), &mut out)
+        c.serve_stream(Cursor::new(input.as_bytes()), &mut out, || false)
             .unwrap();
         String::from_utf8(out)
             .unwrap()
@@ -532,7 +724,7 @@ mod tests {
         assert!(out[1].starts_with("error EINVAL command 'inject-error event=read_aio,errno=600': [inject-error] errno = \"600\""), "{}", out[1]);
         assert_eq!(
             out[2],
-            "ok rule 1: event=read_aio state=any inject-error errno=ENOSPC (28) range=sector 8 (byte 4096) iotype=default once=off hits=0"
+            "ok rule 1: event=read_aio state=any inject-error errno=ENOSPC (28) range=sector 8 (byte 4096) iotype=default once=off hits=0 armed=0"
         );
         assert!(out[3].starts_with("ok removed rule 1"));
         assert_eq!(out[4], "error ENOENT no rule 1");
@@ -553,7 +745,7 @@ mod tests {
         // Nothing drives the deadline but the mount's timer; do its job here.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            c.mount.breakpoints.expire_waiters();
+            c.mount.expire(None);
             if let Ok(r) = rx.try_recv() {
                 assert_eq!(r.unwrap_err().errno, libc::ETIMEDOUT);
                 break;

@@ -6,21 +6,18 @@
 //! does). Every request gets exactly one reply; errors from the image become their errno.
 
 use std::ffi::OsStr;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
-use log::{debug, warn};
+use log::debug;
 
 use crate::control::Control;
-use crate::mount::{Completion, Mount};
-use crate::ops::Op;
+use crate::mount::{Done, ImageStat, Mount};
 
 /// Attributes may be cached briefly: the size only changes through this mount (or by the
 /// user behind our back, which a short TTL tolerates).
@@ -67,14 +64,23 @@ pub struct BlkdebugFs {
     next_fh: std::sync::atomic::AtomicU64,
 }
 
-/// Replies to a FUSE request with an errno from a plan.
+/// What an inode number names. Every operation resolves it first, so that no operation
+/// meant for one node can act on another (a punch-hole through a `.control` descriptor
+/// must never reach the image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Node {
+    Root,
+    Image,
+    Control,
+}
+
 fn errno(e: i32) -> Errno {
     Errno::from_i32(e)
 }
 
 impl BlkdebugFs {
     pub fn new(control: Arc<Control>, layout: Layout, policy: OpenPolicy) -> BlkdebugFs {
-        // SAFETY: getuid/getgid cannot fail.
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         BlkdebugFs {
             mount: control.mount().clone(),
@@ -88,22 +94,15 @@ impl BlkdebugFs {
         }
     }
 
-    fn has_control(&self) -> bool {
-        matches!(self.layout, Layout::Directory { .. })
-    }
-
-    /// Whether `ino` is the control file (which exists in the directory layout only).
-    fn is_control(&self, ino: INodeNo) -> bool {
-        ino == CONTROL && self.has_control()
-    }
-
-    fn control_attr(&self) -> FileAttr {
-        FileAttr {
-            ino: CONTROL,
-            kind: FileType::RegularFile,
-            perm: 0o600,
-            nlink: 1,
-            ..self.dir_attr()
+    /// The node `ino` names in this layout, if any.
+    fn node(&self, ino: INodeNo) -> Option<Node> {
+        match (&self.layout, ino) {
+            (Layout::File, ROOT) => Some(Node::Image),
+            (Layout::File, _) => None,
+            (Layout::Directory { .. }, ROOT) => Some(Node::Root),
+            (Layout::Directory { .. }, IMAGE) => Some(Node::Image),
+            (Layout::Directory { .. }, CONTROL) => Some(Node::Control),
+            _ => None,
         }
     }
 
@@ -114,8 +113,14 @@ impl BlkdebugFs {
         }
     }
 
-    fn is_image(&self, ino: INodeNo) -> bool {
-        ino == self.image_ino()
+    fn control_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: CONTROL,
+            kind: FileType::RegularFile,
+            perm: 0o600,
+            nlink: 1,
+            ..self.dir_attr()
+        }
     }
 
     fn dir_attr(&self) -> FileAttr {
@@ -139,84 +144,68 @@ impl BlkdebugFs {
         }
     }
 
-    fn image_attr(&self) -> Result<FileAttr, Errno> {
-        let md = self.mount.image().metadata().map_err(|e| {
-            warn!("stat of {} failed: {e}", self.mount.image_path.display());
-            Errno::from(e)
-        })?;
-        let time = |secs: i64, nsecs: i64| {
-            UNIX_EPOCH + Duration::new(secs.max(0) as u64, nsecs.clamp(0, 999_999_999) as u32)
-        };
-        let mut perm = (md.mode() & 0o7777) as u16;
-        if self.mount.mode.read_only {
-            perm &= !0o222;
-        }
-        Ok(FileAttr {
+    fn image_attr(&self, st: ImageStat) -> FileAttr {
+        FileAttr {
             ino: self.image_ino(),
-            size: self.mount.size(),
-            blocks: md.blocks(),
-            atime: time(md.atime(), md.atime_nsec()),
-            mtime: time(md.mtime(), md.mtime_nsec()),
-            ctime: time(md.ctime(), md.ctime_nsec()),
-            crtime: time(md.ctime(), md.ctime_nsec()),
+            size: st.size,
+            blocks: st.blocks,
+            atime: st.atime,
+            mtime: st.mtime,
+            ctime: st.ctime,
+            crtime: st.ctime,
             kind: FileType::RegularFile,
-            perm,
+            perm: st.perm,
             nlink: 1,
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
             blksize: 4096,
             flags: 0,
-        })
-    }
-
-    fn attr(&self, ino: INodeNo) -> Result<FileAttr, Errno> {
-        if self.is_image(ino) {
-            self.image_attr()
-        } else if self.is_control(ino) {
-            Ok(self.control_attr())
-        } else if ino == ROOT {
-            Ok(self.dir_attr())
-        } else {
-            Err(Errno::ENOENT)
         }
     }
 
-    fn flush(&self, reply: ReplyEmpty) {
-        self.mount.submit(Op::Flush, &[], empty_reply(reply));
+    fn attr(&self, node: Node) -> Result<FileAttr, Errno> {
+        match node {
+            Node::Image => self
+                .mount
+                .stat()
+                .map(|st| self.image_attr(st))
+                .map_err(errno),
+            Node::Control => Ok(self.control_attr()),
+            Node::Root => Ok(self.dir_attr()),
+        }
     }
 
     /// One command per write(2); the write returns once the command took effect, and a
     /// later read on the same open file returns the reply text.
     fn control_write(&self, fh: FileHandle, data: &[u8], reply: ReplyWrite) {
-        let line = String::from_utf8_lossy(data).trim().to_string();
         let len = data.len() as u32;
         let texts = self.control_texts.clone();
-        self.control.run(
-            &line,
-            Box::new(move |r| {
-                // Store the text before replying, so a read right after the write sees it.
-                match r {
-                    Ok(text) => {
-                        texts.lock().insert(fh.0, (format!("{text}\n"), 0));
-                        reply.written(len);
-                    }
-                    Err(e) => {
-                        texts
-                            .lock()
-                            .insert(fh.0, (format!("error: {}\n", e.message), 0));
-                        reply.error(errno(e.errno));
-                    }
+        let done: crate::control::CtlReply = Box::new(move |r| {
+            // Store the text before replying, so a read right after the write sees it.
+            match r {
+                Ok(text) => {
+                    texts.lock().insert(fh.0, (format!("{text}\n"), 0));
+                    reply.written(len);
                 }
-            }),
-        );
+                Err(e) => {
+                    texts
+                        .lock()
+                        .insert(fh.0, (format!("error: {}\n", e.message), 0));
+                    reply.error(errno(e.errno));
+                }
+            }
+        });
+        // A FUSE write cannot tell when its writer goes away, so a `wait_break` here is
+        // never cancelled: `blkdebugfs ctl` waits in bounded slices instead.
+        let _ = self.control.run_bytes(data, done);
     }
 }
 
 /// A completion that replies to an operation without data.
-fn empty_reply(reply: ReplyEmpty) -> Completion {
+fn empty_reply(reply: ReplyEmpty) -> Done {
     Box::new(move |r| match r {
-        Ok(_) => reply.ok(),
+        Ok(()) => reply.ok(),
         Err(e) => reply.error(errno(e)),
     })
 }
@@ -240,24 +229,27 @@ impl Filesystem for BlkdebugFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match &self.layout {
+        let found = match &self.layout {
             Layout::Directory { name: image } if parent == ROOT && name == image.as_str() => {
-                match self.image_attr() {
-                    Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-                    Err(e) => reply.error(e),
-                }
+                Some(Node::Image)
             }
             Layout::Directory { .. } if parent == ROOT && name == CONTROL_NAME => {
-                reply.entry(&TTL, &self.control_attr(), Generation(0))
+                Some(Node::Control)
             }
-            _ => reply.error(Errno::ENOENT),
+            _ => None,
+        };
+        match found.map(|node| self.attr(node)) {
+            Some(Ok(attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Some(Err(e)) => reply.error(e),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(e),
+        match self.node(ino).map(|node| self.attr(node)) {
+            Some(Ok(attr)) => reply.attr(&TTL, &attr),
+            Some(Err(e)) => reply.error(e),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
@@ -279,60 +271,50 @@ impl Filesystem for BlkdebugFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        if !self.is_image(ino) {
-            return reply.error(Errno::EPERM);
-        }
-        if size.is_some() && self.mount.mode.read_only {
-            return reply.error(Errno::EROFS);
-        }
-        if let Some(size) = size
-            && let Err(e) = self.mount.set_size(size)
-        {
-            warn!(
-                "truncate of {} to {size} failed: {e}",
-                self.mount.image_path.display()
-            );
-            return reply.error(Errno::from(e));
-        }
-        if let Some(mode) = mode {
-            // SAFETY: fchmod on our own open descriptor.
-            let r = unsafe { libc::fchmod(self.mount.image().as_raw_fd(), mode & 0o7777) };
-            if r != 0 {
-                return reply.error(Errno::from(std::io::Error::last_os_error()));
+        match self.node(ino) {
+            Some(Node::Image) => match self.mount.set_attr(size, mode) {
+                Ok(st) => reply.attr(&TTL, &self.image_attr(st)),
+                Err(e) => reply.error(errno(e)),
+            },
+            // `echo CMD > .control`: the shell's O_TRUNC arrives as a truncation to 0,
+            // which a control file has nothing to do with.
+            Some(Node::Control) if mode.is_none() && matches!(size, None | Some(0)) => {
+                reply.attr(&TTL, &self.control_attr())
             }
-        }
-        match self.image_attr() {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(e),
+            Some(_) => reply.error(Errno::EPERM),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.is_control(ino) {
-            // Only the mounting user, even with --allow-other.
-            if req.uid() != self.uid {
-                return reply.error(Errno::EACCES);
+        match self.node(ino) {
+            Some(Node::Control) => {
+                // Only the mounting user, even with --allow-other.
+                if req.uid() != self.uid {
+                    return reply.error(Errno::EACCES);
+                }
+                let fh = self
+                    .next_fh
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.control_texts
+                    .lock()
+                    .insert(fh, (self.control.status(), 0));
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
-            let fh = self
-                .next_fh
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.control_texts
-                .lock()
-                .insert(fh, (self.control.status(), 0));
-            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            Some(Node::Image) => {
+                if self.mount.read_only() && flags.acc_mode() != OpenAccMode::O_RDONLY {
+                    return reply.error(Errno::EROFS);
+                }
+                let fopen = if self.policy.cache {
+                    FopenFlags::empty()
+                } else {
+                    FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+                };
+                reply.opened(FileHandle(0), fopen)
+            }
+            Some(Node::Root) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
         }
-        if !self.is_image(ino) {
-            return reply.error(Errno::EISDIR);
-        }
-        if self.mount.mode.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        let fopen = if self.policy.cache {
-            FopenFlags::empty()
-        } else {
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
-        };
-        reply.opened(FileHandle(0), fopen);
     }
 
     fn read(
@@ -346,30 +328,28 @@ impl Filesystem for BlkdebugFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if self.is_control(ino) {
-            let mut texts = self.control_texts.lock();
-            let Some((text, cursor)) = texts.get_mut(&fh.0) else {
-                return reply.data(&[]);
-            };
-            let start = (*cursor).min(text.len());
-            let end = (start + size as usize).min(text.len());
-            *cursor = end;
-            return reply.data(&text.as_bytes()[start..end]);
+        match self.node(ino) {
+            Some(Node::Image) => self.mount.read(
+                offset,
+                size,
+                Box::new(move |r| match r {
+                    Ok(buf) => reply.data(&buf),
+                    Err(e) => reply.error(errno(e)),
+                }),
+            ),
+            Some(Node::Control) => {
+                let mut texts = self.control_texts.lock();
+                let Some((text, cursor)) = texts.get_mut(&fh.0) else {
+                    return reply.data(&[]);
+                };
+                let start = (*cursor).min(text.len());
+                let end = (start + size as usize).min(text.len());
+                *cursor = end;
+                reply.data(&text.as_bytes()[start..end])
+            }
+            Some(Node::Root) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
         }
-        let image_size = self.mount.size();
-        // Like QEMU's export: reads stop at the end of the image.
-        let len = (size as u64).min(image_size.saturating_sub(offset));
-        if len == 0 {
-            return reply.data(&[]);
-        }
-        self.mount.submit(
-            Op::Read { offset, len },
-            &[],
-            Box::new(move |r| match r {
-                Ok(buf) => reply.data(&buf),
-                Err(e) => reply.error(errno(e)),
-            }),
-        );
     }
 
     fn write(
@@ -384,40 +364,19 @@ impl Filesystem for BlkdebugFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if self.is_control(ino) {
-            return self.control_write(fh, data, reply);
+        match self.node(ino) {
+            Some(Node::Image) => self.mount.write(
+                offset,
+                data,
+                Box::new(move |r| match r {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(errno(e)),
+                }),
+            ),
+            Some(Node::Control) => self.control_write(fh, data, reply),
+            Some(Node::Root) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
         }
-        if self.mount.mode.read_only {
-            return reply.error(Errno::EROFS);
-        }
-        let image_size = self.mount.size();
-        let end = offset + data.len() as u64;
-        let len = if end <= image_size {
-            data.len() as u64
-        } else if self.mount.mode.growable {
-            if let Err(e) = self.mount.grow_to(end) {
-                warn!("growing {} failed: {e}", self.mount.image_path.display());
-                return reply.error(Errno::from(e));
-            }
-            data.len() as u64
-        } else if offset >= image_size {
-            // A disk has no room past its end.
-            return reply.error(Errno::from_i32(libc::ENOSPC));
-        } else {
-            image_size - offset
-        };
-        if len == 0 {
-            return reply.written(0);
-        }
-        let written = len as u32;
-        self.mount.submit(
-            Op::Write { offset, len },
-            &data[..len as usize],
-            Box::new(move |r| match r {
-                Ok(_) => reply.written(written),
-                Err(e) => reply.error(errno(e)),
-            }),
-        );
     }
 
     fn flush(
@@ -428,11 +387,11 @@ impl Filesystem for BlkdebugFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if self.is_control(ino) {
-            return reply.ok();
+        match self.node(ino) {
+            // Every close() flushes, as through QEMU's export.
+            Some(Node::Image) => self.mount.flush(empty_reply(reply)),
+            _ => reply.ok(),
         }
-        // Every close() flushes, as through QEMU's export.
-        BlkdebugFs::flush(self, reply);
     }
 
     fn release(
@@ -445,7 +404,7 @@ impl Filesystem for BlkdebugFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if self.is_control(ino) {
+        if self.node(ino) == Some(Node::Control) {
             self.control_texts.lock().remove(&fh.0);
         }
         reply.ok();
@@ -459,98 +418,54 @@ impl Filesystem for BlkdebugFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if self.is_control(ino) {
-            return reply.ok();
+        match self.node(ino) {
+            Some(Node::Image) => self.mount.flush(empty_reply(reply)),
+            _ => reply.ok(),
         }
-        BlkdebugFs::flush(self, reply);
     }
 
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        if self.mount.mode.read_only {
-            return reply.error(Errno::EROFS);
+        match self.node(ino) {
+            Some(Node::Image) => self
+                .mount
+                .fallocate(mode, offset, length, empty_reply(reply)),
+            // Not ENOSYS: that would make the kernel stop asking for every file.
+            _ => reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
         }
-        let image_size = self.mount.size();
-        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
-        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
-        let known =
-            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
-        if mode & !known != 0 || (punch && zero) {
-            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
-        }
-        if !punch && !zero {
-            // Plain allocation: no request reaches blkdebug; allocate in the image itself.
-            return match self.mount.allocate(mode, offset, length) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(Errno::from(e)),
-            };
-        }
-        let end = offset.saturating_add(length);
-        let len = if keep_size || end <= image_size {
-            end.min(image_size).saturating_sub(offset)
-        } else {
-            // ZERO_RANGE without KEEP_SIZE may extend the image, like fallocate(2) does.
-            if let Err(e) = self.mount.grow_to(end) {
-                return reply.error(Errno::from(e));
-            }
-            length
-        };
-        if len == 0 {
-            return reply.ok();
-        }
-        self.mount
-            .submit(Op::Zero { offset, len, punch }, &[], empty_reply(reply));
     }
 
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
-        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
-            return reply.error(Errno::from_i32(libc::EINVAL));
+        match self.node(ino) {
+            Some(Node::Image) => self.mount.seek(
+                offset,
+                whence,
+                Box::new(move |r| match r {
+                    Ok(found) => reply.offset(found),
+                    Err(e) => reply.error(errno(e)),
+                }),
+            ),
+            // The control file has no data to find: it is empty to lseek (not ENOSYS, which
+            // would turn SEEK_DATA off for the image too).
+            Some(Node::Control) => reply.error(Errno::from_i32(libc::ENXIO)),
+            _ => reply.error(Errno::from_i32(libc::EINVAL)),
         }
-        let size = self.mount.size();
-        let start = offset.max(0) as u64;
-        if start >= size {
-            return reply.error(Errno::from_i32(libc::ENXIO));
-        }
-        let op = Op::BlockStatus {
-            offset: start,
-            len: size - start,
-        };
-        let mount = self.mount.clone();
-        self.mount.submit(
-            op,
-            &[],
-            Box::new(move |r| {
-                if let Err(e) = r {
-                    return reply.error(errno(e));
-                }
-                // The backing file knows where its holes are; positional I/O never uses its
-                // file offset, so sharing the descriptor is safe.
-                // SAFETY: lseek on the mount's open descriptor.
-                let r = unsafe { libc::lseek(mount.image().as_raw_fd(), offset, whence) };
-                if r < 0 {
-                    reply.error(Errno::from(std::io::Error::last_os_error()))
-                } else {
-                    reply.offset(r)
-                }
-            }),
-        );
     }
 
     fn readdir(
@@ -611,21 +526,18 @@ impl Filesystem for BlkdebugFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: fstatvfs fills the struct we own.
-        let r = unsafe { libc::fstatvfs(self.mount.image().as_raw_fd(), &mut st) };
-        if r != 0 {
-            return reply.error(Errno::from(std::io::Error::last_os_error()));
+        match self.mount.statfs() {
+            Ok(st) => reply.statfs(
+                st.f_blocks,
+                st.f_bfree,
+                st.f_bavail,
+                st.f_files,
+                st.f_ffree,
+                st.f_bsize as u32,
+                st.f_namemax as u32,
+                st.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(e)),
         }
-        reply.statfs(
-            st.f_blocks,
-            st.f_bfree,
-            st.f_bavail,
-            st.f_files,
-            st.f_ffree,
-            st.f_bsize as u32,
-            st.f_namemax as u32,
-            st.f_frsize as u32,
-        );
     }
 }

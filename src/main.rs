@@ -85,6 +85,10 @@ struct RuleArgs {
     max_discard: Option<u64>,
 }
 
+/// Longest duration a command-line option takes: ten years, far past any test, and far
+/// inside what `Instant` arithmetic can hold.
+const MAX_SECONDS: f64 = 10.0 * 365.0 * 86_400.0;
+
 fn seconds(text: &str) -> Result<std::time::Duration, String> {
     let secs: f64 = text
         .parse()
@@ -92,7 +96,12 @@ fn seconds(text: &str) -> Result<std::time::Duration, String> {
     if !(secs > 0.0 && secs.is_finite()) {
         return Err(format!("'{text}' must be a positive number of seconds"));
     }
-    Ok(std::time::Duration::from_secs_f64(secs))
+    if secs > MAX_SECONDS {
+        return Err(format!(
+            "'{text}' is more than ten years ({MAX_SECONDS} seconds)"
+        ));
+    }
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("'{text}': {e}"))
 }
 
 fn size(text: &str) -> Result<u64, String> {
@@ -219,16 +228,14 @@ fn init_logging(verbose: u8) {
     // fuser logs every unimplemented or unusual request at warn/debug; keep it quieter. Its
     // session also warns "Failed to umount filesystem: EINVAL" whenever the mount was ended
     // by `umount` (the normal way to stop us): nothing failed, so only its errors show.
-    let default = format!("{level},fuser=warn,fuser::session=error");
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
-        .format_target(false)
-        .init();
+    let default = format!("{level},fuser=warn,fuser::session=error,fuser::mnt=error");
+    blkdebugfs::logring::install(&default);
 }
 
 fn check(args: CheckArgs) -> Result<(), Error> {
     args.rules.limits().validate()?;
     let (set, _) = args.rules.load(None)?;
-    if set.rules.is_empty() {
+    if set.rules.is_empty() && !args.list_events {
         println!("no rules");
     }
     for (i, rule) in set.rules.iter().enumerate() {
@@ -298,7 +305,7 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     let result = blkdebugfs::run(prepared, shutdown.clone(), |ctl| {
         let _ = control.set(ctl);
         if let Some(path) = &pidfile
-            && let Err(e) = std::fs::write(path, format!("{}\n", std::process::id()))
+            && let Err(e) = write_pidfile(path)
         {
             log::warn!("cannot write pidfile {}: {e}", path.display());
         }
@@ -356,56 +363,101 @@ fn watch_signals(
 
 /// `blkdebugfs ctl TARGET COMMAND...`: through TARGET/.control, or a --control socket.
 fn ctl(args: CtlArgs) -> Result<(), Error> {
+    let line = args.command.join(" ");
+    let text = if args.command[0] == "wait_break" && (2..=3).contains(&args.command.len()) {
+        wait_break_in_slices(&args.target, &args.command[1], args.command.get(2), &line)
+    } else {
+        send_command(&args.target, &line)
+    }
+    .map_err(|(_, message)| Error::Ctl(message))?;
+    if !text.is_empty() {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+/// Longest single wait the CLI asks the daemon for. A process writing to `.control` waits
+/// in the kernel, where no signal reaches it, until the daemon replies: waiting in slices
+/// keeps `ctl wait_break` killable (within one slice) whatever its timeout.
+const WAIT_SLICE_MS: u64 = 500;
+
+/// `wait_break TAG [TIMEOUT_MS]`, as slices of at most [`WAIT_SLICE_MS`] until a request is
+/// suspended under TAG or the whole timeout (none: forever) has passed.
+fn wait_break_in_slices(
+    target: &Path,
+    tag: &str,
+    timeout: Option<&String>,
+    line: &str,
+) -> Result<String, (Option<i32>, String)> {
+    let total = match timeout {
+        None => None,
+        Some(ms) => match ms.parse::<u64>() {
+            Ok(ms) => Some(ms),
+            // Let the daemon word the error.
+            Err(_) => return send_command(target, line),
+        },
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let waited = start.elapsed().as_millis() as u64;
+        let slice = match total {
+            Some(total) => total.saturating_sub(waited).min(WAIT_SLICE_MS),
+            None => WAIT_SLICE_MS,
+        };
+        match send_command(target, &format!("wait_break {tag} {slice}")) {
+            Err((Some(libc::ETIMEDOUT), message)) => {
+                if total.is_some_and(|t| start.elapsed().as_millis() as u64 >= t) {
+                    return Err((Some(libc::ETIMEDOUT), message));
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Sends one command; its reply text, or the errno (when known) and the message.
+fn send_command(target: &Path, line: &str) -> Result<String, (Option<i32>, String)> {
     use std::io::{BufRead, Read};
     use std::os::unix::fs::FileTypeExt;
-    let line = args.command.join(" ");
-    let failed = Error::Ctl;
-    let md = std::fs::metadata(&args.target)
-        .map_err(|e| failed(format!("{}: {e}", args.target.display())))?;
-    let result = if md.file_type().is_socket() {
-        let mut conn = std::os::unix::net::UnixStream::connect(&args.target)
-            .map_err(|e| failed(format!("{}: {e}", args.target.display())))?;
-        writeln!(conn, "{line}").map_err(|e| failed(e.to_string()))?;
+    let at = |e: std::io::Error| (e.raw_os_error(), format!("{}: {e}", target.display()));
+    let md = std::fs::metadata(target).map_err(at)?;
+    if md.file_type().is_socket() {
+        let mut conn = std::os::unix::net::UnixStream::connect(target).map_err(at)?;
+        writeln!(conn, "{line}").map_err(at)?;
         let mut answer = String::new();
         std::io::BufReader::new(conn)
             .read_line(&mut answer)
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(at)?;
         if answer.is_empty() {
-            return Err(failed("the daemon closed the connection".into()));
+            return Err((None, "the daemon closed the connection".into()));
         }
-        blkdebugfs::control::decode_reply(&answer).map_err(|e| e.message)
+        blkdebugfs::control::decode_reply(&answer).map_err(|e| (Some(e.errno), e.message))
     } else if md.is_dir() {
-        let path = args.target.join(blkdebugfs::fs::CONTROL_NAME);
+        let path = target.join(blkdebugfs::fs::CONTROL_NAME);
+        let at = |e: std::io::Error| (e.raw_os_error(), format!("{}: {e}", path.display()));
         let mut f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|e| failed(format!("{}: {e}", path.display())))?;
+            .map_err(at)?;
         let wrote = f.write(line.as_bytes());
         let mut text = String::new();
-        f.read_to_string(&mut text)
-            .map_err(|e| failed(format!("{}: {e}", path.display())))?;
+        f.read_to_string(&mut text).map_err(at)?;
         match wrote {
             Ok(_) => Ok(text.trim_end().to_string()),
-            Err(e) => Err(format!(
-                "{} ({e})",
-                text.trim_end().trim_start_matches("error: ")
+            Err(e) => Err((
+                e.raw_os_error(),
+                format!("{} ({e})", text.trim_end().trim_start_matches("error: ")),
             )),
         }
     } else {
-        return Err(failed(format!(
-            "{}: neither a mount point directory nor a control socket",
-            args.target.display()
-        )));
-    };
-    match result {
-        Ok(text) => {
-            if !text.is_empty() {
-                println!("{text}");
-            }
-            Ok(())
-        }
-        Err(message) => Err(failed(message)),
+        Err((
+            None,
+            format!(
+                "{}: neither a mount point directory nor a control socket",
+                target.display()
+            ),
+        ))
     }
 }
 
@@ -432,13 +484,7 @@ fn daemonize(log_file: Option<&Path>) -> Result<Parent, Error> {
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // Open the log before forking so that an unwritable path is reported by the parent.
     let log = match log_file {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| Error::Usage(format!("log file {}: {e}", path.display())))?,
-        ),
+        Some(path) => Some(open_log_file(path)?),
         None => None,
     };
     // SAFETY: no other thread exists yet (logging and signals start after this).
@@ -492,4 +538,55 @@ fn report_to_parent(fd: &std::os::fd::OwnedFd, msg: &[u8]) {
     let Ok(dup) = fd.try_clone() else { return };
     let mut f = std::fs::File::from(dup);
     let _ = f.write_all(msg);
+}
+
+/// Opens the `--log-file` for appending, never through a symbolic link (in a world-writable
+/// directory, a link planted there would send our log, as root, into any file), and only
+/// if it is a regular file.
+fn open_log_file(path: &Path) -> Result<std::fs::File, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bad = |why: String| Error::Usage(format!("log file {}: {why}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => bad("is a symbolic link (refused: give the real path)".into()),
+            _ => bad(e.to_string()),
+        })?;
+    let md = file.metadata().map_err(|e| bad(e.to_string()))?;
+    if !md.file_type().is_file() {
+        return Err(bad("is not a regular file".into()));
+    }
+    Ok(file)
+}
+
+/// Writes our PID to `path` atomically: into a new file beside it (created exclusively,
+/// never following a link), then renamed over `path`. A symbolic link planted at `path` is
+/// replaced, never followed.
+fn write_pidfile(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temp)?;
+        writeln!(f, "{}", std::process::id())?;
+        f.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
 }

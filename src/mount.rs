@@ -6,25 +6,27 @@
 //! shared descriptor), so requests run in parallel on any number of FUSE workers.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use parking_lot::Mutex;
 
 use crate::breakpoints::{Breakpoints, Resumed};
+pub use crate::breakpoints::{ParkedInfo, WaiterDone, WaiterId};
 pub use crate::buffers::ReadBuf;
 use crate::buffers::{ImageMap, MAPPED_READ_MIN};
 use crate::config::Limits;
 use crate::errno;
 use crate::ops::{Op, Step, plan};
-use crate::rules::{Engine, Event, IoType, Verdict};
+use crate::rules::{Engine, Event, Fired, IoType, Rule, RuleId, RuleStats, Verdict};
 
 /// Write and flush generations of one block node, as QEMU keeps them: a flush reaches the
 /// disk only if the node was written (successfully or not) since its last successful flush.
@@ -58,13 +60,37 @@ pub struct ImageMode {
     pub growable: bool,
 }
 
-/// Everything a mount owns: the rules, the image and the flush bookkeeping.
+/// The image's attributes, as the adapter shows them.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageStat {
+    pub size: u64,
+    pub blocks: u64,
+    /// Permission bits; write bits cleared on a read-only mount.
+    pub perm: u16,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+/// A rule as `rules` and `list` show it.
+#[derive(Clone, Debug)]
+pub struct RuleStatus {
+    pub id: RuleId,
+    pub rule: Rule,
+    pub stats: RuleStats,
+    /// In the active list now.
+    pub armed_now: bool,
+}
+
+/// Everything a mount owns: the rules, the image and the flush bookkeeping. Every field is
+/// private: the adapter and the control table reach them only through the methods below, so
+/// that size, growth and parking decisions live in one place.
 pub struct Mount {
     engine: Mutex<Engine>,
     image: File,
-    pub image_path: PathBuf,
+    image_path: PathBuf,
     limits: Limits,
-    pub mode: ImageMode,
+    mode: ImageMode,
     raw_node: Generations,
     blkdebug_node: Generations,
     /// Serialises size changes (growth, truncate, allocation) with each other; data I/O
@@ -74,7 +100,7 @@ pub struct Mount {
     /// through this mount (the image must not be resized behind its back while mounted).
     size: AtomicU64,
     /// Requests parked by breakpoints, and `wait_break` waiters.
-    pub breakpoints: Breakpoints,
+    breakpoints: Breakpoints<Pending<'static>>,
     /// The image mapped read-only for large reads (`None` if it cannot be mapped).
     map: Option<Arc<ImageMap>>,
 }
@@ -82,10 +108,16 @@ pub struct Mount {
 /// Called exactly once with a request's outcome: the bytes read (empty for other
 /// operations) or the errno. It owns the FUSE reply, so a parked request carries it along.
 pub type Completion = Box<dyn FnOnce(Result<ReadBuf, i32>) + Send>;
+/// Called exactly once with an operation's outcome (flush, fallocate).
+pub type Done = Box<dyn FnOnce(Result<(), i32>) + Send>;
+/// Called exactly once with the bytes a write stored, or its errno.
+pub type WriteDone = Box<dyn FnOnce(Result<u32, i32>) + Send>;
+/// Called exactly once with the offset an lseek found, or its errno.
+pub type SeekDone = Box<dyn FnOnce(Result<i64, i32>) + Send>;
 
 /// A request in flight: its plan, where it is in it, and everything it owns.
 pub struct Pending<'a> {
-    pub(crate) op: Op,
+    op: Op,
     steps: Vec<Step>,
     pc: usize,
     failed: Option<i32>,
@@ -96,24 +128,6 @@ pub struct Pending<'a> {
     /// Borrowed from the FUSE worker's buffer until the request parks.
     write_data: Cow<'a, [u8]>,
     done: Completion,
-}
-
-impl Pending<'static> {
-    /// A request that has not started, for tests of the parking lot.
-    #[cfg(test)]
-    pub(crate) fn for_test(op: Op, done: Completion) -> Pending<'static> {
-        Pending {
-            op,
-            steps: Vec::new(),
-            pc: 0,
-            failed: None,
-            raw_gen: None,
-            node_gen: None,
-            read_buf: ReadBuf::pooled(0),
-            write_data: Cow::Owned(Vec::new()),
-            done,
-        }
-    }
 }
 
 impl Pending<'_> {
@@ -136,6 +150,10 @@ impl Pending<'_> {
 enum Advance {
     Finished(Result<(), i32>),
     Parked { tags: Vec<String>, event: Event },
+}
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 impl Mount {
@@ -164,30 +182,355 @@ impl Mount {
         })
     }
 
-    /// Runs `f` with the engine locked. Keep `f` short: no I/O, no waiting.
-    pub fn with_engine<T>(&self, f: impl FnOnce(&mut Engine) -> T) -> T {
-        f(&mut self.engine.lock())
-    }
+    // ---- The image, for the adapter: each method decides and completes one operation.
 
     /// The image's current size.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
 
-    pub fn image(&self) -> &File {
-        &self.image
+    pub fn image_path(&self) -> &Path {
+        &self.image_path
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.mode.read_only
+    }
+
+    /// The image's attributes (size from the cache, the rest from the file).
+    pub fn stat(&self) -> Result<ImageStat, i32> {
+        let md = self.image.metadata().map_err(|e| {
+            warn!("stat of {} failed: {e}", self.image_path.display());
+            errno_of(&e)
+        })?;
+        let time = |secs: i64, nsecs: i64| {
+            UNIX_EPOCH + Duration::new(secs.max(0) as u64, nsecs.clamp(0, 999_999_999) as u32)
+        };
+        let mut perm = (md.mode() & 0o7777) as u16;
+        if self.mode.read_only {
+            perm &= !0o222;
+        }
+        Ok(ImageStat {
+            size: self.size(),
+            blocks: md.blocks(),
+            perm,
+            atime: time(md.atime(), md.atime_nsec()),
+            mtime: time(md.mtime(), md.mtime_nsec()),
+            ctime: time(md.ctime(), md.ctime_nsec()),
+        })
+    }
+
+    /// setattr: truncate or extend (`size`) and chmod (`mode`); no blkdebug request.
+    pub fn set_attr(&self, size: Option<u64>, mode: Option<u32>) -> Result<ImageStat, i32> {
+        if let Some(size) = size {
+            if self.mode.read_only {
+                return Err(libc::EROFS);
+            }
+            self.set_size(size).map_err(|e| {
+                warn!(
+                    "truncate of {} to {size} failed: {e}",
+                    self.image_path.display()
+                );
+                errno_of(&e)
+            })?;
+        }
+        if let Some(mode) = mode {
+            // SAFETY: fchmod on our own open descriptor; no memory is passed.
+            let r = unsafe { libc::fchmod(self.image.as_raw_fd(), mode & 0o7777) };
+            if r != 0 {
+                return Err(errno_of(&io::Error::last_os_error()));
+            }
+        }
+        self.stat()
+    }
+
+    /// statfs of the filesystem holding the image.
+    pub fn statfs(&self) -> Result<libc::statvfs, i32> {
+        // SAFETY: statvfs is plain old data; all-zero is a valid value.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatvfs fills the struct we own, from our own open descriptor.
+        let r = unsafe { libc::fstatvfs(self.image.as_raw_fd(), &mut st) };
+        if r != 0 {
+            return Err(errno_of(&io::Error::last_os_error()));
+        }
+        Ok(st)
+    }
+
+    /// A client read of up to `size` bytes: like QEMU's export, reads stop at the end.
+    pub fn read(&self, offset: u64, size: u32, done: Completion) {
+        let len = (size as u64).min(self.size().saturating_sub(offset));
+        if len == 0 {
+            return done(Ok(ReadBuf::pooled(0)));
+        }
+        self.submit(Op::Read { offset, len }, &[], done);
+    }
+
+    /// A client write. Within the image it is one request; past the end it grows the
+    /// image (`--growable`) only if it succeeds, or is cut at the end (a disk has no room
+    /// past its end: ENOSPC when nothing is left).
+    pub fn write(&self, offset: u64, data: &[u8], done: WriteDone) {
+        if self.mode.read_only {
+            return done(Err(libc::EROFS));
+        }
+        let size = self.size();
+        let end = offset.saturating_add(data.len() as u64);
+        let len = if end <= size || self.mode.growable {
+            // A growing write extends the file in its own pwrite, after every check passed.
+            data.len() as u64
+        } else if offset >= size {
+            return done(Err(libc::ENOSPC));
+        } else {
+            size - offset
+        };
+        if len == 0 {
+            return done(Ok(0));
+        }
+        let written = len as u32;
+        self.submit(
+            Op::Write { offset, len },
+            &data[..len as usize],
+            Box::new(move |r| done(r.map(|_| written))),
+        );
+    }
+
+    /// fsync, fdatasync and the flush of every close.
+    pub fn flush(&self, done: Done) {
+        self.submit(Op::Flush, &[], Box::new(move |r| done(r.map(|_| ()))));
+    }
+
+    /// fallocate(2): punch-hole and zero-range are write-zeroes requests; plain allocation
+    /// reaches no rule. Zero-range without KEEP_SIZE extends the image once it succeeded.
+    pub fn fallocate(self: &Arc<Self>, mode: i32, offset: u64, length: u64, done: Done) {
+        if self.mode.read_only {
+            return done(Err(libc::EROFS));
+        }
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 || (punch && zero) {
+            return done(Err(libc::EOPNOTSUPP));
+        }
+        if !punch && !zero {
+            return done(
+                self.allocate(mode, offset, length)
+                    .map_err(|e| errno_of(&e)),
+            );
+        }
+        let size = self.size();
+        let end = offset.saturating_add(length);
+        let extends = !keep_size && end > size;
+        let len = if extends {
+            length
+        } else {
+            end.min(size).saturating_sub(offset)
+        };
+        if len == 0 {
+            return done(Ok(()));
+        }
+        let mount = self.clone();
+        self.submit(
+            Op::Zero { offset, len, punch },
+            &[],
+            Box::new(move |r| {
+                let r = r.map(|_| ());
+                done(match r {
+                    Ok(()) if extends => mount.grow_to(end).map_err(|e| {
+                        warn!("growing {} failed: {e}", mount.image_path.display());
+                        errno_of(&e)
+                    }),
+                    other => other,
+                })
+            }),
+        );
+    }
+
+    /// lseek SEEK_DATA / SEEK_HOLE: a block-status request, answered by the image's own
+    /// holes. Other whences never reach a FUSE server.
+    pub fn seek(self: &Arc<Self>, offset: i64, whence: i32, done: SeekDone) {
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return done(Err(libc::EINVAL));
+        }
+        let size = self.size();
+        let start = offset.max(0) as u64;
+        if start >= size {
+            return done(Err(libc::ENXIO));
+        }
+        let mount = self.clone();
+        self.submit(
+            Op::BlockStatus {
+                offset: start,
+                len: size - start,
+            },
+            &[],
+            Box::new(move |r| {
+                if let Err(e) = r {
+                    return done(Err(e));
+                }
+                // Positional I/O never uses the descriptor's file offset, so seeking on the
+                // shared descriptor disturbs no request.
+                // SAFETY: lseek on the mount's own open descriptor.
+                let found = unsafe { libc::lseek(mount.image.as_raw_fd(), offset, whence) };
+                done(if found < 0 {
+                    Err(errno_of(&io::Error::last_os_error()))
+                } else {
+                    Ok(found)
+                })
+            }),
+        );
+    }
+
+    /// The final flush at unmount.
+    pub fn sync(&self) -> io::Result<()> {
+        self.image.sync_data()
+    }
+
+    // ---- Rules and state, for the control table. Each takes the engine lock once.
+
+    pub fn add_rule(&self, rule: Rule) -> RuleId {
+        self.engine.lock().add(rule)
+    }
+
+    pub fn remove_rule(&self, id: RuleId) -> Option<Rule> {
+        self.engine.lock().remove(id)
+    }
+
+    /// Deletes every rule and breakpoint; state back to 1 (numbers keep counting).
+    pub fn clear_rules(&self) {
+        self.engine.lock().clear();
+    }
+
+    /// Replaces the inject-error and set-state rules (`reload`); breakpoints stay.
+    pub fn replace_rules(&self, rules: Vec<Rule>) {
+        self.engine.lock().replace_rules(rules);
+    }
+
+    pub fn state(&self) -> i64 {
+        self.engine.lock().state()
+    }
+
+    pub fn set_state(&self, state: i64) {
+        self.engine.lock().set_state(state);
+    }
+
+    /// Every live rule and breakpoint in written order, with its counters.
+    pub fn rules(&self) -> Vec<RuleStatus> {
+        let engine = self.engine.lock();
+        engine
+            .rules()
+            .map(|(id, rule, stats)| RuleStatus {
+                id,
+                rule: rule.clone(),
+                stats,
+                armed_now: engine.is_armed(id),
+            })
+            .collect()
+    }
+
+    // ---- Breakpoints, for the control table and the timer.
+
+    /// The suspended requests, oldest first.
+    pub fn parked(&self) -> Vec<ParkedInfo> {
+        self.breakpoints.list()
+    }
+
+    /// `wait_break`: completes `done` once a request is suspended under `tag`. The id
+    /// returned while it waits cancels it ([`Self::cancel_wait`]).
+    pub fn wait_for_break(
+        &self,
+        tag: &str,
+        timeout: Option<Duration>,
+        done: WaiterDone,
+    ) -> Option<WaiterId> {
+        self.breakpoints.wait_for(tag, timeout, done)
+    }
+
+    /// Forgets a `wait_break` whose client went away.
+    pub fn cancel_wait(&self, id: WaiterId) {
+        self.breakpoints.cancel_waiter(id);
+    }
+
+    /// How many `wait_break` waiters wait (for tests and `status`).
+    pub fn waiters(&self) -> usize {
+        self.breakpoints.waiter_count()
+    }
+
+    /// The timer's work: times out waiters and runs the `--max-suspend` watchdog. Returns
+    /// when it is next due (`None`: only a change can make it due).
+    pub fn expire(&self, max_suspend: Option<Duration>) -> Option<Instant> {
+        let mut next = self.breakpoints.expire_waiters();
+        if let Some(limit) = max_suspend {
+            self.resume_older_than(limit);
+            if let Some(due) = self
+                .breakpoints
+                .oldest_parked()
+                .and_then(|oldest| oldest.checked_add(limit))
+            {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        next
+    }
+
+    /// Runs the timer until shutdown closes the breakpoints.
+    pub fn run_timer(&self, max_suspend: Option<Duration>) {
+        let bp = &self.breakpoints;
+        while !bp.is_closed() {
+            let seen = bp.changes();
+            let next = self.expire(max_suspend);
+            bp.sleep_until(next, seen);
+        }
     }
 
     /// Fires an event outside any request (the `none` event at mount start).
     pub fn fire(&self, event: Event) {
-        let fired = self.engine.lock().fire(event);
+        let fired = self.fire_logged(event);
         if !fired.suspend.is_empty() {
             warn!("breakpoint on '{event}' hit outside a request: nothing to suspend");
         }
     }
 
-    /// Grows the image to at least `end` bytes (growable writes, zero-range past the end).
-    pub fn grow_to(&self, end: u64) -> io::Result<()> {
+    /// Fires `event`; at debug level, says what it armed and how the state moved, so that
+    /// "why did my rule not fire?" has an answer in the log.
+    fn fire_logged(&self, event: Event) -> Fired {
+        let mut engine = self.engine.lock();
+        let fired = engine.fire(event);
+        if log::log_enabled!(log::Level::Debug) {
+            let state = engine.state();
+            let armed = fired.rearmed.then(|| {
+                let ids: Vec<String> = engine.armed().iter().map(|id| id.to_string()).collect();
+                ids.join(", ")
+            });
+            drop(engine);
+            match (armed, fired.state_change) {
+                (None, None) => debug!("event {event} fired (state {state})"),
+                (armed, change) => {
+                    let mut text = format!("event {event} fired");
+                    if let Some(ids) = armed {
+                        if ids.is_empty() {
+                            text.push_str(", active list now empty");
+                        } else {
+                            let _ = write!(text, ", armed rule(s) {ids}");
+                        }
+                    }
+                    match change {
+                        Some((from, to)) => {
+                            let _ = write!(text, ", state {from} -> {to}");
+                        }
+                        None => {
+                            let _ = write!(text, " (state {state})");
+                        }
+                    }
+                    debug!("{text}");
+                }
+            }
+        }
+        fired
+    }
+
+    /// Grows the image to at least `end` bytes (zero-range past the end).
+    fn grow_to(&self, end: u64) -> io::Result<()> {
         let _guard = self.resize.lock();
         // The real size, not the cache: a racing truncate and write could leave the file
         // longer than the cache says, and growing must never cut it.
@@ -199,9 +542,9 @@ impl Mount {
         Ok(())
     }
 
-    /// After a write or zeroing that ended past the cached size (it was checked against the
-    /// size before a truncate that ran meanwhile, and extended the file again), re-reads the
-    /// size so that the cache never stays below the file.
+    /// After a write or zeroing that ended past the cached size (a growing write, or one
+    /// checked against the size before a truncate that ran meanwhile), re-reads the size so
+    /// that the cache never stays below the file.
     fn note_extent(&self, end: u64) {
         if end > self.size() {
             let _guard = self.resize.lock();
@@ -212,7 +555,7 @@ impl Mount {
     }
 
     /// Truncates or extends the image (setattr size).
-    pub fn set_size(&self, size: u64) -> io::Result<()> {
+    fn set_size(&self, size: u64) -> io::Result<()> {
         let _guard = self.resize.lock();
         // Pages past a new, smaller end must not be in any reply's window when they go.
         let _no_windows = self.map.as_ref().map(|m| m.exclude_windows());
@@ -223,7 +566,7 @@ impl Mount {
 
     /// Plain `fallocate(2)` on the image (no blkdebug request: allocation only). Without
     /// `FALLOC_FL_KEEP_SIZE` it may extend the image.
-    pub fn allocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    fn allocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         let _guard = self.resize.lock();
         // SAFETY: fallocate on our own open descriptor; no memory is passed.
         let r = unsafe { libc::fallocate(self.image.as_raw_fd(), mode, offset as i64, len as i64) };
@@ -238,7 +581,7 @@ impl Mount {
     /// Starts one client operation: walks its plan until it finishes (and `done` replies) or
     /// a breakpoint parks it. Either way the calling worker returns at once: a parked
     /// request owns its buffer and reply, and continues on whichever thread resumes it.
-    pub fn submit(&self, op: Op, write_data: &[u8], done: Completion) {
+    fn submit(&self, op: Op, write_data: &[u8], done: Completion) {
         let pending = Pending {
             op,
             steps: plan(op, self.limits),
@@ -255,7 +598,7 @@ impl Mount {
     }
 
     /// Walks `p` on from its current step; parks it when a breakpoint hits.
-    pub(crate) fn drive(&self, mut p: Pending<'_>) {
+    fn drive(&self, mut p: Pending<'_>) {
         match self.advance(&mut p) {
             Advance::Finished(result) => {
                 if result.is_ok() {
@@ -272,7 +615,8 @@ impl Mount {
             }
             Advance::Parked { tags, event } => {
                 // Parking is refused once shutting down: then continue right away.
-                if let Some(p) = self.breakpoints.park(p.into_owned(), tags, event) {
+                let op = p.op;
+                if let Some(p) = self.breakpoints.park(p.into_owned(), op, tags, event) {
                     self.drive(p);
                 }
             }
@@ -287,7 +631,7 @@ impl Mount {
             p.pc += 1;
             match step {
                 Step::Event(event) => {
-                    let fired = self.engine.lock().fire(event);
+                    let fired = self.fire_logged(event);
                     if !fired.suspend.is_empty() {
                         // Parked after the whole event, state updated (as QEMU 6.1+).
                         return Advance::Parked {
@@ -432,12 +776,12 @@ impl Mount {
     }
 
     /// The `--max-suspend` watchdog: resumes requests suspended longer than `limit`.
-    pub fn resume_older_than(&self, limit: Duration) {
-        for (id, p) in self.breakpoints.take_older_than(limit) {
+    fn resume_older_than(&self, limit: Duration) {
+        for (id, op, p) in self.breakpoints.take_older_than(limit) {
             warn!(
                 "request {id} ({}) was suspended for more than {limit:?}: resuming it \
                  (--max-suspend)",
-                p.op.name()
+                op.name()
             );
             self.drive(p);
         }
@@ -464,10 +808,15 @@ impl Mount {
         } else {
             format!(" at offset {offset}, {len} bytes")
         };
+        // `into write_aio (write at ...)`, but `into flush` when the names agree.
+        let what = if op.name() == iotype.name() {
+            format!("{}{range}", op.name())
+        } else {
+            format!("{} ({iotype}{range})", op.name())
+        };
         info!(
-            "injecting {} into {} ({iotype}{range}) for rule {rule} armed by {event}{note}",
+            "injecting {} into {what} for rule {rule} armed by {event}{note}",
             errno::describe(errno),
-            op.name(),
         );
         Some(errno)
     }

@@ -341,6 +341,21 @@ impl fmt::Display for RuleId {
 pub struct Fired {
     /// Tags of the breakpoints that hit: the request is to be parked under each.
     pub suspend: Vec<String>,
+    /// The event replaced the active list (its inject-error rules that pass the state gate
+    /// are armed now, see [`Engine::armed`]).
+    pub rearmed: bool,
+    /// The state before and after, when a set-state rule of the event changed it.
+    pub state_change: Option<(i64, i64)>,
+}
+
+/// A rule's counters, as `rules` shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    /// Requests the rule acted on: failed (inject-error), suspended (breakpoint), or whose
+    /// event it moved the state on (set-state).
+    pub hits: u64,
+    /// How often its event armed it (inject-error rules only; 0 for the others).
+    pub armed: u64,
 }
 
 /// The outcome of checking a request.
@@ -357,8 +372,8 @@ pub enum Verdict {
 
 struct Slot {
     rule: Rule,
-    /// Requests this rule failed.
-    failures: u64,
+    /// Requests this rule acted on (see [`RuleStats::hits`]).
+    hits: u64,
     /// The fire counter of the rule's (event, state gate) when the rule was added: the rule
     /// was processed once per fire since, so its hit count needs no per-fire update.
     fires_at_add: u64,
@@ -399,8 +414,8 @@ struct Compiled {
     /// The new active list, or `None` when no inject-error rule passes the state gate (the
     /// list then stays as it is).
     active: Option<Arc<ActiveSet>>,
-    /// The first written set-state rule's new state.
-    new_state: Option<i64>,
+    /// The first written set-state rule that passes the gate, and its new state.
+    new_state: Option<(RuleId, i64)>,
 }
 
 /// An inject-error rule as the index needs it, kept beside its id so that compiling a plan
@@ -548,7 +563,7 @@ impl Engine {
             id,
             Slot {
                 rule,
-                failures: 0,
+                hits: 0,
                 fires_at_add,
             },
         );
@@ -630,13 +645,27 @@ impl Engine {
         self.state = state;
     }
 
-    /// The live rules in written order, with how often each fired (armed, set the state,
-    /// suspended or failed a request).
-    pub fn rules(&self) -> impl Iterator<Item = (RuleId, &Rule, u64)> {
+    /// The live rules in written order, with their counters.
+    pub fn rules(&self) -> impl Iterator<Item = (RuleId, &Rule, RuleStats)> {
         self.rules.iter().map(|(id, s)| {
-            let fires = self.by_event[s.rule.event.index()].fires_for(s.rule.state);
-            (*id, &s.rule, s.failures + (fires - s.fires_at_add))
+            let armed = match s.rule.action {
+                // Every fire of its event in a state its gate passes re-armed it.
+                Action::InjectError { .. } => {
+                    self.by_event[s.rule.event.index()].fires_for(s.rule.state) - s.fires_at_add
+                }
+                _ => 0,
+            };
+            let stats = RuleStats {
+                hits: s.hits,
+                armed,
+            };
+            (*id, &s.rule, stats)
         })
+    }
+
+    /// The armed inject-error rules, in written order.
+    pub fn armed(&self) -> &[RuleId] {
+        &self.active.ids
     }
 
     /// Whether the rule is in the active list.
@@ -661,7 +690,11 @@ impl Engine {
             .collect();
         let compiled = Compiled {
             active: (!armed.is_empty()).then(|| Arc::new(ActiveSet::build(&armed))),
-            new_state: rules.set_state.iter().find(|e| passes(e.1)).map(|e| e.2),
+            new_state: rules
+                .set_state
+                .iter()
+                .find(|e| passes(e.1))
+                .map(|e| (e.0, e.2)),
         };
         if self.compiled.len() >= MAX_COMPILED {
             self.compiled.clear();
@@ -703,9 +736,14 @@ impl Engine {
         }
         if let Some(active) = compiled.active {
             self.active = active;
+            fired.rearmed = true;
         }
-        if let Some(n) = compiled.new_state {
+        if let Some((id, n)) = compiled.new_state {
             self.state = n;
+            fired.state_change = Some((state, n));
+            if let Some(slot) = self.rules.get_mut(&id) {
+                slot.hits += 1;
+            }
         }
         fired
     }
@@ -726,7 +764,7 @@ impl Engine {
             // delete a `once` rule here, since it did not fail anything.
             return Verdict::Pass;
         }
-        slot.failures += 1;
+        slot.hits += 1;
         let event = slot.rule.event;
         if once {
             self.remove(id);
@@ -1028,25 +1066,39 @@ mod tests {
         }
     }
 
+    /// `hits` counts the requests a rule acted on, `armed` the fires that armed it: one
+    /// failing read is `hits=1`, however many events armed the rule before it.
     #[test]
-    fn hit_counts_follow_fires_per_state_and_failures() {
+    fn hits_count_requests_acted_on_and_arming_is_counted_apart() {
         let mut e = Engine::new(vec![
             inject(Event::ReadAio, 0, 5, Some(0), false),
             inject(Event::ReadAio, 2, 5, Some(0), false),
             set_state(Event::WriteAio, 1, 2),
+            set_state(Event::WriteAio, 0, 7),
         ]);
-        let hits = |e: &Engine| e.rules().map(|(_, _, h)| h).collect::<Vec<_>>();
-        e.fire(Event::ReadAio);
-        assert_eq!(hits(&e), vec![1, 0, 0]);
+        let stats = |e: &Engine| {
+            e.rules()
+                .map(|(_, _, s)| (s.hits, s.armed))
+                .collect::<Vec<_>>()
+        };
+        let fired = e.fire(Event::ReadAio);
+        assert!(fired.rearmed && fired.state_change.is_none());
+        assert_eq!(stats(&e), vec![(0, 1), (0, 0), (0, 0), (0, 0)]);
         assert_eq!(e.check(IoType::Read, 0, 512), fail(5, 1, Event::ReadAio));
-        assert_eq!(hits(&e), vec![2, 0, 0]);
-        e.fire(Event::WriteAio);
+        // A request elsewhere is not acted on.
+        assert_eq!(e.check(IoType::Read, 4096, 512), Verdict::Pass);
+        assert_eq!(stats(&e), vec![(1, 1), (0, 0), (0, 0), (0, 0)]);
+        // The first written set-state rule acts; the second is shadowed.
+        let fired = e.fire(Event::WriteAio);
+        assert_eq!(fired.state_change, Some((1, 2)));
+        assert!(!fired.rearmed);
         e.fire(Event::ReadAio);
-        assert_eq!(hits(&e), vec![3, 1, 1]);
+        assert_eq!(stats(&e), vec![(1, 2), (0, 1), (1, 0), (0, 0)]);
+        assert_eq!(e.armed(), &[RuleId(1), RuleId(2)]);
         // A rule added later counts only the fires after it.
         let id = e.add(inject(Event::ReadAio, 0, 5, None, false));
         e.fire(Event::ReadAio);
-        assert_eq!(e.rules().find(|(i, _, _)| *i == id).unwrap().2, 1);
+        assert_eq!(e.rules().find(|(i, _, _)| *i == id).unwrap().2.armed, 1);
     }
 
     #[test]

@@ -317,7 +317,7 @@ fn mmap_of_a_faulted_page_delivers_sigbus() {
     assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{text}");
     let log = d.stderr();
     assert!(
-        log.contains("injecting EIO (5) into read (read at offset"),
+        log.contains("injecting EIO (5) into read at offset"),
         "{log}"
     );
     assert!(d.stop().success());
