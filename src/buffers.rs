@@ -170,8 +170,9 @@ impl ImageMap {
             );
             return None;
         }
-        // SAFETY: fstatfs fills the struct we own.
+        // SAFETY: statfs is plain old data; all-zero is a valid value.
         let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs fills the struct we own, from an open descriptor.
         let on_tmpfs = unsafe { libc::fstatfs(image.as_raw_fd(), &mut fs) } == 0
             && fs.f_type == libc::TMPFS_MAGIC;
         // The kernel answers mincore truthfully for a file only to its owner (or root, or a

@@ -31,6 +31,9 @@
 //! Every error names where it was (file and line, or which command-line rule), the section,
 //! the key and the offending value; nothing is mounted when one is found.
 
+// `rust-ini` is not used: it reports no line numbers, and every error here names its line
+// (and it reads text, where QEMU reads bytes).
+//
 // Errors are built once, at load, and carry where they were: their size does not matter.
 #![allow(clippy::result_large_err)]
 
@@ -85,7 +88,9 @@ pub enum Problem {
     Syntax,
     UnknownGroup,
     KeyOutsideGroup,
-    UnknownKey { allowed: &'static [&'static str] },
+    UnknownKey {
+        allowed: &'static [&'static str],
+    },
     MissingEvent,
     UnknownEvent,
     BadNumber,
@@ -96,6 +101,10 @@ pub enum Problem {
     NegativeState,
     BadIoType,
     BadLimit(String),
+    /// A line that matters (not a comment) is not UTF-8 text.
+    NotText,
+    /// `sector * 512` would be past the largest file offset: no request reaches it.
+    SectorTooLarge,
 }
 
 impl fmt::Display for Problem {
@@ -132,6 +141,12 @@ impl fmt::Display for Problem {
                 "unknown iotype (read, write, write-zeroes, discard, flush, block-status)",
             ),
             Problem::BadLimit(why) => f.write_str(why),
+            Problem::NotText => f.write_str("not UTF-8 text"),
+            Problem::SectorTooLarge => write!(
+                f,
+                "no request can reach this sector (sector * 512 must be below 2^63; the \
+                 largest is {MAX_SECTOR})"
+            ),
         }
     }
 }
@@ -147,16 +162,21 @@ pub struct ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// `file:line: [section] key = "value": problem`, leaving out the parts it lacks.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:", self.at)?;
+        let mut what = Vec::new();
         if let Some(section) = &self.section {
-            write!(f, " [{section}]")?;
+            what.push(format!("[{section}]"));
         }
         match (&self.key, &self.value) {
-            (Some(k), Some(v)) => write!(f, " {k} = \"{v}\"")?,
-            (Some(k), None) => write!(f, " {k}")?,
-            (None, Some(v)) => write!(f, " \"{v}\"")?,
+            (Some(k), Some(v)) => what.push(format!("{k} = \"{v}\"")),
+            (Some(k), None) => what.push(k.clone()),
+            (None, Some(v)) => what.push(format!("\"{v}\"")),
             (None, None) => {}
+        }
+        write!(f, "{}", self.at)?;
+        if !what.is_empty() {
+            write!(f, ": {}", what.join(" "))?;
         }
         write!(f, ": {}", self.problem)
     }
@@ -266,7 +286,7 @@ fn build_rule(
             let sector = match get("sector") {
                 None => None,
                 Some(e) if e.value.trim() == "-1" => None,
-                Some(e) => Some(parse_number(&e.value).map_err(|p| err(Some(e), p))?),
+                Some(e) => Some(parse_sector(&e.value).map_err(|p| err(Some(e), p))?),
             };
             let once = match get("once") {
                 None => false,
@@ -309,6 +329,17 @@ pub fn parse_number(text: &str) -> Result<u64, Problem> {
     parsed.map_err(|_| Problem::BadNumber)
 }
 
+/// The largest `sector` a request can reach: its byte `sector * 512` is a file offset.
+pub const MAX_SECTOR: u64 = (i64::MAX as u64) / 512;
+
+fn parse_sector(text: &str) -> Result<u64, Problem> {
+    let n = parse_number(text)?;
+    if n > MAX_SECTOR {
+        return Err(Problem::SectorTooLarge);
+    }
+    Ok(n)
+}
+
 fn parse_state(text: &str) -> Result<i64, Problem> {
     if text.trim().starts_with('-') {
         return Err(Problem::NegativeState);
@@ -324,7 +355,8 @@ pub fn parse_errno(text: &str) -> Result<i32, Problem> {
         return Err(Problem::NegativeErrno);
     }
     if t.starts_with(|c: char| c.is_ascii_alphabetic()) {
-        return errno::from_name(t).ok_or(Problem::UnknownErrnoName);
+        // Names are case-insensitive: `enospc` is ENOSPC.
+        return errno::from_name(&t.to_ascii_uppercase()).ok_or(Problem::UnknownErrnoName);
     }
     let n = parse_number(t)?;
     if n > errno::MAX_INJECTABLE as u64 {
@@ -367,33 +399,82 @@ fn split_assignment(line: &str) -> Option<(String, String)> {
         // QEMU reads up to the closing quote and ignores the rest of the line.
         rest.split_once('"')?.0
     } else {
-        value
+        // Unquoted (our superset): a `#` after blanks starts a comment.
+        match value
+            .find([' ', '\t'])
+            .map(|at| (at, value[at..].trim_start()))
+        {
+            Some((at, rest)) if rest.starts_with('#') => value[..at].trim_end(),
+            _ => value,
+        }
     };
     Some((key.to_string(), value.to_string()))
 }
 
-/// Parses a `[group]` or `[group "id"]` header.
+/// Parses a section header as QEMU's `qemu_config_parse` does: `[group "id"]`, or the text
+/// up to the first `]` as the group name. Whatever follows the `]` is ignored (so
+/// `[set-state]   # comment` is a `set-state` header). Blanks around the name are allowed
+/// (QEMU would look for a group named " set-state " and fail).
 fn parse_header(line: &str) -> Option<String> {
-    let inner = line.strip_prefix('[')?.trim_end().strip_suffix(']')?;
-    let name = inner.split_whitespace().next()?;
+    let inner = line.strip_prefix('[')?;
+    let (inner, _ignored) = inner.split_once(']')?;
+    let inner = inner.trim();
+    let name = match inner.split_once(char::is_whitespace) {
+        // `[group "id"]`: QEMU's form with an id, which names nothing in blkdebug.
+        Some((name, id)) if id.trim().starts_with('"') && id.trim().ends_with('"') => name,
+        Some(_) => return Some(inner.to_string()),
+        None => inner,
+    };
     Some(name.to_string())
 }
 
 /// Parses a config file's text into rules, in file order.
 pub fn parse_config_text(path: &Path, text: &str) -> Result<Vec<Rule>, ConfigError> {
+    parse_config_bytes(path, text.as_bytes())
+}
+
+/// Parses a config file's bytes, as QEMU reads them: line by line, a UTF-8 byte-order mark
+/// skipped, comments and blank lines whatever bytes they hold; only a line that carries a
+/// header, key or value must be UTF-8 text.
+pub fn parse_config_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<Rule>, ConfigError> {
     let source = Source::File(path.to_path_buf());
     let at = |line: usize| Location {
         source: source.clone(),
         line: Some(line),
     };
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     // (group, line of header, entries)
     let mut sections: Vec<(Group, usize, Vec<Entry>)> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let lineno = i + 1;
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let blank = raw.trim_ascii();
+        if blank.is_empty() || blank.starts_with(b"#") {
             continue;
         }
+        let text;
+        let raw = match std::str::from_utf8(raw) {
+            Ok(t) => t,
+            // QEMU ignores what follows a header's `]` or a value's closing quote: bytes
+            // there need not be text. Anything else must be.
+            Err(e) => {
+                let valid = &raw[..e.valid_up_to()];
+                let ignorable = valid.trim_ascii_start().starts_with(b"[") && valid.contains(&b']')
+                    || valid.iter().filter(|&&b| b == b'"').count() >= 2;
+                if !ignorable {
+                    return Err(ConfigError {
+                        at: at(lineno),
+                        section: sections.last().map(|s| s.0.name().to_string()),
+                        key: None,
+                        value: Some(String::from_utf8_lossy(raw).into_owned()),
+                        problem: Problem::NotText,
+                    });
+                }
+                text = String::from_utf8_lossy(valid).into_owned();
+                text.as_str()
+            }
+        };
+        let line = raw.trim();
         if line.starts_with('[') {
             let name = parse_header(line).ok_or_else(|| ConfigError {
                 at: at(lineno),
@@ -448,7 +529,7 @@ pub fn parse_config_text(path: &Path, text: &str) -> Result<Vec<Rule>, ConfigErr
 
 /// Reads and parses a config file.
 pub fn load_config_file(path: &Path) -> Result<Vec<Rule>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    let bytes = std::fs::read(path).map_err(|e| ConfigError {
         at: Location {
             source: Source::File(path.to_path_buf()),
             line: None,
@@ -458,7 +539,7 @@ pub fn load_config_file(path: &Path) -> Result<Vec<Rule>, ConfigError> {
         value: None,
         problem: Problem::Unreadable(e.to_string()),
     })?;
-    parse_config_text(path, &text)
+    parse_config_bytes(path, &bytes)
 }
 
 /// Splits QEMU option text `a=1,b=2` (`,,` is a literal comma) into key/value pairs.
@@ -832,6 +913,64 @@ mod tests {
                 Some("this is not ini"),
                 Problem::Syntax
             )
+        );
+    }
+
+    /// QEMU's `qemu_config_parse` ignores what follows a header's `]` and a value's closing
+    /// quote: the README's own `[set-state]   # comment` must load.
+    #[test]
+    fn text_after_a_header_or_a_quoted_value_is_ignored_as_qemu_does() {
+        let rules = parse(
+            "[set-state]   # comment\nevent = \"write_aio\"  # why\nnew_state = \"2\"x\n\
+             [inject-error \"id1\"]\nevent = read_aio # unquoted, comment after blanks\n",
+        )
+        .unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].event, Event::WriteAio);
+        assert_eq!(rules[0].action, Action::SetState { new_state: 2 });
+        assert_eq!(rules[1].event, Event::ReadAio);
+        // A header without its `]` is still an error.
+        let e = parse("[set-state\nevent = none\n").unwrap_err();
+        assert_eq!(e.problem, Problem::Syntax);
+        assert_eq!(e.at.line, Some(1));
+    }
+
+    /// QEMU reads bytes: bytes that are not UTF-8 in a comment, or after a header or a
+    /// closing quote, change nothing; in a value they are an error that names the line.
+    #[test]
+    fn bytes_that_are_not_utf8_fail_only_where_they_matter_and_a_bom_is_skipped() {
+        let ok = b"\xef\xbb\xbf# caf\xe9\n[inject-error] \xff\nevent = \"read_aio\" \xfe\n\
+                   errno = \"5\"\r\n";
+        let rules = parse_config_bytes(Path::new("t.ini"), ok).unwrap();
+        assert_eq!(rules.len(), 1);
+        let bad = b"[inject-error]\nevent = \"read_aio\"\nerrno = EI\xff\n";
+        let e = parse_config_bytes(Path::new("t.ini"), bad).unwrap_err();
+        assert_eq!(e.problem, Problem::NotText);
+        assert_eq!(e.at.line, Some(3));
+        assert_eq!(e.section.as_deref(), Some("inject-error"));
+    }
+
+    #[test]
+    fn a_sector_no_request_can_reach_is_refused_and_errno_names_ignore_case() {
+        let e = parse("[inject-error]\nevent = none\nsector = 18446744073709551615\n").unwrap_err();
+        assert_eq!(e.problem, Problem::SectorTooLarge);
+        assert_eq!(e.at.line, Some(3));
+        let max = format!("[inject-error]\nevent = none\nsector = {MAX_SECTOR}\n");
+        assert!(parse(&max).is_ok());
+        let rules = parse("[inject-error]\nevent = none\nerrno = enospc\n").unwrap();
+        assert!(matches!(
+            rules[0].action,
+            Action::InjectError { errno: 28, .. }
+        ));
+    }
+
+    #[test]
+    fn an_unreadable_file_is_named_once_with_one_colon() {
+        let e = load_config_file(Path::new("/nonexistent/f.ini")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("/nonexistent/f.ini: cannot read the config file: "),
+            "{text}"
         );
     }
 

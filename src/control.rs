@@ -428,6 +428,10 @@ impl Control {
                 let _ = writeln!(out, "breakpoint {}: {} tag {tag}", r.id, r.rule.event);
             }
         }
+        let waiters = self.mount.waiters();
+        if waiters > 0 {
+            let _ = writeln!(out, "{waiters} wait_break waiter(s)");
+        }
         out.trim_end().to_string()
     }
 

@@ -1,5 +1,6 @@
-//! The FUSE adapter: translates kernel operations into [`Op`]s for [`Mount::submit`] and
-//! results into replies. Nothing else lives here: no rule logic, no policy.
+//! The FUSE adapter: resolves which node each kernel operation is for, calls the [`Mount`]
+//! method for it, and turns the result into the reply. Nothing else lives here: no rule
+//! logic, no size or growth policy, no syscall on the image.
 //!
 //! The mount shows either a directory holding one regular file (the image's file name), or,
 //! when mounted onto a regular file, that file itself as the root (as QEMU's FUSE export
@@ -299,6 +300,9 @@ impl Filesystem for BlkdebugFs {
                 self.control_texts
                     .lock()
                     .insert(fh, (self.control.status(), 0));
+                // The kernel holds this file's inode lock across each write (a write to an
+                // empty file extends it, so it is never parallel): commands through
+                // `.control` run one at a time, and `ctl wait_break` waits in short slices.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
             Some(Node::Image) => {

@@ -138,8 +138,9 @@ impl fmt::Display for Error {
                 let root = unsafe { libc::geteuid() } == 0;
                 if source.kind() == io::ErrorKind::PermissionDenied && !root {
                     f.write_str(
-                        " (mounting needs root, or fusermount3 from the fuse3 package with \
-                         user_allow_other in /etc/fuse.conf for --allow-other)",
+                        " (only root can mount directly; other users need fusermount3, \
+                         from Debian's fuse3 package, and for --allow-other also \
+                         user_allow_other in /etc/fuse.conf)",
                     )?;
                 }
                 Ok(())

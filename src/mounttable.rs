@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
-use log::{debug, warn};
+use log::{info, warn};
 
 use crate::Shutdown;
 
@@ -152,7 +152,10 @@ impl DetachWatch {
                         Ok(bytes) => {
                             retry_pending = false;
                             if !device_in(&bytes, &device) {
-                                debug!("device {device} left the mount table: shutting down");
+                                info!(
+                                    "the mount (device {device}) was unmounted from outside: \
+                                     shutting down"
+                                );
                                 shutdown.trigger();
                                 return;
                             }

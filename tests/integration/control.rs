@@ -311,7 +311,7 @@ fn lazy_umount_alone_releases_suspended_requests_and_ends_the_daemon() {
     assert!(d.wait_exit().success(), "{}", d.stderr());
     assert_eq!(join(writer), Ok(4096));
     assert!(
-        d.stderr().contains("detached from outside"),
+        d.stderr().contains("unmounted from outside"),
         "{}",
         d.stderr()
     );

@@ -6,7 +6,8 @@
 //!
 //! Scenario format (see the file's own comments): `=== name: description`, optional
 //! `size N` and `opt key=value` lines, the config body verbatim, then `ops` and one operation
-//! per line: `read OFF LEN`, `write OFF LEN BYTE`, `bwrite OFF LEN BYTE` (buffered fd),
+//! per line (`verbatim` before the body keeps `#` text in config lines, for scenarios about
+//! what QEMU's parser ignores): `read OFF LEN`, `write OFF LEN BYTE`, `bwrite OFF LEN BYTE` (buffered fd),
 //! `fsync`, `fdatasync`, `close` (close and reopen; reports the flush-on-close result),
 //! `punch OFF LEN`, `zero OFF LEN`, `seek_data OFF`, `seek_hole OFF`.
 
@@ -26,6 +27,7 @@ struct Scenario {
     opts: Vec<(String, String)>,
     config: String,
     ops: Vec<String>,
+    verbatim: bool,
 }
 
 fn parse_scenarios(text: &str) -> Vec<Scenario> {
@@ -39,6 +41,7 @@ fn parse_scenarios(text: &str) -> Vec<Scenario> {
                 opts: Vec::new(),
                 config: String::new(),
                 ops: Vec::new(),
+                verbatim: false,
             });
             in_ops = false;
             continue;
@@ -53,6 +56,11 @@ fn parse_scenarios(text: &str) -> Vec<Scenario> {
             }
         } else if bare == "ops" {
             in_ops = true;
+        } else if bare == "verbatim" {
+            s.verbatim = true;
+        } else if s.verbatim && !line.trim().is_empty() {
+            s.config.push_str(line);
+            s.config.push('\n');
         } else if let Some(n) = bare.strip_prefix("size ") {
             s.size = n.trim().parse().expect("size");
         } else if let Some(kv) = bare.strip_prefix("opt ") {

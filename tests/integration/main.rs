@@ -4,6 +4,7 @@
 mod clients;
 mod control;
 mod differential;
+mod hardening;
 mod util;
 
 use std::os::unix::fs::FileExt;

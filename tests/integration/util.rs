@@ -44,15 +44,15 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn is_mounted(path: &Path) -> bool {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let wanted = path.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
+    // Read as bytes: another mount's path need not be UTF-8.
+    let table = std::fs::read("/proc/self/mountinfo").expect("read the mount table");
+    String::from_utf8_lossy(&table)
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
 }
 
 pub fn mount_table() -> String {
-    std::fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
+    String::from_utf8_lossy(&std::fs::read("/proc/self/mounts").unwrap_or_default())
         .lines()
         .filter(|l| l.contains("fuse"))
         .collect::<Vec<_>>()
@@ -132,6 +132,15 @@ impl Daemon {
     /// Starts `blkdebugfs mount ARGS` (ARGS include image and mount point) and waits until
     /// `mountpoint` is mounted.
     pub fn start(mountpoint: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with(mountpoint, args, |_| {})
+    }
+
+    /// [`Daemon::start`], letting `configure` adjust the command first (a umask, say).
+    pub fn start_with(
+        mountpoint: &Path,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let exclusive = exclusive();
         let stderr_path = mountpoint.with_extension(format!("stderr.{}", rand_suffix()));
         let stderr = File::create(&stderr_path).expect("stderr file");
@@ -142,6 +151,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        configure(&mut cmd);
         let child = cmd.spawn().expect("spawn blkdebugfs");
         let mut d = Daemon {
             child: Some(child),
