@@ -454,7 +454,7 @@ injected_at() {
   local off len
   while read -r off len; do
     if [ "$off" -le "$2" ] && [ "$2" -lt $((off + len)) ]; then return 0; fi
-  done < <(sed -nE 's/.*injecting EIO \(5\) into read \(read at offset ([0-9]+), ([0-9]+) bytes\).*/\1 \2/p' "$1")
+  done < <(sed -nE 's/.*injecting EIO \(5\) into read at offset ([0-9]+), ([0-9]+) bytes.*/\1 \2/p' "$1")
   return 1
 }
 show_daemon_log() {

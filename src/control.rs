@@ -760,6 +760,48 @@ mod tests {
     }
 
     #[test]
+    fn bad_bytes_and_long_lines_get_an_error_and_the_stream_goes_on() {
+        let (_img, c) = control();
+        let mut input = b"sta\xffte\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 1));
+        input.extend_from_slice(b"\nstate\n  \nstate");
+        let mut out = Vec::new();
+        c.serve_stream(Cursor::new(input), &mut out, || false)
+            .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            vec![
+                "error EINVAL the command is not UTF-8 text",
+                "error EINVAL command longer than 65536 bytes",
+                "ok state 1",
+                "ok state 1",
+            ]
+        );
+        // The same through the control file's path.
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.run_bytes(
+            b"\xfe",
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        assert_eq!(rx.recv().unwrap().unwrap_err().errno, libc::EINVAL);
+    }
+
+    #[test]
+    fn a_client_that_hangs_up_cancels_its_wait_break() {
+        let (_img, c) = control();
+        let mut out = Vec::new();
+        // The client is gone: the waiter goes and nothing is answered.
+        c.serve_stream(Cursor::new(b"wait_break t\n".to_vec()), &mut out, || true)
+            .unwrap();
+        assert!(out.is_empty());
+        assert_eq!(c.mount.waiters(), 0);
+    }
+
+    #[test]
     fn help_lists_every_command_and_replies_round_trip() {
         let h = help();
         for c in COMMANDS {

@@ -61,6 +61,22 @@ fn outcome(r: io::Result<()>) -> String {
     }
 }
 
+/// Keeps the log off stderr while it lives (it would interleave with the table).
+struct QuietLog;
+
+impl QuietLog {
+    fn start() -> QuietLog {
+        crate::logring::set_quiet(true);
+        QuietLog
+    }
+}
+
+impl Drop for QuietLog {
+    fn drop(&mut self) {
+        crate::logring::set_quiet(false);
+    }
+}
+
 /// Runs the demo; `Err` carries a message for the user.
 pub fn run_demo() -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
@@ -75,14 +91,26 @@ pub fn run_demo() -> Result<(), String> {
     std::fs::write(&rules_path, DEMO_RULES).map_err(|e| e.to_string())?;
 
     println!("blkdebugfs demo: image {} (1 MiB)", image.display());
-    println!("rules ({}):\n", rules_path.display());
-    for line in DEMO_RULES.lines().filter(|l| l.starts_with('#')) {
+    println!(
+        "rules ({}), numbered as `ctl MNT rules` shows them:\n",
+        rules_path.display()
+    );
+    let rules = parse_config_text(&rules_path, DEMO_RULES).map_err(|e| e.to_string())?;
+    let comments: Vec<&str> = DEMO_RULES.lines().filter(|l| l.starts_with('#')).collect();
+    for (i, rule) in rules.iter().enumerate() {
+        println!("  rule {}: {rule}", i + 1);
+    }
+    println!();
+    for line in comments {
         println!("  {line}");
     }
     println!();
 
+    // The daemon's log lines would interleave with the table: keep them for after it.
+    let quiet = QuietLog::start();
+    let seen_before = crate::logring::recent(crate::logring::CAPACITY).map_or(0, |l| l.len());
     let mut options = MountOptions::new(&image, &mnt);
-    options.rules = parse_config_text(&rules_path, DEMO_RULES).map_err(|e| e.to_string())?;
+    options.rules = rules;
     options.threads = 2;
     let prepared = prepare(options).map_err(|e| e.to_string())?;
     let shutdown = Shutdown::new();
@@ -115,6 +143,7 @@ pub fn run_demo() -> Result<(), String> {
             .contains(mnt.to_string_lossy().as_ref())
     });
 
+    drop(quiet);
     let rows = rows.map_err(|e| format!("driving the mount: {e}"))?;
     println!("{:<3} {:<34} {:<8} why", "#", "operation", "result");
     for (i, r) in rows.iter().enumerate() {
@@ -125,6 +154,12 @@ pub fn run_demo() -> Result<(), String> {
         "\nimage after unmount: bytes 0..4096 = 0x{:02x} (written by ops 5 and 7)",
         pristine[0]
     );
+    if let Some(lines) = crate::logring::recent(crate::logring::CAPACITY) {
+        println!("\nthe daemon's log (`blkdebugfs ctl MNT log` shows it for a real mount):");
+        for line in lines.iter().skip(seen_before) {
+            println!("  {line}");
+        }
+    }
     println!(
         "unmounted: {}; removing {}",
         if unmounted { "yes" } else { "NO" },

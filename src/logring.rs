@@ -18,6 +18,13 @@ pub const CAPACITY: usize = 1000;
 const MAX_LINE: usize = 1000;
 
 static RING: Mutex<Option<VecDeque<String>>> = Mutex::new(None);
+/// While set, lines go to the ring only (the demo prints them after its table).
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keeps log lines off stderr (`true`) or sends them there again (`false`).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
 
 struct Tee {
     stderr: env_logger::Logger,
@@ -32,7 +39,9 @@ impl Log for Tee {
         if !self.stderr.matches(record) {
             return;
         }
-        self.stderr.log(record);
+        if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+            self.stderr.log(record);
+        }
         let mut line = format!("[{} {:<5}] {}", utc_now(), record.level(), record.args());
         if line.len() > MAX_LINE {
             let mut cut = MAX_LINE;

@@ -102,7 +102,7 @@ fn control_file_reads_status_and_replies() {
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
     drop(f);
     // Control requests fire no events: the read_aio rule is not armed by any of this.
-    assert!(ctl(&s.mnt, &["rules"]).contains("hits=0\n"));
+    assert!(ctl(&s.mnt, &["rules"]).contains("hits=0 armed=0\n"));
     assert!(d.stop().success());
 }
 
