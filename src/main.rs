@@ -423,12 +423,14 @@ fn send_command(target: &Path, line: &str) -> Result<String, (Option<i32>, Strin
     let md = std::fs::metadata(target).map_err(at)?;
     if md.file_type().is_socket() {
         let mut conn = std::os::unix::net::UnixStream::connect(target).map_err(at)?;
-        writeln!(conn, "{line}").map_err(at)?;
+        // A daemon that refuses the connection (another user, too many) answers and closes
+        // at once, maybe before our line is written: read its answer even then.
+        let sent = writeln!(conn, "{line}");
         let mut answer = String::new();
-        std::io::BufReader::new(conn)
-            .read_line(&mut answer)
-            .map_err(at)?;
+        let read = std::io::BufReader::new(conn).read_line(&mut answer);
         if answer.is_empty() {
+            sent.map_err(at)?;
+            read.map_err(at)?;
             return Err((None, "the daemon closed the connection".into()));
         }
         blkdebugfs::control::decode_reply(&answer).map_err(|e| (Some(e.errno), e.message))

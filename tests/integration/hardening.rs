@@ -32,6 +32,28 @@ fn threads_of(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
+/// A copy of the binary in `dir` (made reachable: mode 0755) that another user can run,
+/// wherever the build tree is (a checkout under /root is closed to them).
+fn bin_for_others(dir: &Path) -> std::path::PathBuf {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.join("blkdebugfs");
+    std::fs::copy(BIN, &copy).expect("copy the binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// Stops a `--daemonize`d mount by the PID in its pidfile and waits for the unmount.
+fn stop_daemonized(pidfile: &Path, mnt: &Path) {
+    let pid: i32 = std::fs::read_to_string(pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("a PID");
+    // SAFETY: SIGTERM to the daemon this test started (its PID from its pidfile).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(wait_for(DEADLINE, || !is_mounted(mnt)));
+}
+
 /// (1) After SIGTERM releases a suspended write, the unmount waits for the writer to close
 /// instead of failing with EBUSY and detaching the mount.
 #[test]
@@ -119,7 +141,7 @@ fn the_control_socket_is_private_under_umask_000_and_checks_its_peer() {
     assert_eq!(mode, 0o600, "socket mode {mode:o}");
     // Even with the mode opened up, another user's connection is refused.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let mut other = Command::new(BIN);
+    let mut other = Command::new(bin_for_others(s.dir.path()));
     other
         .args(["ctl", sock.to_str().unwrap(), "inject-error", "event=none"])
         .uid(65534)
@@ -371,14 +393,7 @@ fn pidfile_and_log_file_never_follow_symbolic_links() {
     assert_eq!(code, 0, "{err}");
     let md = std::fs::symlink_metadata(&link).unwrap();
     assert!(md.file_type().is_file(), "the pidfile is still a link");
-    let pid: i32 = std::fs::read_to_string(&link)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: SIGTERM to the daemon this test started (its PID from its pidfile).
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert!(wait_for(DEADLINE, || !is_mounted(&s.mnt)));
+    stop_daemonized(&link, &s.mnt);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
 }
 
@@ -430,14 +445,7 @@ fn the_log_of_a_daemonized_mount_is_reachable_and_verbose_explains_arming() {
         "{log}"
     );
     assert!(ctl(&s.mnt, &["help"]).contains("log [N]"));
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: SIGTERM to the daemon this test started (its PID from its pidfile).
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert!(wait_for(DEADLINE, || !is_mounted(&s.mnt)));
+    stop_daemonized(&pidfile, &s.mnt);
 }
 
 /// (16) `hits` mixed arming with failing: one failing read showed `hits=2`.
@@ -523,7 +531,7 @@ fn smaller_messages_say_what_happened() {
     std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::set_permissions(&s.mnt, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::set_permissions(&s.image, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin_for_others(s.dir.path()));
     cmd.args(["mount", s.image.to_str().unwrap(), s.mnt.to_str().unwrap()])
         .env("RUST_LOG", "warn")
         .uid(65534)
