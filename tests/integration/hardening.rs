@@ -267,7 +267,11 @@ fn the_control_socket_survives_bad_bytes_long_lines_and_abandoned_waiters() {
     drop(conn);
 
     // Clients that send wait_break and hang up take their waiters and threads with them.
+    // The FUSE workers start after the mount appears: a command through `.control` has
+    // needed one, so every thread the daemon keeps is up before the baseline is taken.
+    ctl(&s.mnt, &["state"]);
     let baseline = threads_of(d.pid());
+    assert!(baseline > 0, "cannot read the daemon's thread count");
     for _ in 0..20 {
         let mut c = UnixStream::connect(&sock).unwrap();
         c.write_all(b"wait_break never\n").unwrap();
