@@ -238,7 +238,7 @@ impl Control {
     /// `wait_break`, which returns its waiter so that a client that goes away can cancel
     /// it with [`Control::cancel`]).
     pub fn run(&self, line: &str, reply: CtlReply) -> Option<WaiterId> {
-        match self.parse(line) {
+        match Control::parse(line) {
             Err(e) => {
                 reply(Err(e));
                 None
@@ -258,7 +258,8 @@ impl Control {
         self.mount.cancel_wait(waiter);
     }
 
-    fn parse<'l>(&self, line: &'l str) -> Result<(&'static CommandSpec, Vec<&'l str>), CtlError> {
+    /// Splits a line into its command (from [`COMMANDS`]) and arguments, checking arity.
+    fn parse(line: &str) -> Result<(&'static CommandSpec, Vec<&str>), CtlError> {
         let words: Vec<&str> = line.split_whitespace().collect();
         let Some((&name, args)) = words.split_first() else {
             return Err(CtlError::invalid("empty command (try 'help')"));

@@ -203,6 +203,17 @@ impl BlkdebugFs {
     }
 }
 
+impl BlkdebugFs {
+    /// A flush (close, fsync, fdatasync) of `ino`: a request for the image; nothing to do
+    /// for the control file or the directory.
+    fn flush_node(&self, ino: INodeNo, reply: ReplyEmpty) {
+        match self.node(ino) {
+            Some(Node::Image) => self.mount.flush(empty_reply(reply)),
+            _ => reply.ok(),
+        }
+    }
+}
+
 /// A completion that replies to an operation without data.
 fn empty_reply(reply: ReplyEmpty) -> Done {
     Box::new(move |r| match r {
@@ -391,11 +402,8 @@ impl Filesystem for BlkdebugFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.node(ino) {
-            // Every close() flushes, as through QEMU's export.
-            Some(Node::Image) => self.mount.flush(empty_reply(reply)),
-            _ => reply.ok(),
-        }
+        // Every close() flushes, as through QEMU's export.
+        self.flush_node(ino, reply)
     }
 
     fn release(
@@ -422,10 +430,7 @@ impl Filesystem for BlkdebugFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.node(ino) {
-            Some(Node::Image) => self.mount.flush(empty_reply(reply)),
-            _ => reply.ok(),
-        }
+        self.flush_node(ino, reply)
     }
 
     fn fallocate(
