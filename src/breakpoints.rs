@@ -8,24 +8,30 @@
 //! A request hit by several breakpoints in one event is parked once per tag, like QEMU's
 //! list entries, and continues when the last of them is resumed.
 //!
+//! Delayed requests (`[delay]`) are parked the same way with a deadline instead of a tag: the
+//! timer takes them out when they are due ([`Breakpoints::take_due`]), and shutdown takes
+//! them out at once like every parked request.
+//!
 //! `wait_break` waiters are parked the same way: a completion that fires when a request is
 //! suspended under their tag, with ETIMEDOUT at their deadline, or never, when cancelled
 //! (its client went away). Lock rule: one mutex, held only to move entries in and out;
 //! continuations always run after it is released.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::ops::Op;
-use crate::rules::Event;
 
 /// A parked request as `list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParkedInfo {
     pub id: u64,
     pub tags: Vec<String>,
-    pub event: Event,
+    /// What parked it: `event write_aio` (a breakpoint) or `rule 3` (a `[suspend]` rule).
+    pub cause: String,
     pub op: Op,
     pub suspended_for: Duration,
 }
@@ -34,10 +40,38 @@ struct Parked<T> {
     id: u64,
     /// Tags still holding it; it continues when the last one is resumed.
     tags: Vec<String>,
-    event: Event,
+    cause: String,
     op: Op,
     since: Instant,
     request: T,
+}
+
+/// A delayed request, ordered so that the heap's top is the earliest deadline.
+struct Delayed<T> {
+    due: Instant,
+    id: u64,
+    request: T,
+}
+
+impl<T> PartialEq for Delayed<T> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.id) == (other.due, other.id)
+    }
+}
+
+impl<T> Eq for Delayed<T> {}
+
+impl<T> PartialOrd for Delayed<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T> Ord for Delayed<T> {
+    /// Reversed: `BinaryHeap` is a max-heap and the earliest deadline must come out first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.due, other.id).cmp(&(self.due, self.id))
+    }
 }
 
 impl<T> Parked<T> {
@@ -63,6 +97,8 @@ struct Waiter {
 struct Inner<T> {
     /// In parking order: the newest is last.
     parked: Vec<Parked<T>>,
+    /// Delayed requests, earliest deadline on top.
+    delayed: BinaryHeap<Delayed<T>>,
     waiters: Vec<Waiter>,
     next_id: u64,
     next_waiter: u64,
@@ -84,6 +120,7 @@ impl<T> Default for Breakpoints<T> {
         Breakpoints {
             inner: Mutex::new(Inner {
                 parked: Vec::new(),
+                delayed: BinaryHeap::new(),
                 waiters: Vec::new(),
                 next_id: 0,
                 next_waiter: 0,
@@ -106,7 +143,7 @@ pub enum Resumed<T> {
 impl<T> Breakpoints<T> {
     /// Parks `request` (serving `op`) under `tags` and completes the waiters of those tags.
     /// Once closed (shutdown), nothing parks: the request is handed straight back.
-    pub fn park(&self, request: T, op: Op, tags: Vec<String>, event: Event) -> Option<T> {
+    pub fn park(&self, request: T, op: Op, tags: Vec<String>, cause: String) -> Option<T> {
         let mut woken = Vec::new();
         {
             let mut inner = self.inner.lock();
@@ -125,7 +162,7 @@ impl<T> Breakpoints<T> {
                 }
             }
             log::info!(
-                "suspended request {id} ({} at {}) on '{event}' under tag(s) {}",
+                "suspended request {id} ({} at {}) by {cause} under tag(s) {}",
                 op.name(),
                 op_range(&op),
                 tags.join(", ")
@@ -133,7 +170,7 @@ impl<T> Breakpoints<T> {
             inner.parked.push(Parked {
                 id,
                 tags,
-                event,
+                cause,
                 op,
                 since: Instant::now(),
                 request,
@@ -144,6 +181,50 @@ impl<T> Breakpoints<T> {
             done(Ok(()));
         }
         None
+    }
+
+    /// Holds `request` until `due`, when [`Self::take_due`] hands it back. Once closed
+    /// (shutdown), nothing is held: the request is handed straight back.
+    pub fn delay(&self, request: T, due: Instant) -> Option<T> {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return Some(request);
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        // Wake the timer only when this deadline comes first: at 16,000 delayed requests a
+        // second, a wake per request would cost more than the requests.
+        let earliest = inner.delayed.peek().is_none_or(|top| due < top.due);
+        inner.delayed.push(Delayed { due, id, request });
+        if earliest {
+            inner.changes += 1;
+            drop(inner);
+            self.timer.notify_all();
+        }
+        None
+    }
+
+    /// Takes out the delayed requests that are due, earliest first, and tells when the next
+    /// one is.
+    pub fn take_due(&self, now: Instant) -> (Vec<T>, Option<Instant>) {
+        let mut inner = self.inner.lock();
+        let mut due = Vec::new();
+        while inner.delayed.peek().is_some_and(|top| top.due <= now) {
+            if let Some(d) = inner.delayed.pop() {
+                due.push(d.request);
+            }
+        }
+        (due, inner.delayed.peek().map(|top| top.due))
+    }
+
+    /// How many requests are delayed now.
+    pub fn delayed_count(&self) -> usize {
+        self.inner.lock().delayed.len()
+    }
+
+    /// How many requests are suspended now.
+    pub fn suspended_count(&self) -> usize {
+        self.inner.lock().parked.len()
     }
 
     /// Releases the newest request suspended under `tag` from it.
@@ -164,11 +245,15 @@ impl<T> Breakpoints<T> {
         Resumed::Released(Some(p.request))
     }
 
-    /// Takes every parked request out, newest first.
+    /// Takes every parked request out, suspended ones newest first, then delayed ones.
     pub fn take_all(&self) -> Vec<T> {
         let mut inner = self.inner.lock();
         let all: Vec<Parked<T>> = inner.parked.drain(..).rev().collect();
-        all.into_iter().map(|p| p.request).collect()
+        let delayed: Vec<Delayed<T>> = inner.delayed.drain().collect();
+        all.into_iter()
+            .map(|p| p.request)
+            .chain(delayed.into_iter().map(|d| d.request))
+            .collect()
     }
 
     /// Takes out requests parked for longer than `limit` (the `--max-suspend` watchdog).
@@ -315,7 +400,7 @@ impl<T> Breakpoints<T> {
             .map(|p| ParkedInfo {
                 id: p.id,
                 tags: p.tags.clone(),
-                event: p.event,
+                cause: p.cause.clone(),
                 op: p.op,
                 suspended_for: now.duration_since(p.since),
             })
@@ -345,7 +430,12 @@ mod tests {
     type Lot = Breakpoints<u64>;
 
     fn park(b: &Lot, offset: u64, tags: Vec<String>) -> Option<u64> {
-        b.park(offset, Op::Read { offset, len: 512 }, tags, Event::ReadAio)
+        b.park(
+            offset,
+            Op::Read { offset, len: 512 },
+            tags,
+            "event read_aio".into(),
+        )
     }
 
     fn offset_of(p: &u64) -> u64 {
@@ -452,6 +542,27 @@ mod tests {
         let all: Vec<u64> = b.take_all().iter().map(offset_of).collect();
         assert_eq!(all, vec![512, 0]);
         assert!(b.list().is_empty());
+    }
+
+    #[test]
+    fn delayed_requests_come_out_when_due_earliest_first_and_at_shutdown() {
+        let b = Lot::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert!(b.delay(30, t0 + ms(30)).is_none());
+        assert!(b.delay(10, t0 + ms(10)).is_none());
+        assert!(b.delay(20, t0 + ms(20)).is_none());
+        assert_eq!(b.delayed_count(), 3);
+        let (due, next) = b.take_due(t0 + ms(5));
+        assert!(due.is_empty());
+        assert_eq!(next, Some(t0 + ms(10)));
+        let (due, next) = b.take_due(t0 + ms(20));
+        assert_eq!(due, vec![10, 20]);
+        assert_eq!(next, Some(t0 + ms(30)));
+        b.close();
+        assert_eq!(b.delay(40, t0), Some(40), "closed: nothing is held");
+        assert_eq!(b.take_all(), vec![30]);
+        assert_eq!(b.delayed_count(), 0);
     }
 
     #[test]

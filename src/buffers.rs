@@ -92,6 +92,13 @@ impl ReadBuf {
     }
 }
 
+impl ReadBuf {
+    /// Keeps only the first `len` bytes (a short read).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
 impl std::ops::Deref for ReadBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -39,9 +39,16 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::errno;
-use crate::rules::{Action, Event, IoType, IoTypes, Origin, RequestMatch, Rule};
+use crate::faults::{CorruptMode, Fault, TornMode};
+pub use crate::ranges::MAX_SECTOR;
+use crate::ranges::{RangeError, SectorSet};
+use crate::rules::{
+    Action, Counting, Event, IoType, IoTypes, Origin, Range, RequestMatch, Rule, applicable_iotypes,
+};
 
 /// Where a piece of configuration came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +112,26 @@ pub enum Problem {
     NotText,
     /// `sector * 512` would be past the largest file offset: no request reaches it.
     SectorTooLarge,
+    /// Both `sector` and `sectors` in one rule.
+    SectorAndSectors,
+    BadRange(RangeError),
+    /// A required key of the section is missing.
+    MissingKey(&'static str),
+    BadDuration,
+    BadSize,
+    BadProbability,
+    /// A count that must be at least 1 (`every`, `count`, `bits`, ...).
+    Zero,
+    OnceAndCount,
+    /// Not one of the allowed words.
+    BadChoice(&'static [&'static str]),
+    /// A key that only means something in another `mode`.
+    KeyNotForMode(&'static str, &'static str),
+    /// An `iotype` the section's action never acts on (the ones it does are given).
+    IoTypeNotForAction(String),
+    BadTag,
+    /// `--rule` text without `SECTION:`.
+    MissingSection,
 }
 
 impl fmt::Display for Problem {
@@ -114,12 +141,8 @@ impl fmt::Display for Problem {
             Problem::Syntax => f.write_str(
                 "not a '[group]' header, a 'key = \"value\"' line, a '#' comment or blank",
             ),
-            Problem::UnknownGroup => {
-                f.write_str("unknown group (expected [inject-error] or [set-state])")
-            }
-            Problem::KeyOutsideGroup => {
-                f.write_str("key before any [inject-error] or [set-state] group")
-            }
+            Problem::UnknownGroup => write!(f, "unknown group (expected {})", Group::names()),
+            Problem::KeyOutsideGroup => f.write_str("key before any [group] header"),
             Problem::UnknownKey { allowed } => {
                 write!(f, "unknown key (this group takes: {})", allowed.join(", "))
             }
@@ -146,6 +169,36 @@ impl fmt::Display for Problem {
                 f,
                 "no request can reach this sector (sector * 512 must be below 2^63; the \
                  largest is {MAX_SECTOR})"
+            ),
+            Problem::SectorAndSectors => {
+                f.write_str("give either 'sector' (QEMU's) or 'sectors' (ranges), not both")
+            }
+            Problem::BadRange(e) => write!(f, "{e}"),
+            Problem::MissingKey(key) => write!(f, "the rule has no '{key}' key (required here)"),
+            Problem::BadDuration => f.write_str(
+                "not a duration (250us, 5ms, 1.5s; a bare number is milliseconds; at most a day)",
+            ),
+            Problem::BadSize => f.write_str("not a size (bytes, or with k, M, G)"),
+            Problem::BadProbability => f.write_str("not a probability (0..1, or 0%..100%)"),
+            Problem::Zero => f.write_str("must be at least 1"),
+            Problem::OnceAndCount => {
+                f.write_str("give 'once' or 'count', not both ('once = on' is 'count = 1')")
+            }
+            Problem::BadChoice(choices) => write!(f, "must be one of: {}", choices.join(", ")),
+            Problem::KeyNotForMode(key, mode) => {
+                write!(f, "'{key}' applies only with mode = {mode}")
+            }
+            Problem::IoTypeNotForAction(usable) => {
+                write!(
+                    f,
+                    "this action never acts on that iotype (it acts on: {usable})"
+                )
+            }
+            Problem::BadTag => f.write_str("a tag is one word, not empty"),
+            Problem::MissingSection => write!(
+                f,
+                "expected SECTION:KEY=VALUE,... with SECTION one of {}",
+                Group::names()
             ),
         }
     }
@@ -184,45 +237,190 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Keys of every request-checked section (faults §1).
+const MATCH_KEYS: &[&str] = &[
+    "event",
+    "state",
+    "sector",
+    "sectors",
+    "iotype",
+    "probability",
+    "skip",
+    "every",
+    "count",
+    "once",
+];
+
+/// Every key each group takes, for the "this group takes" message.
 const INJECT_ERROR_KEYS: &[&str] = &[
     "event",
     "state",
     "errno",
     "sector",
+    "sectors",
     "once",
     "immediately",
     "iotype",
+    "probability",
+    "skip",
+    "every",
+    "count",
 ];
 const SET_STATE_KEYS: &[&str] = &["event", "state", "new_state"];
+const DELAY_KEYS: &[&str] = &[
+    "latency",
+    "jitter",
+    "errno",
+    "event",
+    "state",
+    "sector",
+    "sectors",
+    "iotype",
+    "probability",
+    "skip",
+    "every",
+    "count",
+    "once",
+];
+const CORRUPT_KEYS: &[&str] = &[
+    "mode",
+    "bits",
+    "bytes",
+    "event",
+    "state",
+    "sector",
+    "sectors",
+    "iotype",
+    "probability",
+    "skip",
+    "every",
+    "count",
+    "once",
+];
+const DROP_WRITE_KEYS: &[&str] = MATCH_KEYS;
+const TORN_WRITE_KEYS: &[&str] = &[
+    "keep",
+    "mode",
+    "unit",
+    "errno",
+    "event",
+    "state",
+    "sector",
+    "sectors",
+    "iotype",
+    "probability",
+    "skip",
+    "every",
+    "count",
+    "once",
+];
+const SHORT_IO_KEYS: &[&str] = &[
+    "length",
+    "event",
+    "state",
+    "sector",
+    "sectors",
+    "iotype",
+    "probability",
+    "skip",
+    "every",
+    "count",
+    "once",
+];
+const MISDIRECT_WRITE_KEYS: &[&str] = &[
+    "shift",
+    "event",
+    "state",
+    "sector",
+    "sectors",
+    "iotype",
+    "probability",
+    "skip",
+    "every",
+    "count",
+    "once",
+];
+const SUSPEND_KEYS: &[&str] = &[
+    "tag",
+    "event",
+    "state",
+    "sector",
+    "sectors",
+    "iotype",
+    "probability",
+    "skip",
+    "every",
+    "count",
+    "once",
+];
 
-/// The two rule groups of QEMU's dialect.
+/// The rule groups: QEMU's two and the sections of `spec/faults.md` §3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Group {
     InjectError,
     SetState,
+    Delay,
+    Corrupt,
+    DropWrite,
+    TornWrite,
+    ShortIo,
+    MisdirectWrite,
+    Suspend,
 }
 
 impl Group {
+    /// Every group, in the order the README lists them.
+    pub const ALL: &'static [Group] = &[
+        Group::InjectError,
+        Group::SetState,
+        Group::Delay,
+        Group::Corrupt,
+        Group::DropWrite,
+        Group::TornWrite,
+        Group::ShortIo,
+        Group::MisdirectWrite,
+        Group::Suspend,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Group::InjectError => "inject-error",
             Group::SetState => "set-state",
+            Group::Delay => "delay",
+            Group::Corrupt => "corrupt",
+            Group::DropWrite => "drop-write",
+            Group::TornWrite => "torn-write",
+            Group::ShortIo => "short-io",
+            Group::MisdirectWrite => "misdirect-write",
+            Group::Suspend => "suspend",
         }
     }
 
-    fn from_name(name: &str) -> Option<Group> {
-        match name {
-            "inject-error" => Some(Group::InjectError),
-            "set-state" => Some(Group::SetState),
-            _ => None,
-        }
+    pub fn from_name(name: &str) -> Option<Group> {
+        Group::ALL.iter().copied().find(|g| g.name() == name)
     }
 
-    fn keys(self) -> &'static [&'static str] {
+    pub fn keys(self) -> &'static [&'static str] {
         match self {
             Group::InjectError => INJECT_ERROR_KEYS,
             Group::SetState => SET_STATE_KEYS,
+            Group::Delay => DELAY_KEYS,
+            Group::Corrupt => CORRUPT_KEYS,
+            Group::DropWrite => DROP_WRITE_KEYS,
+            Group::TornWrite => TORN_WRITE_KEYS,
+            Group::ShortIo => SHORT_IO_KEYS,
+            Group::MisdirectWrite => MISDIRECT_WRITE_KEYS,
+            Group::Suspend => SUSPEND_KEYS,
         }
+    }
+
+    /// The names of every group, for messages.
+    fn names() -> String {
+        let names: Vec<String> = Group::ALL
+            .iter()
+            .map(|g| format!("[{}]", g.name()))
+            .collect();
+        names.join(", ")
     }
 }
 
@@ -262,58 +460,253 @@ fn build_rule(
     }
     // QEMU keeps the last value of a repeated key.
     let get = |key: &str| entries.iter().rev().find(|e| e.key == key);
+    // Parses an optional key with `parse`, naming the entry on failure.
+    fn opt<T>(
+        e: Option<&Entry>,
+        parse: impl Fn(&str) -> Result<T, Problem>,
+        err: &impl Fn(Option<&Entry>, Problem) -> ConfigError,
+    ) -> Result<Option<T>, ConfigError> {
+        e.map(|e| parse(&e.value).map_err(|p| err(Some(e), p)))
+            .transpose()
+    }
 
-    let event_entry = get("event").ok_or_else(|| err(None, Problem::MissingEvent))?;
-    let event = Event::from_name(&event_entry.value)
-        .ok_or_else(|| err(Some(event_entry), Problem::UnknownEvent))?;
-    let state = match get("state") {
-        None => 0,
-        Some(e) => parse_state(&e.value).map_err(|p| err(Some(e), p))?,
-    };
-    let action = match group {
-        Group::SetState => {
-            let new_state = match get("new_state") {
-                None => 0,
-                Some(e) => parse_state(&e.value).map_err(|p| err(Some(e), p))?,
-            };
-            Action::SetState { new_state }
+    let event = match get("event") {
+        None if group == Group::SetState => return Err(err(None, Problem::MissingEvent)),
+        None => None,
+        Some(e) => {
+            Some(Event::from_name(&e.value).ok_or_else(|| err(Some(e), Problem::UnknownEvent))?)
         }
-        Group::InjectError => {
-            let errno = match get("errno") {
-                None => libc::EIO,
-                Some(e) => parse_errno(&e.value).map_err(|p| err(Some(e), p))?,
+    };
+    let state = opt(get("state"), parse_state, &err)?.unwrap_or(0);
+    if group == Group::SetState {
+        let new_state = opt(get("new_state"), parse_state, &err)?.unwrap_or(0);
+        return Ok(Rule {
+            event,
+            state,
+            action: Action::SetState { new_state },
+            origin,
+        });
+    }
+
+    // The match: range, iotype and the counting keys.
+    let range = match (get("sector"), get("sectors")) {
+        (Some(_), Some(e)) => return Err(err(Some(e), Problem::SectorAndSectors)),
+        (Some(e), None) if e.value.trim() == "-1" => Range::Any,
+        (Some(e), None) => Range::Sector(parse_sector(&e.value).map_err(|p| err(Some(e), p))?),
+        (None, Some(e)) => Range::Sectors(Arc::new(
+            SectorSet::parse(&e.value).map_err(|r| err(Some(e), Problem::BadRange(r)))?,
+        )),
+        (None, None) => Range::Any,
+    };
+    let iotype_entry = get("iotype");
+    let iotypes = opt(iotype_entry, parse_iotypes, &err)?.unwrap_or_default();
+    let once = opt(get("once"), parse_bool, &err)?.unwrap_or(false);
+    let count = opt(get("count"), parse_at_least_one, &err)?;
+    if once && let Some(e) = get("count") {
+        return Err(err(Some(e), Problem::OnceAndCount));
+    }
+    let counting = Counting {
+        skip: opt(get("skip"), parse_number, &err)?.unwrap_or(0),
+        every: opt(get("every"), parse_at_least_one, &err)?.unwrap_or(1),
+        probability: opt(get("probability"), parse_probability, &err)?.unwrap_or(1.0),
+        count: count.or(once.then_some(1)),
+    };
+
+    let errno = |default: i32| {
+        Ok::<i32, ConfigError>(opt(get("errno"), parse_errno, &err)?.unwrap_or(default))
+    };
+    let size = |key: &str| opt(get(key), parse_size_value, &err);
+    let required = |key: &'static str| get(key).ok_or_else(|| err(None, Problem::MissingKey(key)));
+    let fault = match group {
+        Group::SetState => unreachable!("handled above"),
+        Group::InjectError => Fault::Error {
+            errno: errno(libc::EIO)?,
+            immediately: opt(get("immediately"), parse_bool, &err)?.unwrap_or(false),
+        },
+        Group::Delay => {
+            let latency = required("latency")?;
+            Fault::Delay {
+                latency: parse_duration(&latency.value).map_err(|p| err(Some(latency), p))?,
+                jitter: opt(get("jitter"), parse_duration, &err)?.unwrap_or_default(),
+                errno: errno(0)?,
+            }
+        }
+        Group::Corrupt => {
+            let mode = opt(
+                get("mode"),
+                |t| parse_choice(t, &["flip", "zero", "random"]),
+                &err,
+            )?;
+            let mode = match mode {
+                None | Some(0) => CorruptMode::Flip,
+                Some(1) => CorruptMode::Zero,
+                _ => CorruptMode::Random,
             };
-            let sector = match get("sector") {
-                None => None,
-                Some(e) if e.value.trim() == "-1" => None,
-                Some(e) => Some(parse_sector(&e.value).map_err(|p| err(Some(e), p))?),
+            let bits = opt(get("bits"), parse_at_least_one, &err)?;
+            let bytes = opt(
+                get("bytes"),
+                |t| parse_size_value(t).and_then(at_least_one),
+                &err,
+            )?;
+            match (mode, get("bits"), get("bytes")) {
+                (CorruptMode::Flip, _, Some(e)) => {
+                    return Err(err(
+                        Some(e),
+                        Problem::KeyNotForMode("bytes", "zero or random"),
+                    ));
+                }
+                (CorruptMode::Zero | CorruptMode::Random, Some(e), _) => {
+                    return Err(err(Some(e), Problem::KeyNotForMode("bits", "flip")));
+                }
+                _ => {}
+            }
+            Fault::Corrupt {
+                mode,
+                bits: u32::try_from(bits.unwrap_or(1)).unwrap_or(u32::MAX),
+                bytes: bytes.unwrap_or(512),
+            }
+        }
+        Group::DropWrite => Fault::DropWrite,
+        Group::TornWrite => {
+            let mode = match opt(
+                get("mode"),
+                |t| parse_choice(t, &["prefix", "sectors"]),
+                &err,
+            )? {
+                None | Some(0) => TornMode::Prefix,
+                _ => TornMode::Sectors,
             };
-            let once = match get("once") {
-                None => false,
-                Some(e) => parse_bool(&e.value).map_err(|p| err(Some(e), p))?,
-            };
-            let immediately = match get("immediately") {
-                None => false,
-                Some(e) => parse_bool(&e.value).map_err(|p| err(Some(e), p))?,
-            };
-            let iotypes = match get("iotype") {
-                None => IoTypes::default(),
-                Some(e) => parse_iotypes(&e.value).map_err(|p| err(Some(e), p))?,
-            };
-            Action::InjectError {
-                errno,
-                matches: RequestMatch { sector, iotypes },
-                once,
-                immediately,
+            if mode == TornMode::Sectors
+                && let Some(e) = get("keep")
+            {
+                return Err(err(Some(e), Problem::KeyNotForMode("keep", "prefix")));
+            }
+            let unit = opt(
+                get("unit"),
+                |t| parse_size_value(t).and_then(at_least_one),
+                &err,
+            )?;
+            Fault::TornWrite {
+                keep: size("keep")?,
+                mode,
+                unit: unit.unwrap_or(512),
+                errno: errno(0)?,
+            }
+        }
+        Group::ShortIo => Fault::ShortIo {
+            length: size("length")?,
+        },
+        Group::MisdirectWrite => {
+            let shift = required("shift")?;
+            Fault::MisdirectWrite {
+                shift: parse_signed_size(&shift.value).map_err(|p| err(Some(shift), p))?,
+            }
+        }
+        Group::Suspend => {
+            let tag = required("tag")?;
+            if tag.value.is_empty() || tag.value.contains(char::is_whitespace) {
+                return Err(err(Some(tag), Problem::BadTag));
+            }
+            Fault::Suspend {
+                tag: tag.value.clone(),
             }
         }
     };
+    // An explicit iotype the action can never act on is a mistake, not a silent no-op.
+    if let Some(e) = iotype_entry {
+        let usable = applicable_iotypes(&fault);
+        if !IoType::ALL
+            .iter()
+            .any(|t| iotypes.contains(*t) && usable.contains(*t))
+        {
+            return Err(err(
+                Some(e),
+                Problem::IoTypeNotForAction(usable.to_string()),
+            ));
+        }
+    }
     Ok(Rule {
         event,
         state,
-        action,
+        action: Action::Request {
+            fault,
+            matches: RequestMatch {
+                range,
+                iotypes,
+                counting,
+            },
+        },
         origin,
     })
+}
+
+fn at_least_one(n: u64) -> Result<u64, Problem> {
+    if n == 0 { Err(Problem::Zero) } else { Ok(n) }
+}
+
+fn parse_at_least_one(text: &str) -> Result<u64, Problem> {
+    parse_number(text).and_then(at_least_one)
+}
+
+/// One of `choices`, by index.
+fn parse_choice(text: &str, choices: &'static [&'static str]) -> Result<usize, Problem> {
+    let t = text.trim();
+    choices
+        .iter()
+        .position(|c| *c == t)
+        .ok_or(Problem::BadChoice(choices))
+}
+
+/// A probability: `0.05`, `5%`, `1`, `0`.
+pub fn parse_probability(text: &str) -> Result<f64, Problem> {
+    let t = text.trim();
+    let (number, scale) = match t.strip_suffix('%') {
+        Some(p) => (p.trim(), 100.0),
+        None => (t, 1.0),
+    };
+    let p: f64 = number.parse().map_err(|_| Problem::BadProbability)?;
+    let p = p / scale;
+    if !(0.0..=1.0).contains(&p) || !p.is_finite() {
+        return Err(Problem::BadProbability);
+    }
+    Ok(p)
+}
+
+/// A duration (faults §2): `250us`, `5ms`, `1.5s`, or a bare number of milliseconds; at
+/// most a day (a longer delay is a breakpoint, and `Instant` arithmetic stays exact).
+pub fn parse_duration(text: &str) -> Result<Duration, Problem> {
+    let t = text.trim();
+    let (number, unit_us) = if let Some(n) = t.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        (t, 1e3)
+    };
+    let n: f64 = number.trim().parse().map_err(|_| Problem::BadDuration)?;
+    let us = n * unit_us;
+    if !us.is_finite() || !(0.0..=86_400e6).contains(&us) {
+        return Err(Problem::BadDuration);
+    }
+    Ok(Duration::from_micros(us.round() as u64))
+}
+
+/// A size key's value (faults §2): bytes, or `k`/`M`/`G` (powers of 1024).
+fn parse_size_value(text: &str) -> Result<u64, Problem> {
+    parse_size(text).map_err(|_| Problem::BadSize)
+}
+
+/// A size that may be negative (`shift = -4k`).
+fn parse_signed_size(text: &str) -> Result<i64, Problem> {
+    let t = text.trim();
+    let (negative, magnitude) = match t.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, t),
+    };
+    let n = i64::try_from(parse_size_value(magnitude)?).map_err(|_| Problem::BadSize)?;
+    Ok(if negative { -n } else { n })
 }
 
 /// Parses QEMU's unsigned number syntax: decimal, `0x` hex, leading-`0` octal.
@@ -328,9 +721,6 @@ pub fn parse_number(text: &str) -> Result<u64, Problem> {
     };
     parsed.map_err(|_| Problem::BadNumber)
 }
-
-/// The largest `sector` a request can reach: its byte `sector * 512` is a file offset.
-pub const MAX_SECTOR: u64 = (i64::MAX as u64) / 512;
 
 fn parse_sector(text: &str) -> Result<u64, Problem> {
     let n = parse_number(text)?;
@@ -681,26 +1071,60 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
 }
 
+/// A rule given on the command line: the flag it came with and its text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CliRule {
+    /// `--inject-error`, `--set-state` or `--rule` (whose text starts with `SECTION:`).
+    pub flag: &'static str,
+    pub text: String,
+}
+
+impl CliRule {
+    pub fn new(flag: &'static str, text: impl Into<String>) -> CliRule {
+        CliRule {
+            flag,
+            text: text.into(),
+        }
+    }
+}
+
+/// Splits `SECTION:K=V,...` (the `--rule` form) into its group and its keys.
+pub fn split_section(text: &str) -> Result<(Group, &str), Problem> {
+    let (section, keys) = text.split_once(':').ok_or(Problem::MissingSection)?;
+    let section = section.trim().trim_start_matches('[').trim_end_matches(']');
+    let group = Group::from_name(section).ok_or(Problem::MissingSection)?;
+    Ok((group, keys))
+}
+
 impl RuleSet {
     /// Loads the config file (if any) and appends command-line rules in the order given.
-    /// `cli` holds `(group, text)` pairs in command-line order.
-    pub fn load(config: Option<&Path>, cli: &[(Group, String)]) -> Result<RuleSet, ConfigError> {
+    pub fn load(config: Option<&Path>, cli: &[CliRule]) -> Result<RuleSet, ConfigError> {
         let mut rules = match config {
             Some(path) => load_config_file(path)?,
             None => Vec::new(),
         };
-        for (i, (group, text)) in cli.iter().enumerate() {
-            let flag = match group {
-                Group::InjectError => "--inject-error",
-                Group::SetState => "--set-state",
-            };
+        for (i, rule) in cli.iter().enumerate() {
             let source = Source::Option {
-                flag,
+                flag: rule.flag,
                 index: i + 1,
-                text: text.clone(),
+                text: rule.text.clone(),
             };
             let origin = Origin::CommandLine { index: i + 1 };
-            rules.push(parse_rule_option(*group, text, source, origin)?);
+            let (group, text) = match rule.flag {
+                "--inject-error" => (Group::InjectError, rule.text.as_str()),
+                "--set-state" => (Group::SetState, rule.text.as_str()),
+                _ => split_section(&rule.text).map_err(|problem| ConfigError {
+                    at: Location {
+                        source: source.clone(),
+                        line: None,
+                    },
+                    section: None,
+                    key: None,
+                    value: Some(rule.text.clone()),
+                    problem,
+                })?,
+            };
+            rules.push(parse_rule_option(group, text, source, origin)?);
         }
         Ok(RuleSet { rules })
     }
@@ -710,14 +1134,16 @@ impl RuleSet {
         let mut out = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
             let n = i + 1;
-            if !rule.event.fires_in_fuse_view() {
+            if let Some(event) = rule.event
+                && !event.fires_in_fuse_view()
+            {
                 out.push(format!(
-                    "rule {n} ({}): event '{}' is a qcow2-internal event that never fires \
+                    "rule {n} ({}): event '{event}' is a qcow2-internal event that never fires \
                      in a FUSE view of a raw image",
-                    rule.origin, rule.event
+                    rule.origin
                 ));
             }
-            if let Action::InjectError { matches, .. } = &rule.action {
+            if let Action::Request { matches, .. } = &rule.action {
                 let discard_only = IoType::ALL
                     .iter()
                     .filter(|t| matches.iotypes.contains(**t))
@@ -782,16 +1208,14 @@ mod tests {
             rules,
             vec![
                 Rule {
-                    event: Event::ReadAio,
+                    event: Some(Event::ReadAio),
                     state: 2,
-                    action: Action::InjectError {
-                        errno: 28,
-                        matches: RequestMatch {
-                            sector: Some(16),
-                            iotypes: IoTypes::only(IoType::Read),
+                    action: Action::Request {
+                        fault: Fault::Error {
+                            errno: 28,
+                            immediately: true,
                         },
-                        once: true,
-                        immediately: true,
+                        matches: RequestMatch::qemu(Some(16), IoTypes::only(IoType::Read), true),
                     },
                     origin: Origin::File {
                         path: "t.ini".into(),
@@ -799,7 +1223,7 @@ mod tests {
                     },
                 },
                 Rule {
-                    event: Event::WriteAio,
+                    event: Some(Event::WriteAio),
                     state: 1,
                     action: Action::SetState { new_state: 8 },
                     origin: Origin::File {
@@ -816,14 +1240,12 @@ mod tests {
         let rules = parse("[inject-error]\nevent=none\n[set-state]\nevent=read_aio\n").unwrap();
         assert_eq!(
             rules[0].action,
-            Action::InjectError {
-                errno: libc::EIO,
-                matches: RequestMatch {
-                    sector: None,
-                    iotypes: IoTypes::default()
+            Action::Request {
+                fault: Fault::Error {
+                    errno: libc::EIO,
+                    immediately: false
                 },
-                once: false,
-                immediately: false,
+                matches: RequestMatch::qemu(None, IoTypes::default(), false),
             }
         );
         assert_eq!(rules[0].state, 0);
@@ -835,13 +1257,15 @@ mod tests {
         let rules =
             parse("[inject-error \"id\"]\n  event=l2_alloc.write\nerrno = ENOSPC\nsector=-1\n")
                 .unwrap();
-        assert_eq!(rules[0].event, Event::L2AllocWrite);
+        assert_eq!(rules[0].event, Some(Event::L2AllocWrite));
         assert!(matches!(
-            rules[0].action,
-            Action::InjectError {
-                errno: 28,
-                matches: RequestMatch { sector: None, .. },
-                ..
+            &rules[0].action,
+            Action::Request {
+                fault: Fault::Error { errno: 28, .. },
+                matches: RequestMatch {
+                    range: Range::Any,
+                    ..
+                },
             }
         ));
     }
@@ -926,9 +1350,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(rules.len(), 2);
-        assert_eq!(rules[0].event, Event::WriteAio);
+        assert_eq!(rules[0].event, Some(Event::WriteAio));
         assert_eq!(rules[0].action, Action::SetState { new_state: 2 });
-        assert_eq!(rules[1].event, Event::ReadAio);
+        assert_eq!(rules[1].event, Some(Event::ReadAio));
         // A header without its `]` is still an error.
         let e = parse("[set-state\nevent = none\n").unwrap_err();
         assert_eq!(e.problem, Problem::Syntax);
@@ -960,7 +1384,10 @@ mod tests {
         let rules = parse("[inject-error]\nevent = none\nerrno = enospc\n").unwrap();
         assert!(matches!(
             rules[0].action,
-            Action::InjectError { errno: 28, .. }
+            Action::Request {
+                fault: Fault::Error { errno: 28, .. },
+                ..
+            }
         ));
     }
 
@@ -989,11 +1416,8 @@ mod tests {
         let set = RuleSet::load(
             None,
             &[
-                (
-                    Group::InjectError,
-                    "event=read_aio,errno=ENOSPC,sector=8".into(),
-                ),
-                (Group::SetState, "event=none,new_state=3".into()),
+                CliRule::new("--inject-error", "event=read_aio,errno=ENOSPC,sector=8"),
+                CliRule::new("--set-state", "event=none,new_state=3"),
             ],
         )
         .unwrap();
@@ -1001,7 +1425,7 @@ mod tests {
         assert_eq!(set.rules[1].action, Action::SetState { new_state: 3 });
         let err = RuleSet::load(
             None,
-            &[(Group::InjectError, "event=read_aio,errno=x".into())],
+            &[CliRule::new("--inject-error", "event=read_aio,errno=x")],
         )
         .unwrap_err();
         assert_eq!(
@@ -1067,5 +1491,153 @@ mod tests {
             Some((None, PathBuf::from("a.img")))
         );
         assert_eq!(parse_blkdebug_filename("a.img"), None);
+    }
+
+    #[test]
+    fn every_new_section_parses_with_its_keys() {
+        let rules = parse(
+            "[delay]\nlatency = 1.5s\njitter = 250us\nerrno = ETIMEDOUT\nsectors = \"0-7, 100\"\n\
+             [corrupt]\nevent = read_aio\nmode = zero\nbytes = 1k\niotype = read\nprobability = 5%\n\
+             [drop-write]\nskip = 3\nevery = 2\ncount = 2\n\
+             [torn-write]\nkeep = 4k\nunit = 4096\n\
+             [torn-write]\nmode = sectors\nerrno = EIO\n\
+             [short-io]\nlength = 512\nonce = on\n\
+             [misdirect-write]\nshift = -8k\nstate = 2\n\
+             [suspend]\ntag = hold\niotype = write\nsector = 8\n",
+        )
+        .unwrap();
+        let shown: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "standing state=any delay latency=1500ms jitter=250us errno=ETIMEDOUT (110) \
+                 range=sectors 0-7,100 iotype=default",
+                "event=read_aio state=any corrupt mode=zero bytes=1024 range=any iotype=read \
+                 probability=0.05",
+                "standing state=any drop-write range=any iotype=default skip=3 every=2 count=2",
+                "standing state=any torn-write mode=prefix keep=4096 unit=4096 range=any \
+                 iotype=default",
+                "standing state=any torn-write mode=sectors unit=512 errno=EIO (5) range=any \
+                 iotype=default",
+                "standing state=any short-io length=512 range=any iotype=default once=on",
+                "standing state=2 misdirect-write shift=-8192 range=any iotype=default",
+                "standing state=any suspend tag=hold range=sector 8 (byte 4096) iotype=write",
+            ]
+        );
+        // QEMU's [inject-error] without an event is a standing rule here (QEMU refuses it).
+        assert_eq!(parse("[inject-error]\nerrno = 5\n").unwrap()[0].event, None);
+    }
+
+    #[test]
+    fn new_keys_are_validated_with_line_section_key_and_value() {
+        let bad = |section: &str, key: &str, value: &str, problem: Problem| {
+            let required = match section {
+                "delay" => "latency = 1ms\n",
+                "misdirect-write" => "shift = 1\n",
+                "suspend" => "tag = t\n",
+                _ => "",
+            };
+            let required = if required.starts_with(key) {
+                ""
+            } else {
+                required
+            };
+            let text = format!("[{section}]\n{required}{key} = \"{value}\"\n");
+            let line = text.lines().count();
+            assert_eq!(
+                parse(&text).unwrap_err(),
+                file_err(line, Some(section), Some(key), Some(value), problem),
+                "[{section}] {key} = {value}"
+            );
+        };
+        bad("delay", "latency", "5 parsecs", Problem::BadDuration);
+        bad("delay", "jitter", "-1ms", Problem::BadDuration);
+        bad("delay", "probability", "1.5", Problem::BadProbability);
+        bad("delay", "probability", "150%", Problem::BadProbability);
+        bad("delay", "every", "0", Problem::Zero);
+        bad("delay", "count", "0", Problem::Zero);
+        bad("delay", "skip", "x", Problem::BadNumber);
+        bad(
+            "delay",
+            "sectors",
+            "9-3",
+            Problem::BadRange(RangeError::Backwards("9-3".into())),
+        );
+        bad(
+            "corrupt",
+            "mode",
+            "shred",
+            Problem::BadChoice(&["flip", "zero", "random"]),
+        );
+        bad("corrupt", "bits", "0", Problem::Zero);
+        bad(
+            "corrupt",
+            "iotype",
+            "flush",
+            Problem::IoTypeNotForAction("read|write".into()),
+        );
+        bad(
+            "drop-write",
+            "iotype",
+            "read",
+            Problem::IoTypeNotForAction("write|write-zeroes".into()),
+        );
+        bad("misdirect-write", "shift", "sideways", Problem::BadSize);
+        bad("torn-write", "unit", "0", Problem::Zero);
+        bad("short-io", "length", "lots", Problem::BadSize);
+        bad("suspend", "tag", "two words", Problem::BadTag);
+        bad(
+            "short-io",
+            "latency",
+            "1ms",
+            Problem::UnknownKey {
+                allowed: SHORT_IO_KEYS,
+            },
+        );
+        let e = parse("[delay]\njitter = 1ms\n").unwrap_err();
+        assert_eq!(
+            (e.problem, e.at.line),
+            (Problem::MissingKey("latency"), Some(1))
+        );
+        let e = parse("[drop-write]\nsector = 1\nsectors = 2\n").unwrap_err();
+        assert_eq!((e.problem, e.at.line), (Problem::SectorAndSectors, Some(3)));
+        let e = parse("[drop-write]\nonce = on\ncount = 2\n").unwrap_err();
+        assert_eq!(e.problem, Problem::OnceAndCount);
+        let e = parse("[corrupt]\nmode = flip\nbytes = 4\n").unwrap_err();
+        assert_eq!(e.problem, Problem::KeyNotForMode("bytes", "zero or random"));
+        let e = parse("[set-state]\nevent = none\nprobability = 1\n").unwrap_err();
+        assert!(matches!(e.problem, Problem::UnknownKey { .. }));
+        assert_eq!(
+            parse("[delay]\nlatency = 2\n").unwrap()[0].to_string(),
+            "standing state=any delay latency=2ms range=any iotype=default",
+            "a bare number is milliseconds"
+        );
+    }
+
+    #[test]
+    fn the_rule_flag_takes_any_section_and_keeps_command_line_order() {
+        let set = RuleSet::load(
+            None,
+            &[
+                CliRule::new("--rule", "delay:latency=5ms,iotype=read"),
+                CliRule::new("--inject-error", "event=none"),
+                CliRule::new("--rule", "[drop-write]:sectors=1-2"),
+            ],
+        )
+        .unwrap();
+        let sections: Vec<&str> = set.rules.iter().map(|r| r.section()).collect();
+        assert_eq!(sections, vec!["delay", "inject-error", "drop-write"]);
+        let e = RuleSet::load(None, &[CliRule::new("--rule", "latency=5ms")]).unwrap_err();
+        assert_eq!(e.problem, Problem::MissingSection);
+        assert!(
+            e.to_string()
+                .starts_with("--rule #1 'latency=5ms': \"latency=5ms\": expected")
+        );
+        let e = RuleSet::load(None, &[CliRule::new("--rule", "delay:latency=soon")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--rule #1 'delay:latency=soon': [delay] latency = \"soon\": not a duration (250us, \
+             5ms, 1.5s; a bare number is milliseconds; at most a day)"
+        );
     }
 }

@@ -16,8 +16,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::{Value, json};
+
 use crate::breakpoints::op_range;
-use crate::config::{self, Group, RuleSet, Source};
+use crate::config::{self, CliRule, Group, RuleSet, Source};
 use crate::mount::{Mount, WaiterId};
 use crate::rules::{Action, Event, Origin, Rule, RuleId};
 
@@ -57,6 +59,9 @@ const fn cmd(
         handler: Handler::Now(handler),
     }
 }
+
+/// Most words a rule command takes (`K=V` pairs may be given as separate words).
+const MAX_KEYS: usize = 64;
 
 /// Longest command line accepted (a rule is a few hundred bytes).
 pub const MAX_LINE: usize = 64 << 10;
@@ -110,10 +115,24 @@ pub const COMMANDS: &[CommandSpec] = &[
     ),
     cmd(
         "rules",
-        "",
-        (0, 0),
-        "the rules, numbered: hits = requests acted on, armed = times its event armed it",
-        |c, _, _| Ok(c.rules()),
+        "[json]",
+        (0, 1),
+        "the rules, numbered: hits = requests acted on, matched = requests that matched, armed = times its event armed it",
+        |c, args, _| c.maybe_json(args, Control::rules, Control::rules_json),
+    ),
+    cmd(
+        "stats",
+        "[json]",
+        (0, 1),
+        "requests and bytes per operation, faults per action, delayed and suspended now, seed",
+        |c, args, _| c.maybe_json(args, Control::stats, Control::stats_json),
+    ),
+    cmd(
+        "status",
+        "[json]",
+        (0, 1),
+        "state, seed, rules and suspended requests (what a fresh read of .control shows)",
+        |c, args, _| c.maybe_json(args, Control::status, Control::status_json),
     ),
     cmd("state", "", (0, 0), "the current state", |c, _, _| {
         Ok(format!("state {}", c.mount.state()))
@@ -128,16 +147,65 @@ pub const COMMANDS: &[CommandSpec] = &[
     cmd(
         "inject-error",
         "K=V,...",
-        (1, 1),
+        (1, MAX_KEYS),
         "add an inject-error rule (same keys as the config file)",
-        |c, args, line| c.add_rule(Group::InjectError, args[0], line),
+        |c, args, line| c.add_rule(Group::InjectError, args, line),
     ),
     cmd(
         "set-state",
         "K=V,...",
-        (1, 1),
+        (1, MAX_KEYS),
         "add a set-state rule (same keys as the config file)",
-        |c, args, line| c.add_rule(Group::SetState, args[0], line),
+        |c, args, line| c.add_rule(Group::SetState, args, line),
+    ),
+    cmd(
+        "delay",
+        "K=V,...",
+        (1, MAX_KEYS),
+        "add a [delay] rule: latency=5ms[,jitter=1ms][,errno=ETIMEDOUT] + match keys",
+        |c, args, line| c.add_rule(Group::Delay, args, line),
+    ),
+    cmd(
+        "corrupt",
+        "[K=V,...]",
+        (0, MAX_KEYS),
+        "add a [corrupt] rule: [mode=flip|zero|random][,bits=N][,bytes=N] + match keys",
+        |c, args, line| c.add_rule(Group::Corrupt, args, line),
+    ),
+    cmd(
+        "drop-write",
+        "[K=V,...]",
+        (0, MAX_KEYS),
+        "add a [drop-write] rule: writes report success and store nothing (match keys)",
+        |c, args, line| c.add_rule(Group::DropWrite, args, line),
+    ),
+    cmd(
+        "torn-write",
+        "[K=V,...]",
+        (0, MAX_KEYS),
+        "add a [torn-write] rule: [keep=N][,mode=prefix|sectors][,unit=N][,errno=E] + match keys",
+        |c, args, line| c.add_rule(Group::TornWrite, args, line),
+    ),
+    cmd(
+        "short-io",
+        "[K=V,...]",
+        (0, MAX_KEYS),
+        "add a [short-io] rule: [length=N] + match keys",
+        |c, args, line| c.add_rule(Group::ShortIo, args, line),
+    ),
+    cmd(
+        "misdirect-write",
+        "K=V,...",
+        (1, MAX_KEYS),
+        "add a [misdirect-write] rule: shift=N (may be negative) + match keys",
+        |c, args, line| c.add_rule(Group::MisdirectWrite, args, line),
+    ),
+    cmd(
+        "suspend",
+        "K=V,...",
+        (1, MAX_KEYS),
+        "add a [suspend] rule: tag=T + match keys (parks matching requests; resume TAG)",
+        |c, args, line| c.add_rule(Group::Suspend, args, line),
     ),
     cmd(
         "remove",
@@ -200,7 +268,7 @@ pub type CtlReply = Box<dyn FnOnce(Result<String, CtlError>) + Send>;
 #[derive(Clone, Debug, Default)]
 pub struct ReloadSource {
     pub config: Option<PathBuf>,
-    pub cli: Vec<(Group, String)>,
+    pub cli: Vec<CliRule>,
 }
 
 /// The control endpoint of one mount.
@@ -281,7 +349,7 @@ impl Control {
         let event = Event::from_name(args[0])
             .ok_or_else(|| CtlError::new(libc::ENOENT, format!("unknown event '{}'", args[0])))?;
         let id = self.mount.add_rule(Rule {
-            event,
+            event: Some(event),
             state: 0,
             action: Action::Suspend {
                 tag: args[1].to_string(),
@@ -325,10 +393,12 @@ impl Control {
         Ok(format!("state {n}"))
     }
 
-    fn add_rule(&self, group: Group, text: &str, line: &str) -> Result<String, CtlError> {
+    /// Adds a rule from its keys: one `K=V,...` word, or several words (joined by commas).
+    fn add_rule(&self, group: Group, args: &[&str], line: &str) -> Result<String, CtlError> {
+        let text = args.join(",");
         let rule = config::parse_rule_option(
             group,
-            text,
+            &text,
             Source::Command(line.trim().to_string()),
             Origin::Runtime,
         )
@@ -415,10 +485,10 @@ impl Control {
         for p in parked {
             let _ = writeln!(
                 out,
-                "suspended {}: tag {} event {} {} at {} for {:.3}s",
+                "suspended {}: tag {} {} {} at {} for {:.3}s",
                 p.id,
                 p.tags.join(","),
-                p.event,
+                p.cause,
                 p.op.name(),
                 op_range(&p.op),
                 p.suspended_for.as_secs_f64()
@@ -426,8 +496,13 @@ impl Control {
         }
         for r in self.mount.rules() {
             if let Action::Suspend { tag } = &r.rule.action {
-                let _ = writeln!(out, "breakpoint {}: {} tag {tag}", r.id, r.rule.event);
+                let event = r.rule.event.map_or("-", |e| e.name());
+                let _ = writeln!(out, "breakpoint {}: {event} tag {tag}", r.id);
             }
+        }
+        let (delayed, _) = self.mount.parked_counts();
+        if delayed > 0 {
+            let _ = writeln!(out, "{delayed} delayed request(s)");
         }
         let waiters = self.mount.waiters();
         if waiters > 0 {
@@ -440,10 +515,16 @@ impl Control {
         let mut out = String::new();
         for r in self.mount.rules() {
             let _ = write!(out, "rule {}: {} hits={}", r.id, r.rule, r.stats.hits);
-            if let Action::InjectError { .. } = r.rule.action {
-                let _ = write!(out, " armed={}", r.stats.armed);
-                if r.armed_now {
-                    out.push_str(" (armed now)");
+            if let Action::Request { matches, .. } = &r.rule.action {
+                let counted = matches.counting != Default::default();
+                if counted {
+                    let _ = write!(out, " matched={}", r.stats.matched);
+                }
+                if r.rule.event.is_some() {
+                    let _ = write!(out, " armed={}", r.stats.armed);
+                    if r.armed_now {
+                        out.push_str(" (armed now)");
+                    }
                 }
             }
             out.push('\n');
@@ -462,11 +543,131 @@ impl Control {
             ""
         };
         format!(
-            "state {}\n{}\n{}\n{log}",
+            "state {}\n{}\n{}\nseed {}\n{log}",
             self.mount.state(),
             self.rules(),
-            self.list()
+            self.list(),
+            self.mount.seed()
         )
+    }
+
+    /// `CMD` or `CMD json`: the text form or the JSON form (one line).
+    fn maybe_json(
+        &self,
+        args: &[&str],
+        text: fn(&Control) -> String,
+        json: fn(&Control) -> Value,
+    ) -> Result<String, CtlError> {
+        match args.first() {
+            None => Ok(text(self)),
+            Some(&"json") => Ok(json(self).to_string()),
+            Some(other) => Err(CtlError::invalid(format!(
+                "unknown form '{other}' (the only one is 'json')"
+            ))),
+        }
+    }
+
+    fn rules_json(&self) -> Value {
+        let rules: Vec<Value> = self
+            .mount
+            .rules()
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "id": r.id.0,
+                    "section": r.rule.section(),
+                    "event": r.rule.event.map(|e| e.name()),
+                    "state": r.rule.state,
+                    "rule": r.rule.to_string(),
+                    "origin": r.rule.origin.to_string(),
+                    "hits": r.stats.hits,
+                    "matched": r.stats.matched,
+                    "armed": r.stats.armed,
+                    "armed_now": r.armed_now,
+                })
+            })
+            .collect();
+        Value::Array(rules)
+    }
+
+    fn stats(&self) -> String {
+        let snap = self.mount.stats();
+        let (delayed, suspended) = self.mount.parked_counts();
+        let mut out = format!("seed {}\nstate {}\n", self.mount.seed(), self.mount.state());
+        for (op, requests, bytes) in &snap.ops {
+            let _ = writeln!(out, "{op}: {requests} request(s), {bytes} bytes");
+        }
+        let faults: Vec<String> = snap
+            .faults
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(a, n)| format!("{a} {n}"))
+            .collect();
+        let faults = if faults.is_empty() {
+            "none".to_string()
+        } else {
+            faults.join(", ")
+        };
+        let _ = writeln!(out, "faults: {faults}");
+        let _ = write!(out, "delayed now {delayed}, suspended now {suspended}");
+        out
+    }
+
+    fn stats_json(&self) -> Value {
+        let snap = self.mount.stats();
+        let (delayed, suspended) = self.mount.parked_counts();
+        let ops: serde_json::Map<String, Value> = snap
+            .ops
+            .iter()
+            .map(|(op, requests, bytes)| {
+                (
+                    op.to_string(),
+                    json!({"requests": requests, "bytes": bytes}),
+                )
+            })
+            .collect();
+        let faults: serde_json::Map<String, Value> = snap
+            .faults
+            .iter()
+            .map(|(a, n)| (a.to_string(), Value::from(*n)))
+            .collect();
+        json!({
+            "seed": self.mount.seed(),
+            "state": self.mount.state(),
+            "ops": ops,
+            "faults": faults,
+            "delayed_now": delayed,
+            "suspended_now": suspended,
+        })
+    }
+
+    fn status_json(&self) -> Value {
+        let suspended: Vec<Value> = self
+            .mount
+            .parked()
+            .into_iter()
+            .map(|p| {
+                let (offset, len) = p.op.range();
+                json!({
+                    "id": p.id,
+                    "tags": p.tags,
+                    "cause": p.cause,
+                    "op": p.op.name(),
+                    "offset": offset,
+                    "len": len,
+                    "suspended_for": p.suspended_for.as_secs_f64(),
+                })
+            })
+            .collect();
+        let (delayed, _) = self.mount.parked_counts();
+        json!({
+            "state": self.mount.state(),
+            "seed": self.mount.seed(),
+            "rules": self.rules_json(),
+            "suspended": suspended,
+            "delayed_now": delayed,
+            "waiters": self.mount.waiters(),
+        })
     }
 
     /// Serves a line-oriented client (the `--control` socket): one command per line in, one
@@ -672,6 +873,7 @@ mod tests {
             img.path().to_path_buf(),
             Limits::default(),
             ImageMode::default(),
+            None,
         )
         .unwrap();
         (img, Control::new(Arc::new(mount), ReloadSource::default()))

@@ -18,7 +18,7 @@ use fuser::{
 use log::debug;
 
 use crate::control::Control;
-use crate::mount::{Done, ImageStat, Mount};
+use crate::mount::{Caller, Done, ImageStat, Mount};
 
 /// Attributes may be cached briefly: the size only changes through this mount (or by the
 /// user behind our back, which a short TTL tolerates).
@@ -77,6 +77,11 @@ enum Node {
 
 fn errno(e: i32) -> Errno {
     Errno::from_i32(e)
+}
+
+/// Who sent a kernel request, for the trace.
+fn caller(req: &Request) -> Caller {
+    Caller { pid: req.pid() }
 }
 
 impl BlkdebugFs {
@@ -206,9 +211,9 @@ impl BlkdebugFs {
 impl BlkdebugFs {
     /// A flush (close, fsync, fdatasync) of `ino`: a request for the image; nothing to do
     /// for the control file or the directory.
-    fn flush_node(&self, ino: INodeNo, reply: ReplyEmpty) {
+    fn flush_node(&self, req: &Request, ino: INodeNo, reply: ReplyEmpty) {
         match self.node(ino) {
-            Some(Node::Image) => self.mount.flush(empty_reply(reply)),
+            Some(Node::Image) => self.mount.flush(caller(req), empty_reply(reply)),
             _ => reply.ok(),
         }
     }
@@ -334,7 +339,7 @@ impl Filesystem for BlkdebugFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -345,6 +350,7 @@ impl Filesystem for BlkdebugFs {
     ) {
         match self.node(ino) {
             Some(Node::Image) => self.mount.read(
+                caller(req),
                 offset,
                 size,
                 Box::new(move |r| match r {
@@ -369,7 +375,7 @@ impl Filesystem for BlkdebugFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -381,6 +387,7 @@ impl Filesystem for BlkdebugFs {
     ) {
         match self.node(ino) {
             Some(Node::Image) => self.mount.write(
+                caller(req),
                 offset,
                 data,
                 Box::new(move |r| match r {
@@ -396,14 +403,14 @@ impl Filesystem for BlkdebugFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         // Every close() flushes, as through QEMU's export.
-        self.flush_node(ino, reply)
+        self.flush_node(req, ino, reply)
     }
 
     fn release(
@@ -424,18 +431,18 @@ impl Filesystem for BlkdebugFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.flush_node(ino, reply)
+        self.flush_node(req, ino, reply)
     }
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -444,9 +451,10 @@ impl Filesystem for BlkdebugFs {
         reply: ReplyEmpty,
     ) {
         match self.node(ino) {
-            Some(Node::Image) => self
-                .mount
-                .fallocate(mode, offset, length, empty_reply(reply)),
+            Some(Node::Image) => {
+                self.mount
+                    .fallocate(caller(req), mode, offset, length, empty_reply(reply))
+            }
             // Not ENOSYS: that would make the kernel stop asking for every file.
             _ => reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
         }
@@ -454,7 +462,7 @@ impl Filesystem for BlkdebugFs {
 
     fn lseek(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: i64,
@@ -463,6 +471,7 @@ impl Filesystem for BlkdebugFs {
     ) {
         match self.node(ino) {
             Some(Node::Image) => self.mount.seek(
+                caller(req),
                 offset,
                 whence,
                 Box::new(move |r| match r {

@@ -5,11 +5,13 @@
 //! mount point is unmounted, then flushes the image and returns. Tests and the `demo`
 //! subcommand call these in-process; `main.rs` is a thin CLI around them.
 //!
-//! Where things live: `rules.rs` (engine), `config.rs` (rule syntax), `ops.rs` (per-operation
-//! event sequences), `mount.rs` (state + executor, the one door to the core), `fs.rs` (FUSE
-//! adapter), `control.rs` (command table), `socket.rs` (`--control`), `mounttable.rs` (the
-//! mount table and the detach watch), `imagefmt.rs` (format sniffing), `logring.rs` (the
-//! logger and its in-memory tail). This file keeps the options, the errors and [`run`].
+//! Where things live: `rules.rs` (engine), `faults.rs` (actions and seeded draws),
+//! `ranges.rs` (sector sets), `config.rs` (rule syntax), `ops.rs` (per-operation event
+//! sequences), `mount.rs` (state + executor, the one door to the core), `fs.rs` (FUSE
+//! adapter), `control.rs` (command table), `socket.rs` (`--control`), `trace.rs` (`--trace`),
+//! `stats.rs` (counters), `mounttable.rs` (the mount table and the detach watch),
+//! `imagefmt.rs` (format sniffing), `logring.rs` (the logger and its in-memory tail). This
+//! file keeps the options, the errors and [`run`].
 
 pub mod breakpoints;
 pub mod buffers;
@@ -17,14 +19,18 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod errno;
+pub mod faults;
 pub mod fs;
 pub mod imagefmt;
 pub mod logring;
 pub mod mount;
 pub mod mounttable;
 pub mod ops;
+pub mod ranges;
 pub mod rules;
 pub mod socket;
+pub mod stats;
+pub mod trace;
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -65,6 +71,12 @@ pub struct MountOptions {
     pub max_suspend: Option<Duration>,
     /// Where `reload` (and SIGHUP) re-read the rules from.
     pub reload: ReloadSource,
+    /// The seed of every random choice; `None`: a random one, logged at mount.
+    pub seed: Option<u64>,
+    /// Write a JSON Lines trace here (`--trace`).
+    pub trace: Option<PathBuf>,
+    /// Trace every request, not only those a rule acted on (`--trace-all`).
+    pub trace_all: bool,
 }
 
 impl MountOptions {
@@ -83,8 +95,25 @@ impl MountOptions {
             control_socket: None,
             max_suspend: None,
             reload: ReloadSource::default(),
+            seed: None,
+            trace: None,
+            trace_all: false,
         }
     }
+}
+
+/// A seed nobody chose: from the kernel's generator, or the clock if that fails.
+pub fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == bytes.len() as isize {
+        return u64::from_le_bytes(bytes);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
 }
 
 /// One worker per CPU.
@@ -379,17 +408,32 @@ pub fn run(
             mountpoint.display()
         );
     }
-    let engine = Engine::new(options.rules.clone());
+    let seed = options.seed.unwrap_or_else(random_seed);
+    let engine = Engine::with_seed(options.rules.clone(), seed);
     let mode = ImageMode {
         read_only: options.read_only,
         growable: options.growable,
     };
+    let trace = match &options.trace {
+        Some(path) => Some(
+            trace::Trace::create(path, options.trace_all, Instant::now()).map_err(|e| {
+                Error::Usage(format!("cannot create the trace {}: {e}", path.display()))
+            })?,
+        ),
+        None => None,
+    };
     let mount = Arc::new(
-        Mount::new(engine, image, options.image.clone(), options.limits, mode).map_err(|e| {
-            Error::Image {
-                path: options.image.clone(),
-                why: format!("stat failed: {e}"),
-            }
+        Mount::new(
+            engine,
+            image,
+            options.image.clone(),
+            options.limits,
+            mode,
+            trace,
+        )
+        .map_err(|e| Error::Image {
+            path: options.image.clone(),
+            why: format!("stat failed: {e}"),
         })?,
     );
     let control = Arc::new(Control::new(mount.clone(), options.reload.clone()));
@@ -441,7 +485,7 @@ pub fn run(
         None => None,
     };
     info!(
-        "serving {} at {} ({} rules, {} workers)",
+        "serving {} at {} ({} rules, {} workers, seed {seed}: replay with --seed {seed})",
         options.image.display(),
         mountpoint.display(),
         options.rules.len(),
@@ -500,6 +544,7 @@ pub fn run(
     if let Err(e) = mount.sync() {
         warn!("final flush of {} failed: {e}", options.image.display());
     }
+    mount.finish_trace();
     if served.is_some() {
         let _ = server.join();
     }

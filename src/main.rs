@@ -8,11 +8,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use std::sync::{Arc, OnceLock};
 
-use blkdebugfs::config::{self, Group, Limits, RuleSet};
+use blkdebugfs::config::{self, CliRule, Limits, RuleSet};
 use blkdebugfs::control::{Control, ReloadSource};
 use blkdebugfs::{Error, MountOptions, Shutdown, errno, rules::Event};
 
@@ -65,6 +65,14 @@ struct RuleArgs {
     /// Add a set-state rule, e.g. event=write_aio,state=1,new_state=2 (repeatable).
     #[arg(long = "set-state", value_name = "K=V,...")]
     set_state: Vec<String>,
+    /// Add a rule of any section, e.g. delay:latency=5ms,sectors=0-2047 or
+    /// corrupt:iotype=read,probability=1% (repeatable; sections: inject-error, set-state,
+    /// delay, corrupt, drop-write, torn-write, short-io, misdirect-write, suspend).
+    #[arg(long = "rule", value_name = "SECTION:K=V,...")]
+    rule: Vec<String>,
+    /// The command-line rules in the order given (filled from the matches after parsing).
+    #[arg(skip)]
+    ordered: Vec<CliRule>,
     /// Request alignment in bytes (power of two); unaligned writes read-modify-write.
     #[arg(long, value_name = "BYTES", value_parser = size)]
     align: Option<u64>,
@@ -133,13 +141,10 @@ impl RuleArgs {
             (Some(c), None) => Some(c.to_path_buf()),
             (None, c) => c.clone(),
         };
-        let cli: Vec<(Group, String)> = self
-            .inject_error
-            .iter()
-            .map(|t| (Group::InjectError, t.clone()))
-            .chain(self.set_state.iter().map(|t| (Group::SetState, t.clone())))
-            .collect();
-        Ok(ReloadSource { config, cli })
+        Ok(ReloadSource {
+            config,
+            cli: self.ordered.clone(),
+        })
     }
 
     fn load(&self, extra_config: Option<&Path>) -> Result<(RuleSet, ReloadSource), Error> {
@@ -190,6 +195,17 @@ struct MountArgs {
     /// With --daemonize: append the log to FILE (otherwise it is discarded).
     #[arg(long, value_name = "FILE", requires = "daemonize")]
     log_file: Option<PathBuf>,
+    /// Seed of every random choice (probability, jitter, which bits, which sectors); the
+    /// same seed and the same requests give the same faults. Default: random, logged.
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Write a JSON Lines trace of every request a rule acted on (and of state changes,
+    /// breakpoint hits) to FILE.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// With --trace: one line for every request, with the events it fired.
+    #[arg(long, requires = "trace")]
+    trace_all: bool,
 }
 
 #[derive(Args)]
@@ -201,12 +217,44 @@ struct CheckArgs {
     list_events: bool,
 }
 
+/// The rule flags of `sub` in the order they were given, whichever flag each used: rules
+/// apply in written order, so `--rule A --inject-error B` must keep A before B.
+fn ordered_rules(sub: &ArgMatches) -> Vec<CliRule> {
+    let mut found: Vec<(usize, CliRule)> = Vec::new();
+    for (id, flag) in [
+        ("inject_error", "--inject-error"),
+        ("set_state", "--set-state"),
+        ("rule", "--rule"),
+    ] {
+        if let (Some(indices), Some(values)) = (sub.indices_of(id), sub.get_many::<String>(id)) {
+            found.extend(
+                indices
+                    .zip(values)
+                    .map(|(i, v)| (i, CliRule::new(flag, v.clone()))),
+            );
+        }
+    }
+    found.sort_by_key(|(i, _)| *i);
+    found.into_iter().map(|(_, r)| r).collect()
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(cli.verbose);
+    let sub = matches.subcommand().map(|(_, m)| m);
     let result = match cli.command {
-        Command::Mount(args) => mount(args),
-        Command::Check(args) => check(args),
+        Command::Mount(mut args) => {
+            args.rules.ordered = sub.map(ordered_rules).unwrap_or_default();
+            mount(args)
+        }
+        Command::Check(mut args) => {
+            args.rules.ordered = sub.map(ordered_rules).unwrap_or_default();
+            check(args)
+        }
         Command::Demo => blkdebugfs::demo::run().map_err(Error::Usage),
         Command::Ctl(args) => ctl(args),
     };
@@ -282,6 +330,9 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     options.control_socket = args.control_socket.clone();
     options.max_suspend = args.max_suspend;
     options.reload = reload;
+    options.seed = args.seed;
+    options.trace = args.trace.clone();
+    options.trace_all = args.trace_all;
     if let Some(n) = args.threads {
         options.threads = n as usize;
     }

@@ -4,6 +4,13 @@
 //! Lock rule: the engine's mutex is taken for one `fire` or `check` call at a time and never
 //! held across I/O. Image I/O is positional (`pread`/`pwrite`/`fallocate`/`fdatasync` on one
 //! shared descriptor), so requests run in parallel on any number of FUSE workers.
+//!
+//! Faults (`spec/faults.md` §3): a check's decision applies to the I/O steps after it, up to
+//! the next check (one chunk of the request): a corruption edits the bytes read or a copy of
+//! the bytes stored, a dropped write skips its I/O, a torn write stores only what it keeps, a
+//! short transfer stops at its end and returns the count up to it, a misdirected write lands
+//! elsewhere. A delay parks the request with a deadline (the timer continues it) and a
+//! `[suspend]` rule parks it under a tag, exactly as a breakpoint does: no worker waits.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -18,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
 use parking_lot::Mutex;
+use serde_json::Value;
 
 use crate::breakpoints::{Breakpoints, Resumed};
 pub use crate::breakpoints::{ParkedInfo, WaiterDone, WaiterId};
@@ -25,8 +33,12 @@ pub use crate::buffers::ReadBuf;
 use crate::buffers::{ImageMap, MAPPED_READ_MIN};
 use crate::config::Limits;
 use crate::errno;
+use crate::faults::{Edit, Effect};
+use crate::fields;
 use crate::ops::{Op, Step, plan};
-use crate::rules::{Engine, Event, Fired, IoType, Rule, RuleId, RuleStats, Verdict};
+use crate::rules::{Decision, Engine, Event, Fired, IoType, Rule, RuleId, RuleStats, Verdict};
+use crate::stats::{Snapshot, Stats};
+use crate::trace::Trace;
 
 /// Write and flush generations of one block node, as QEMU keeps them: a flush reaches the
 /// disk only if the node was written (successfully or not) since its last successful flush.
@@ -103,7 +115,28 @@ pub struct Mount {
     breakpoints: Breakpoints<Pending<'static>>,
     /// The image mapped read-only for large reads (`None` if it cannot be mapped).
     map: Option<Arc<ImageMap>>,
+    /// `--trace`, when given.
+    trace: Option<Trace>,
+    stats: Stats,
+    /// Request ids, for the trace and logs.
+    next_request: AtomicU64,
 }
+
+/// Who sent a request (for the trace).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: u32,
+}
+
+/// What a finished request hands its completion: the bytes read (empty for other
+/// operations) and, after a short transfer, how many bytes moved.
+struct Outcome {
+    data: ReadBuf,
+    transferred: Option<u64>,
+}
+
+/// Called exactly once with a request's [`Outcome`] or its errno.
+type Finish = Box<dyn FnOnce(Result<Outcome, i32>) + Send>;
 
 /// Called exactly once with a request's outcome: the bytes read (empty for other
 /// operations) or the errno. It owns the FUSE reply, so a parked request carries it along.
@@ -118,6 +151,9 @@ pub type SeekDone = Box<dyn FnOnce(Result<i64, i32>) + Send>;
 /// A request in flight: its plan, where it is in it, and everything it owns.
 pub struct Pending<'a> {
     op: Op,
+    /// The request's id and sender, for the trace and logs.
+    id: u64,
+    caller: Caller,
     steps: Vec<Step>,
     pc: usize,
     failed: Option<i32>,
@@ -127,7 +163,14 @@ pub struct Pending<'a> {
     read_buf: ReadBuf,
     /// Borrowed from the FUSE worker's buffer until the request parks.
     write_data: Cow<'a, [u8]>,
-    done: Completion,
+    /// What the last check decided for the I/O steps after it (corrupt, drop, tear,
+    /// misdirect); cleared at the next check.
+    effect: Option<Effect>,
+    /// A short transfer stops at this image offset.
+    short_end: Option<u64>,
+    /// The events fired, for `--trace-all` (empty otherwise).
+    events: Vec<Event>,
+    done: Finish,
 }
 
 impl Pending<'_> {
@@ -135,6 +178,8 @@ impl Pending<'_> {
     fn into_owned(self) -> Pending<'static> {
         Pending {
             op: self.op,
+            id: self.id,
+            caller: self.caller,
             steps: self.steps,
             pc: self.pc,
             failed: self.failed,
@@ -142,6 +187,9 @@ impl Pending<'_> {
             node_gen: self.node_gen,
             read_buf: self.read_buf,
             write_data: Cow::Owned(self.write_data.into_owned()),
+            effect: self.effect,
+            short_end: self.short_end,
+            events: self.events,
             done: self.done,
         }
     }
@@ -149,7 +197,29 @@ impl Pending<'_> {
 
 enum Advance {
     Finished(Result<(), i32>),
-    Parked { tags: Vec<String>, event: Event },
+    /// Park under `tags` (a breakpoint's event, or a `[suspend]` rule: `cause` says which).
+    Parked {
+        tags: Vec<String>,
+        cause: String,
+    },
+    /// Hold for this long (a `[delay]` rule), then go on.
+    Delayed(Duration),
+}
+
+/// What a check decided, for the executor.
+enum Checked {
+    Pass,
+    Fail(i32),
+    Delay {
+        wait: Duration,
+        errno: i32,
+    },
+    Suspend {
+        tag: String,
+        rule: RuleId,
+    },
+    /// Applies to the I/O steps up to the next check.
+    Effect(Effect),
 }
 
 fn errno_of(e: &io::Error) -> i32 {
@@ -163,6 +233,7 @@ impl Mount {
         image_path: PathBuf,
         limits: Limits,
         mode: ImageMode,
+        trace: Option<Trace>,
     ) -> io::Result<Mount> {
         let len = image.metadata()?.len();
         let size = AtomicU64::new(len);
@@ -179,6 +250,9 @@ impl Mount {
             size,
             breakpoints: Breakpoints::default(),
             map,
+            trace,
+            stats: Stats::default(),
+            next_request: AtomicU64::new(1),
         })
     }
 
@@ -257,18 +331,23 @@ impl Mount {
     }
 
     /// A client read of up to `size` bytes: like QEMU's export, reads stop at the end.
-    pub fn read(&self, offset: u64, size: u32, done: Completion) {
+    pub fn read(&self, caller: Caller, offset: u64, size: u32, done: Completion) {
         let len = (size as u64).min(self.size().saturating_sub(offset));
         if len == 0 {
             return done(Ok(ReadBuf::pooled(0)));
         }
-        self.submit(Op::Read { offset, len }, &[], done);
+        self.submit(
+            caller,
+            Op::Read { offset, len },
+            &[],
+            Box::new(move |r| done(r.map(|o| o.data))),
+        );
     }
 
     /// A client write. Within the image it is one request; past the end it grows the
     /// image (`--growable`) only if it succeeds, or is cut at the end (a disk has no room
     /// past its end: ENOSPC when nothing is left).
-    pub fn write(&self, offset: u64, data: &[u8], done: WriteDone) {
+    pub fn write(&self, caller: Caller, offset: u64, data: &[u8], done: WriteDone) {
         if self.mode.read_only {
             return done(Err(libc::EROFS));
         }
@@ -285,22 +364,34 @@ impl Mount {
         if len == 0 {
             return done(Ok(0));
         }
-        let written = len as u32;
         self.submit(
+            caller,
             Op::Write { offset, len },
             &data[..len as usize],
-            Box::new(move |r| done(r.map(|_| written))),
+            Box::new(move |r| done(r.map(|o| o.transferred.unwrap_or(len).min(len) as u32))),
         );
     }
 
     /// fsync, fdatasync and the flush of every close.
-    pub fn flush(&self, done: Done) {
-        self.submit(Op::Flush, &[], Box::new(move |r| done(r.map(|_| ()))));
+    pub fn flush(&self, caller: Caller, done: Done) {
+        self.submit(
+            caller,
+            Op::Flush,
+            &[],
+            Box::new(move |r| done(r.map(|_| ()))),
+        );
     }
 
     /// fallocate(2): punch-hole and zero-range are write-zeroes requests; plain allocation
     /// reaches no rule. Zero-range without KEEP_SIZE extends the image once it succeeded.
-    pub fn fallocate(self: &Arc<Self>, mode: i32, offset: u64, length: u64, done: Done) {
+    pub fn fallocate(
+        self: &Arc<Self>,
+        caller: Caller,
+        mode: i32,
+        offset: u64,
+        length: u64,
+        done: Done,
+    ) {
         if self.mode.read_only {
             return done(Err(libc::EROFS));
         }
@@ -331,6 +422,7 @@ impl Mount {
         }
         let mount = self.clone();
         self.submit(
+            caller,
             Op::Zero { offset, len, punch },
             &[],
             Box::new(move |r| {
@@ -348,7 +440,7 @@ impl Mount {
 
     /// lseek SEEK_DATA / SEEK_HOLE: a block-status request, answered by the image's own
     /// holes. Other whences never reach a FUSE server.
-    pub fn seek(self: &Arc<Self>, offset: i64, whence: i32, done: SeekDone) {
+    pub fn seek(self: &Arc<Self>, caller: Caller, offset: i64, whence: i32, done: SeekDone) {
         if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
             return done(Err(libc::EINVAL));
         }
@@ -359,6 +451,7 @@ impl Mount {
         }
         let mount = self.clone();
         self.submit(
+            caller,
             Op::BlockStatus {
                 offset: start,
                 len: size - start,
@@ -387,6 +480,31 @@ impl Mount {
     }
 
     // ---- Rules and state, for the control table. Each takes the engine lock once.
+
+    /// The seed of every random choice (`--seed`).
+    pub fn seed(&self) -> u64 {
+        self.engine.lock().seed()
+    }
+
+    /// The counters of `stats`.
+    pub fn stats(&self) -> Snapshot {
+        self.stats.snapshot()
+    }
+
+    /// Requests delayed and suspended now.
+    pub fn parked_counts(&self) -> (usize, usize) {
+        (
+            self.breakpoints.delayed_count(),
+            self.breakpoints.suspended_count(),
+        )
+    }
+
+    /// Writes what the trace has queued and closes it (shutdown).
+    pub fn finish_trace(&self) {
+        if let Some(trace) = &self.trace {
+            trace.finish();
+        }
+    }
 
     pub fn add_rule(&self, rule: Rule) -> RuleId {
         self.engine.lock().add(rule)
@@ -460,6 +578,14 @@ impl Mount {
     /// when it is next due (`None`: only a change can make it due).
     pub fn expire(&self, max_suspend: Option<Duration>) -> Option<Instant> {
         let mut next = self.breakpoints.expire_waiters();
+        // Delayed requests that are due continue here, on the timer's thread.
+        let (due, next_delay) = self.breakpoints.take_due(Instant::now());
+        for p in due {
+            self.drive(p);
+        }
+        if let Some(d) = next_delay {
+            next = Some(next.map_or(d, |n| n.min(d)));
+        }
         if let Some(limit) = max_suspend {
             self.resume_older_than(limit);
             if let Some(due) = self
@@ -485,7 +611,7 @@ impl Mount {
 
     /// Fires an event outside any request (the `none` event at mount start).
     pub fn fire(&self, event: Event) {
-        let fired = self.fire_logged(event);
+        let fired = self.fire_logged(event, None);
         if !fired.suspend.is_empty() {
             warn!("breakpoint on '{event}' hit outside a request: nothing to suspend");
         }
@@ -493,9 +619,32 @@ impl Mount {
 
     /// Fires `event`; at debug level, says what it armed and how the state moved, so that
     /// "why did my rule not fire?" has an answer in the log.
-    fn fire_logged(&self, event: Event) -> Fired {
+    fn fire_logged(&self, event: Event, request: Option<&Pending<'_>>) -> Fired {
         let mut engine = self.engine.lock();
         let fired = engine.fire(event);
+        if let Some(trace) = &self.trace
+            && (fired.state_change.is_some() || !fired.suspend.is_empty())
+        {
+            let mut f = request.map(request_fields).unwrap_or_default();
+            f.insert("event".into(), event.name().into());
+            if let (Some((from, to)), Some(rule)) = (fired.state_change, fired.state_rule) {
+                let mut g = f.clone();
+                g.insert("action".into(), "set-state".into());
+                g.insert("rule".into(), rule.0.into());
+                g.insert("from".into(), from.into());
+                g.insert("state".into(), to.into());
+                trace.record(g);
+            }
+            if !fired.suspend.is_empty() {
+                f.insert("action".into(), "break".into());
+                f.insert("tags".into(), fired.suspend.clone().into());
+                f.insert("state".into(), engine.state().into());
+                trace.record(f);
+            }
+        }
+        for _ in &fired.suspend {
+            self.stats.fault("break");
+        }
         if log::log_enabled!(log::Level::Debug) {
             let state = engine.state();
             let armed = fired.rearmed.then(|| {
@@ -579,11 +728,19 @@ impl Mount {
     }
 
     /// Starts one client operation: walks its plan until it finishes (and `done` replies) or
-    /// a breakpoint parks it. Either way the calling worker returns at once: a parked
-    /// request owns its buffer and reply, and continues on whichever thread resumes it.
-    fn submit(&self, op: Op, write_data: &[u8], done: Completion) {
+    /// a breakpoint or delay parks it. Either way the calling worker returns at once: a
+    /// parked request owns its buffer and reply, and continues on whichever thread resumes
+    /// it.
+    fn submit(&self, caller: Caller, op: Op, write_data: &[u8], done: Finish) {
+        let bytes = match op {
+            Op::BlockStatus { .. } => 0,
+            op => op.range().1,
+        };
+        self.stats.request(op.kind(), bytes);
         let pending = Pending {
             op,
+            id: self.next_request.fetch_add(1, Ordering::Relaxed),
+            caller,
             steps: plan(op, self.limits),
             pc: 0,
             failed: None,
@@ -592,12 +749,16 @@ impl Mount {
             // Allocated at the first read step, so a request parked before it holds none.
             read_buf: ReadBuf::pooled(0),
             write_data: Cow::Borrowed(write_data),
+            effect: None,
+            short_end: None,
+            events: Vec::new(),
             done,
         };
         self.drive(pending);
     }
 
-    /// Walks `p` on from its current step; parks it when a breakpoint hits.
+    /// Walks `p` on from its current step; parks it when a breakpoint, `[suspend]` rule or
+    /// delay says so.
     fn drive(&self, mut p: Pending<'_>) {
         match self.advance(&mut p) {
             Advance::Finished(result) => {
@@ -610,33 +771,65 @@ impl Mount {
                         self.blkdebug_node.record_flushed(g);
                     }
                 }
-                let Pending { done, read_buf, .. } = p;
-                done(result.map(|()| read_buf));
+                if let Some(trace) = self.trace.as_ref().filter(|t| t.all()) {
+                    let mut f = request_fields(&p);
+                    let events: Vec<Value> = p.events.iter().map(|e| e.name().into()).collect();
+                    f.insert("events".into(), Value::Array(events));
+                    f.insert("result".into(), errno_field(result.err()));
+                    if let Some(end) = p.short_end {
+                        f.insert("transferred".into(), transferred(&p.op, end).into());
+                    }
+                    trace.record(f);
+                }
+                let Pending {
+                    mut read_buf,
+                    short_end,
+                    op,
+                    done,
+                    ..
+                } = p;
+                let transferred = short_end.map(|end| transferred(&op, end));
+                if let Some(n) = transferred {
+                    read_buf.truncate(n as usize);
+                }
+                done(result.map(|()| Outcome {
+                    data: read_buf,
+                    transferred,
+                }));
             }
-            Advance::Parked { tags, event } => {
+            Advance::Parked { tags, cause } => {
                 // Parking is refused once shutting down: then continue right away.
                 let op = p.op;
-                if let Some(p) = self.breakpoints.park(p.into_owned(), op, tags, event) {
+                if let Some(p) = self.breakpoints.park(p.into_owned(), op, tags, cause) {
+                    self.drive(p);
+                }
+            }
+            Advance::Delayed(wait) => {
+                let now = Instant::now();
+                let due = now.checked_add(wait).unwrap_or(now);
+                if let Some(p) = self.breakpoints.delay(p.into_owned(), due) {
                     self.drive(p);
                 }
             }
         }
     }
 
-    /// Runs steps until the plan ends or a breakpoint hits.
+    /// Runs steps until the plan ends or a breakpoint, `[suspend]` rule or delay parks it.
     fn advance(&self, p: &mut Pending<'_>) -> Advance {
-        let op = p.op;
         loop {
             let step = p.steps[p.pc];
             p.pc += 1;
             match step {
                 Step::Event(event) => {
-                    let fired = self.fire_logged(event);
+                    if self.trace.as_ref().is_some_and(|t| t.all()) {
+                        p.events.push(event);
+                    }
+                    let fired = self.fire_logged(event, Some(&*p));
                     if !fired.suspend.is_empty() {
                         // Parked after the whole event, state updated (as QEMU 6.1+).
                         return Advance::Parked {
                             tags: fired.suspend,
-                            event,
+                            cause: format!("event {event}"),
                         };
                     }
                 }
@@ -646,9 +839,28 @@ impl Mount {
                     len,
                     on_fail,
                 } => {
-                    if let Some(errno) = self.check(op, iotype, offset, len, "") {
-                        p.failed = Some(errno);
-                        p.pc = on_fail;
+                    p.effect = None;
+                    match self.check(p, iotype, offset, len, "") {
+                        Checked::Pass => {}
+                        Checked::Fail(errno) => {
+                            p.failed = Some(errno);
+                            p.pc = on_fail;
+                        }
+                        Checked::Delay { wait, errno } => {
+                            if errno != 0 {
+                                // A timeout: the request fails once the delay is over.
+                                p.failed = Some(errno);
+                                p.pc = on_fail;
+                            }
+                            return Advance::Delayed(wait);
+                        }
+                        Checked::Suspend { tag, rule } => {
+                            return Advance::Parked {
+                                tags: vec![tag],
+                                cause: format!("rule {rule}"),
+                            };
+                        }
+                        Checked::Effect(effect) => p.take_effect(effect),
                     }
                 }
                 Step::RmwCheck {
@@ -657,8 +869,19 @@ impl Mount {
                     on_fail,
                 } => {
                     let note = "; ignored, as QEMU ignores read-modify-write read errors";
-                    if self.check(op, IoType::Read, offset, len, note).is_some() {
-                        p.pc = on_fail;
+                    match self.check(p, IoType::Read, offset, len, note) {
+                        Checked::Fail(_) => p.pc = on_fail,
+                        // The padding read's bytes are never used (see ops.rs), so only the
+                        // parking actions change anything here; an error after a delay is
+                        // ignored like any padding read error.
+                        Checked::Delay { wait, .. } => return Advance::Delayed(wait),
+                        Checked::Suspend { tag, rule } => {
+                            return Advance::Parked {
+                                tags: vec![tag],
+                                cause: format!("rule {rule}"),
+                            };
+                        }
+                        Checked::Pass | Checked::Effect(_) => {}
                     }
                 }
                 Step::ZeroesCheck {
@@ -667,24 +890,45 @@ impl Mount {
                     on_fail,
                     on_enotsup,
                 } => {
-                    if let Some(errno) = self.check(op, IoType::WriteZeroes, offset, len, "") {
-                        match on_enotsup {
-                            Some(fallback) if errno == libc::EOPNOTSUPP => p.pc = fallback,
-                            _ => {
-                                p.failed = Some(errno);
-                                p.pc = on_fail;
-                            }
+                    p.effect = None;
+                    let fail = |p: &mut Pending<'_>, errno: i32| match on_enotsup {
+                        Some(fallback) if errno == libc::EOPNOTSUPP => p.pc = fallback,
+                        _ => {
+                            p.failed = Some(errno);
+                            p.pc = on_fail;
                         }
+                    };
+                    match self.check(p, IoType::WriteZeroes, offset, len, "") {
+                        Checked::Pass => {}
+                        Checked::Fail(errno) => fail(p, errno),
+                        Checked::Delay { wait, errno } => {
+                            if errno != 0 {
+                                fail(p, errno);
+                            }
+                            return Advance::Delayed(wait);
+                        }
+                        Checked::Suspend { tag, rule } => {
+                            return Advance::Parked {
+                                tags: vec![tag],
+                                cause: format!("rule {rule}"),
+                            };
+                        }
+                        Checked::Effect(effect) => p.take_effect(effect),
                     }
                 }
                 Step::Jump { to } => p.pc = to,
                 Step::Read { offset, len, at } => {
-                    if let (Op::Read { len: total, .. }, true) = (p.op, p.read_buf.is_empty()) {
+                    let total = p.op.range().1;
+                    // A short read stops at its end: later bytes are never read.
+                    let len = p.clip(offset, len);
+                    if p.read_buf.is_empty() {
                         // A large read done in one step that nothing can park after (the
-                        // next step is the end) may reply straight from the mapping.
+                        // next step is the end) and that no fault edits may reply straight
+                        // from the mapping.
                         let whole_and_last = at == 0
                             && len == total
                             && len >= MAPPED_READ_MIN
+                            && p.effect.is_none()
                             && matches!(p.steps.get(p.pc), Some(Step::Done));
                         let window = match &self.map {
                             Some(map) if whole_and_last => map.window(&self.image, offset, len),
@@ -692,22 +936,39 @@ impl Mount {
                         };
                         p.read_buf = window.unwrap_or_else(|| ReadBuf::pooled(total as usize));
                     }
+                    if len == 0 {
+                        continue;
+                    }
+                    let edits = match &p.effect {
+                        Some(Effect::Corrupt { edits }) => Some(edits.as_slice()),
+                        _ => None,
+                    };
                     if let Some(buf) = p.read_buf.as_mut() {
                         let dst = &mut buf[at..at + len as usize];
                         if let Err(e) = read_full(&self.image, dst, offset) {
                             return Advance::Finished(Err(self.io_failed("read", offset, len, e)));
                         }
+                        if let Some(edits) = edits {
+                            Edit::apply_all(edits, dst, offset);
+                        }
                     }
                 }
                 Step::Write { offset, len, at } => {
+                    let len = p.clip(offset, len);
                     let src = &p.write_data[at..at + len as usize];
-                    if let Err(e) = self.image.write_all_at(src, offset) {
-                        return Advance::Finished(Err(self.io_failed("write", offset, len, e)));
+                    if let Err((what, e)) = self.write_with_effect(p.effect.as_ref(), src, offset) {
+                        return Advance::Finished(Err(self.io_failed(what, offset, len, e)));
                     }
-                    self.note_extent(offset + len);
+                    if let Some(Effect::Torn { errno, .. }) = p.effect
+                        && errno != 0
+                    {
+                        p.failed = Some(errno);
+                    }
                 }
                 Step::Zero { offset, len, punch } => {
+                    let dropped = matches!(p.effect, Some(Effect::DropWrite));
                     if len > 0
+                        && !dropped
                         && let Err(e) = zero_range(&self.image, offset, len, punch)
                     {
                         return Advance::Finished(Err(self.io_failed("zero", offset, len, e)));
@@ -741,6 +1002,47 @@ impl Mount {
                 }
                 Step::Done => return Advance::Finished(p.failed.map_or(Ok(()), Err)),
             }
+        }
+    }
+
+    /// Stores the client's bytes `src`, aimed at `offset`, as the check's `effect` says.
+    fn write_with_effect(
+        &self,
+        effect: Option<&Effect>,
+        src: &[u8],
+        offset: u64,
+    ) -> Result<(), (&'static str, io::Error)> {
+        let len = src.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        let write = |bytes: &[u8], at: u64| {
+            self.image.write_all_at(bytes, at)?;
+            self.note_extent(at + bytes.len() as u64);
+            Ok::<(), io::Error>(())
+        };
+        match effect {
+            Some(Effect::DropWrite) => Ok(()),
+            Some(Effect::Corrupt { edits }) => {
+                let mut copy = src.to_vec();
+                Edit::apply_all(edits, &mut copy, offset);
+                write(&copy, offset).map_err(|e| ("write", e))
+            }
+            Some(Effect::Torn { kept, .. }) => {
+                for &(s, e) in kept {
+                    let (s, e) = (s.max(offset), e.min(offset + len));
+                    if s < e {
+                        write(&src[(s - offset) as usize..(e - offset) as usize], s)
+                            .map_err(|e| ("torn write", e))?;
+                    }
+                }
+                Ok(())
+            }
+            Some(Effect::Misdirect { shift }) => {
+                let at = misdirected(offset, len, *shift, self.size());
+                write(src, at).map_err(|e| ("misdirected write", e))
+            }
+            _ => write(src, offset).map_err(|e| ("write", e)),
         }
     }
 
@@ -797,28 +1099,122 @@ impl Mount {
         self.breakpoints.cancel_waiters();
     }
 
-    /// Checks one request against the rules; logs and returns the errno of an injection.
-    fn check(&self, op: Op, iotype: IoType, offset: u64, len: u64, note: &str) -> Option<i32> {
-        let verdict = self.engine.lock().check(iotype, offset, len);
-        let Verdict::Fail { errno, rule, event } = verdict else {
-            return None;
+    /// Checks one request against the rules; logs, counts and traces what acted, and says
+    /// what the executor must do.
+    fn check(&self, p: &Pending<'_>, iotype: IoType, offset: u64, len: u64, note: &str) -> Checked {
+        let (verdict, state) = {
+            let mut engine = self.engine.lock();
+            if !engine.has_checks() {
+                return Checked::Pass;
+            }
+            let verdict = engine.check(iotype, offset, len);
+            (verdict, engine.state())
         };
+        let Verdict::Act(decision) = verdict else {
+            return Checked::Pass;
+        };
+        self.stats.fault(decision.action);
         let range = if len == 0 {
             String::new()
         } else {
             format!(" at offset {offset}, {len} bytes")
         };
         // `into write_aio (write at ...)`, but `into flush` when the names agree.
+        let op = p.op;
         let what = if op.name() == iotype.name() {
             format!("{}{range}", op.name())
         } else {
             format!("{} ({iotype}{range})", op.name())
         };
-        info!(
-            "injecting {} into {what} for rule {rule} armed by {event}{note}",
-            errno::describe(errno),
-        );
-        Some(errno)
+        let Decision {
+            rule,
+            armed_by,
+            action,
+            effect,
+        } = decision;
+        let by = match armed_by {
+            Some(event) => format!("armed by {event}"),
+            None => "(standing)".to_string(),
+        };
+        let mut f = request_fields(p);
+        f.insert("iotype".into(), iotype.name().into());
+        f.insert("rule".into(), rule.0.into());
+        f.insert("action".into(), action.into());
+        f.insert("armed_by".into(), armed_by.map(|e| e.name()).into());
+        f.insert("state".into(), state.into());
+        let mut errno_of_effect = None;
+        let checked = match effect {
+            Effect::Fail { errno } => {
+                info!(
+                    "injecting {} into {what} for rule {rule} {by}{note}",
+                    errno::describe(errno),
+                );
+                errno_of_effect = Some(errno);
+                Checked::Fail(errno)
+            }
+            Effect::Delay { wait, errno } => {
+                info!(
+                    "delaying {what} by {} for rule {rule} {by}{}",
+                    crate::faults::duration_text(wait),
+                    if errno != 0 {
+                        format!(", then failing it with {}", errno::describe(errno))
+                    } else {
+                        String::new()
+                    }
+                );
+                f.insert("delay_us".into(), (wait.as_micros() as u64).into());
+                errno_of_effect = (errno != 0).then_some(errno);
+                Checked::Delay { wait, errno }
+            }
+            Effect::Suspend { tag } => {
+                f.insert("tag".into(), tag.clone().into());
+                Checked::Suspend { tag, rule }
+            }
+            effect => {
+                let detail = match &effect {
+                    Effect::Corrupt { edits } => {
+                        let offsets: Vec<Value> = edits.iter().map(|e| e.offset().into()).collect();
+                        let text = format!(
+                            "corrupting {} byte(s) from offset {}",
+                            edits.len(),
+                            edits.first().map_or(0, |e| e.offset())
+                        );
+                        f.insert("corrupted".into(), Value::Array(offsets));
+                        text
+                    }
+                    Effect::DropWrite => "dropping".to_string(),
+                    Effect::Torn { kept, errno } => {
+                        let ranges: Vec<Value> = kept
+                            .iter()
+                            .map(|(s, e)| Value::from(vec![*s, *e]))
+                            .collect();
+                        let bytes: u64 = kept.iter().map(|(s, e)| e - s).sum();
+                        f.insert("kept".into(), Value::Array(ranges));
+                        f.insert("kept_bytes".into(), bytes.into());
+                        errno_of_effect = (*errno != 0).then_some(*errno);
+                        format!("tearing (keeping {bytes} of {len} bytes)")
+                    }
+                    Effect::Short { end } => {
+                        let n = end.saturating_sub(offset);
+                        f.insert("transferred".into(), transferred(&op, *end).into());
+                        format!("shortening to {n} bytes")
+                    }
+                    Effect::Misdirect { shift } => {
+                        let landed = misdirected(offset, len, *shift, self.size());
+                        f.insert("landed".into(), landed.into());
+                        format!("misdirecting to offset {landed}")
+                    }
+                    _ => String::new(),
+                };
+                info!("{detail} {what} for rule {rule} {by}{note}");
+                Checked::Effect(effect)
+            }
+        };
+        f.insert("errno".into(), errno_field(errno_of_effect));
+        if let Some(trace) = &self.trace {
+            trace.record(f);
+        }
+        checked
     }
 
     fn io_failed(&self, what: &str, offset: u64, len: u64, e: io::Error) -> i32 {
@@ -827,6 +1223,58 @@ impl Mount {
             self.image_path.display()
         );
         e.raw_os_error().unwrap_or(libc::EIO)
+    }
+}
+
+impl Pending<'_> {
+    /// Takes a check's effect for the I/O steps up to the next check.
+    fn take_effect(&mut self, effect: Effect) {
+        if let Effect::Short { end } = effect {
+            self.short_end = Some(self.short_end.map_or(end, |s| s.min(end)));
+        }
+        self.effect = Some(effect);
+    }
+
+    /// `len` bytes at `offset`, cut at a short transfer's end.
+    fn clip(&self, offset: u64, len: u64) -> u64 {
+        match self.short_end {
+            Some(end) => len.min(end.saturating_sub(offset)),
+            None => len,
+        }
+    }
+}
+
+/// The bytes of `op` before a short transfer's `end`.
+fn transferred(op: &Op, end: u64) -> u64 {
+    let (offset, len) = op.range();
+    end.saturating_sub(offset).min(len)
+}
+
+/// Where a write of `len` bytes aimed at `offset` lands when shifted by `shift`, clamped so
+/// that it stays inside an image of `size` bytes.
+fn misdirected(offset: u64, len: u64, shift: i64, size: u64) -> u64 {
+    let target = i128::from(offset) + i128::from(shift);
+    let last_start = i128::from(size.saturating_sub(len));
+    target.clamp(0, last_start.max(0)) as u64
+}
+
+/// The trace fields every request-related object starts with.
+fn request_fields(p: &Pending<'_>) -> serde_json::Map<String, Value> {
+    let (offset, len) = p.op.range();
+    fields! {
+        "req" => p.id,
+        "pid" => p.caller.pid,
+        "op" => p.op.name(),
+        "offset" => offset,
+        "len" => len,
+    }
+}
+
+/// An errno as the trace writes it: its name (`"EIO"`), or `null`.
+fn errno_field(errno: Option<i32>) -> Value {
+    match errno {
+        None => Value::Null,
+        Some(e) => errno::name(e).map_or_else(|| Value::from(e), Value::from),
     }
 }
 

@@ -137,6 +137,26 @@ impl Op {
             Op::BlockStatus { .. } => "lseek",
         }
     }
+
+    /// The operation as `stats` counts it (`write-zeroes` for both zeroing calls).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Zero { .. } => "write-zeroes",
+            other => other.name(),
+        }
+    }
+
+    /// The bytes the operation covers, `(offset, len)`; a flush has none, and a seek the rest
+    /// of the image from its offset.
+    pub fn range(&self) -> (u64, u64) {
+        match *self {
+            Op::Read { offset, len }
+            | Op::Write { offset, len }
+            | Op::Zero { offset, len, .. }
+            | Op::BlockStatus { offset, len } => (offset, len),
+            Op::Flush => (0, 0),
+        }
+    }
 }
 
 /// A plan under construction. Jump targets to the end are patched when it is finished.

@@ -1,25 +1,40 @@
-//! The rule engine: QEMU blkdebug's rules and the one decision function.
+//! The rule engine: QEMU blkdebug's rules, grown by `spec/faults.md`, and the one decision
+//! function.
 //!
-//! Contract (spec §1): rules belong to one [`Event`]. [`Engine::fire`] processes every rule of
-//! the event whose `state` gate is 0 or equals the state from *before* the event:
-//! inject-error rules replace the active list (the first one empties it), set-state rules set
-//! the pending state (first written wins), suspend rules are one-shot and hand their tag back.
-//! [`Engine::check`] matches a request against the active list: the first rule, in written
-//! order, whose range and iotype match wins; errno 0 exempts; `once` deletes the rule.
+//! Contract (spec §1 and faults §1): a rule is *when* (an [`Event`] with QEMU's arming, or
+//! none: a *standing* rule, armed from the start), *which requests* ([`RequestMatch`]: state
+//! gate, range, iotype and the counting keys) and *what* ([`Action`]). [`Engine::fire`]
+//! processes every rule of the event whose `state` gate is 0 or equals the state from
+//! *before* the event: request-checked rules of any kind replace the active list (the first
+//! one empties it), set-state rules set the pending state (first written wins), breakpoints
+//! are one-shot and hand their tag back. [`Engine::check`] takes the active list, then the
+//! standing rules (whose gate is tested against the current state), each in written order;
+//! each rule whose range and iotype match counts the match and applies `skip`, `every`,
+//! `probability` and `count` in that order; the first rule that *acts* decides the request,
+//! and a rule that matches but does not act lets later rules decide. `errno = 0` that acts
+//! exempts the request and hides later rules (QEMU; it consumes no `count`, as QEMU's `once`
+//! survives an exemption).
+//!
+//! Randomness: every draw is keyed by (seed, rule number, that rule's match count) (see
+//! `faults.rs`), so the same seed and the same requests give the same decisions.
 //!
 //! The engine is plain data: no FUSE, no I/O, no locks. The caller (see `mount.rs`) holds it
 //! under one mutex for the duration of a single `fire` or `check` call only.
 //!
 //! Cost: neither call walks the rules. What a fire does in a given state (the new active
-//! list, the new state) is computed once per (event, state) and cached until the rules
-//! change (adding or deleting a rule, a `once` rule failing a request included, costs the
-//! next fire of that event one pass over that event's rules); hit counts are derived from per-event fire counters. The active list is indexed
-//! by the byte each rule names, so a check looks only at sector-less rules and at the bytes
-//! inside the request. Breakpoints are few and one-shot, and are scanned.
+//! list, the new state) is computed once per (event, state) and cached until the rules change
+//! (adding or deleting a rule, one deleted by `count`/`once` included, costs the next fire of
+//! that event one pass over that event's rules); arming counts are derived from per-event fire
+//! counters. The active list and the standing rules are indexed by range (the byte a QEMU
+//! `sector` names, the intervals of `sectors`), so a check looks only at range-less rules and
+//! at rules whose range meets the request. Breakpoints are few and one-shot, and are scanned.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
+
+use crate::faults::{Draw, Effect, Fault, resolve};
+use crate::ranges::{SECTOR, SectorSet};
 
 /// Defines [`Event`] with its QEMU name table in one place, so the parser, `check` output and
 /// log lines can never disagree on a name.
@@ -217,46 +232,159 @@ impl fmt::Display for IoTypes {
     }
 }
 
-/// Which requests an armed inject-error rule applies to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which bytes a request-checked rule applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Range {
+    /// Any request, a flush included.
+    Any,
+    /// QEMU's `sector`: the byte `sector * 512` lies inside the request.
+    Sector(u64),
+    /// `sectors`: the request overlaps one of these sectors.
+    Sectors(Arc<SectorSet>),
+}
+
+impl Range {
+    /// The image byte ranges of `[offset, offset+len)` that the range covers, in order (the
+    /// whole request for [`Range::Any`]; a QEMU `sector` covers its 512 bytes).
+    pub fn covered(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let end = offset.saturating_add(len);
+        match self {
+            _ if len == 0 => Vec::new(),
+            Range::Any => vec![(offset, end)],
+            Range::Sector(s) => {
+                let start = s.saturating_mul(SECTOR).max(offset);
+                let stop = s.saturating_add(1).saturating_mul(SECTOR).min(end);
+                if start < stop {
+                    vec![(start, stop)]
+                } else {
+                    Vec::new()
+                }
+            }
+            Range::Sectors(set) => set.covered(offset, len),
+        }
+    }
+}
+
+impl fmt::Display for Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Range::Any => f.write_str("any"),
+            Range::Sector(s) => write!(f, "sector {s} (byte {})", s.saturating_mul(SECTOR)),
+            Range::Sectors(set) => write!(f, "sectors {set}"),
+        }
+    }
+}
+
+/// The counting keys (faults §1), applied in this order to a rule's matching requests.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Counting {
+    /// The first `skip` matching requests are not acted on.
+    pub skip: u64,
+    /// Of the matching requests after `skip`, act on every `every`-th (at least 1).
+    pub every: u64,
+    /// Act with this chance (seeded); 1 always.
+    pub probability: f64,
+    /// Act on at most this many requests, then the rule is deleted (`once` is 1).
+    pub count: Option<u64>,
+}
+
+impl Default for Counting {
+    fn default() -> Self {
+        Counting {
+            skip: 0,
+            every: 1,
+            probability: 1.0,
+            count: None,
+        }
+    }
+}
+
+impl fmt::Display for Counting {
+    /// The keys that differ from their default, ` key=value` each (`count=1` apart: the
+    /// caller shows it as `once`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.skip != 0 {
+            write!(f, " skip={}", self.skip)?;
+        }
+        if self.every != 1 {
+            write!(f, " every={}", self.every)?;
+        }
+        if self.probability != 1.0 {
+            write!(f, " probability={}", self.probability)?;
+        }
+        if let Some(n) = self.count
+            && n != 1
+        {
+            write!(f, " count={n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Which requests a request-checked rule applies to.
+#[derive(Clone, Debug, PartialEq)]
 pub struct RequestMatch {
-    /// `sector`: the byte `sector * 512` must lie inside the request. `None` matches any
-    /// request, including a flush (which has no range).
-    pub sector: Option<u64>,
+    pub range: Range,
     pub iotypes: IoTypes,
+    pub counting: Counting,
 }
 
 impl RequestMatch {
-    /// QEMU's `rule_check` predicate: a zero-length request (a flush) has no range, so only
-    /// sector-less rules match it. The engine answers it through [`ActiveSet`]'s index; this
-    /// plain form is the reference the index is tested against.
+    /// A QEMU `[inject-error]` match: `sector` (or any), `iotype`, `once`.
+    pub fn qemu(sector: Option<u64>, iotypes: IoTypes, once: bool) -> RequestMatch {
+        RequestMatch {
+            range: sector.map_or(Range::Any, Range::Sector),
+            iotypes,
+            counting: Counting {
+                count: once.then_some(1),
+                ..Counting::default()
+            },
+        }
+    }
+
+    /// QEMU's `rule_check` range and iotype predicate (a zero-length request, a flush, has no
+    /// range, so only range-less rules match it). The engine answers it through
+    /// [`RuleIndex`]; this plain form is the reference the index is tested against.
     #[cfg(test)]
     fn matches(&self, iotype: IoType, offset: u64, len: u64) -> bool {
-        let in_range = match self.sector {
-            None => true,
-            Some(sector) => {
+        let in_range = match &self.range {
+            Range::Any => true,
+            Range::Sector(sector) => {
                 let byte = sector.saturating_mul(512);
                 len > 0 && byte >= offset && byte - offset < len
             }
+            Range::Sectors(set) => set.overlaps(offset, len),
         };
         in_range && self.iotypes.contains(iotype)
     }
 }
 
-/// What a rule does when its event fires.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The iotypes an action can act on: a fault that cannot apply to a request (a flush has no
+/// bytes to corrupt) does not match it (faults §3).
+pub fn applicable_iotypes(fault: &Fault) -> IoTypes {
+    use IoType::*;
+    let of = |types: &[IoType]| {
+        types
+            .iter()
+            .fold(IoTypes(0), |acc: IoTypes, t| acc.with(*t))
+    };
+    match fault {
+        Fault::Error { .. } | Fault::Delay { .. } | Fault::Suspend { .. } => of(&IoType::ALL),
+        Fault::Corrupt { .. } | Fault::ShortIo { .. } => of(&[Read, Write]),
+        Fault::DropWrite => of(&[Write, WriteZeroes]),
+        Fault::TornWrite { .. } | Fault::MisdirectWrite { .. } => of(&[Write]),
+    }
+}
+
+/// What a rule does.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Arm an error: requests matching `matches` fail with `errno` (0: pass, and hide later
-    /// rules). `once` deletes the rule when it fails a request.
-    InjectError {
-        errno: i32,
-        matches: RequestMatch,
-        once: bool,
-        immediately: bool,
-    },
+    /// A request-checked rule (`[inject-error]` and the sections of faults §3): requests that
+    /// match `matches` get `fault`.
+    Request { fault: Fault, matches: RequestMatch },
     /// Set the state once the event has been processed.
     SetState { new_state: i64 },
-    /// Park the request under `tag` (one-shot breakpoint).
+    /// Park the request that fires the event under `tag` (QEMU's one-shot `break`).
     Suspend { tag: String },
 }
 
@@ -278,13 +406,25 @@ impl fmt::Display for Origin {
     }
 }
 
-/// One rule: when `event` fires in `state` (0 = any), take `action`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One rule: when `event` fires (or always, for a standing rule) in `state` (0 = any), take
+/// `action`. Set-state rules and breakpoints always have an event.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
-    pub event: Event,
+    pub event: Option<Event>,
     pub state: i64,
     pub action: Action,
     pub origin: Origin,
+}
+
+impl Rule {
+    /// The section the rule was written in (`inject-error`, `set-state`, `delay`, ...).
+    pub fn section(&self) -> &'static str {
+        match &self.action {
+            Action::Request { fault, .. } => fault.section(),
+            Action::SetState { .. } => "set-state",
+            Action::Suspend { .. } => "break",
+        }
+    }
 }
 
 impl fmt::Display for Rule {
@@ -295,30 +435,41 @@ impl fmt::Display for Rule {
         } else {
             self.state.to_string()
         };
-        write!(f, "event={} state={} ", self.event, state)?;
+        match self.event {
+            Some(event) => write!(f, "event={event} state={state} ")?,
+            None => write!(f, "standing state={state} ")?,
+        }
         match &self.action {
-            Action::InjectError {
-                errno,
-                matches,
-                once,
-                immediately,
-            } => {
-                let range = match matches.sector {
-                    None => "any".to_string(),
-                    Some(s) => format!("sector {s} (byte {})", s.saturating_mul(512)),
+            Action::Request { fault, matches } => {
+                let once = if matches.counting.count == Some(1) {
+                    "on"
+                } else {
+                    "off"
                 };
-                write!(
-                    f,
-                    "inject-error errno={} range={} iotype={} once={}",
-                    crate::errno::describe(*errno),
-                    range,
-                    matches.iotypes,
-                    if *once { "on" } else { "off" }
-                )?;
-                if *immediately {
-                    f.write_str(" immediately=on")?;
+                match fault {
+                    Fault::Error { immediately, .. } => {
+                        write!(
+                            f,
+                            "inject-error {fault} range={} iotype={} once={once}",
+                            matches.range, matches.iotypes
+                        )?;
+                        if *immediately {
+                            f.write_str(" immediately=on")?;
+                        }
+                    }
+                    _ => {
+                        write!(f, "{}", fault.section())?;
+                        let keys = fault.to_string();
+                        if !keys.is_empty() {
+                            write!(f, " {keys}")?;
+                        }
+                        write!(f, " range={} iotype={}", matches.range, matches.iotypes)?;
+                        if once == "on" {
+                            f.write_str(" once=on")?;
+                        }
+                    }
                 }
-                Ok(())
+                write!(f, "{}", matches.counting)
             }
             Action::SetState { new_state } => write!(f, "set-state new_state={new_state}"),
             Action::Suspend { tag } => write!(f, "break tag={tag}"),
@@ -341,48 +492,62 @@ impl fmt::Display for RuleId {
 pub struct Fired {
     /// Tags of the breakpoints that hit: the request is to be parked under each.
     pub suspend: Vec<String>,
-    /// The event replaced the active list (its inject-error rules that pass the state gate
-    /// are armed now, see [`Engine::armed`]).
+    /// The event replaced the active list (its request-checked rules that pass the state
+    /// gate are armed now, see [`Engine::armed`]).
     pub rearmed: bool,
-    /// The state before and after, when a set-state rule of the event changed it.
+    /// The state before and after, and the set-state rule that moved it.
     pub state_change: Option<(i64, i64)>,
+    pub state_rule: Option<RuleId>,
 }
 
 /// A rule's counters, as `rules` shows them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleStats {
-    /// Requests the rule acted on: failed (inject-error), suspended (breakpoint), or whose
-    /// event it moved the state on (set-state).
+    /// Requests the rule acted on (failed, delayed, corrupted, ..., suspended), or events it
+    /// moved the state on (set-state).
     pub hits: u64,
-    /// How often its event armed it (inject-error rules only; 0 for the others).
+    /// Requests that matched its range and iotype (acted on or not: the count `skip`,
+    /// `every` and the seeded draws are keyed by).
+    pub matched: u64,
+    /// How often its event armed it (request-checked rules with an event only).
     pub armed: u64,
 }
 
+/// What a rule decided for a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub rule: RuleId,
+    /// The event that armed the rule (`None`: a standing rule).
+    pub armed_by: Option<Event>,
+    /// The rule's section (`inject-error`, `delay`, ...): the action's name.
+    pub action: &'static str,
+    /// The fault made concrete for this request.
+    pub effect: Effect,
+}
+
 /// The outcome of checking a request.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
+    /// No rule acted (or an `errno = 0` rule exempted the request).
     Pass,
-    Fail {
-        errno: i32,
-        rule: RuleId,
-        /// The event that armed the rule.
-        event: Event,
-    },
+    Act(Decision),
 }
 
 struct Slot {
     rule: Rule,
     /// Requests this rule acted on (see [`RuleStats::hits`]).
     hits: u64,
+    /// Requests that matched it (see [`RuleStats::matched`]).
+    matched: u64,
     /// The fire counter of the rule's (event, state gate) when the rule was added: the rule
-    /// was processed once per fire since, so its hit count needs no per-fire update.
+    /// was processed once per fire since, so its arming count needs no per-fire update.
     fires_at_add: u64,
 }
 
 /// The rules of one event, split by kind, in written order, and how often the event fired.
 #[derive(Default)]
 struct EventRules {
-    inject: Vec<Armable>,
+    checked: Vec<Armable>,
     /// (id, state gate, new state).
     set_state: Vec<(RuleId, i64, i64)>,
     suspend: Vec<RuleId>,
@@ -411,60 +576,124 @@ fn gate_passes(gate: i64, state: i64) -> bool {
 /// until the rules change, so a fire never walks the event's rules.
 #[derive(Clone)]
 struct Compiled {
-    /// The new active list, or `None` when no inject-error rule passes the state gate (the
-    /// list then stays as it is).
-    active: Option<Arc<ActiveSet>>,
+    /// The new active list, or `None` when no request-checked rule passes the state gate
+    /// (the list then stays as it is).
+    active: Option<Arc<RuleIndex>>,
     /// The first written set-state rule that passes the gate, and its new state.
     new_state: Option<(RuleId, i64)>,
 }
 
-/// An inject-error rule as the index needs it, kept beside its id so that compiling a plan
+/// A request-checked rule as the index needs it, kept beside its id so that compiling a plan
 /// never looks rules up.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Armable {
     id: RuleId,
     gate: i64,
-    /// The byte the rule's sector names (`sector * 512`), or `None` for any request.
-    byte: Option<u64>,
+    range: Range,
+    /// The rule's `iotype` narrowed to what its action can act on.
     iotypes: IoTypes,
 }
 
-/// An armed list of inject-error rules, indexed for [`Engine::check`]: sector-less rules in
-/// written order, and rules with a sector sorted by the byte they name. A check looks at the
-/// sector-less rules and at the bytes inside the request only, so its cost does not grow
-/// with the number of rules elsewhere on the image.
-#[derive(Clone, Default)]
-struct ActiveSet {
-    /// Every rule of the set, in written (= id) order.
-    ids: Vec<RuleId>,
-    anywhere: Vec<(RuleId, IoTypes)>,
-    /// Sorted by (byte, id).
-    at_byte: Vec<(u64, RuleId, IoTypes)>,
+impl Armable {
+    fn of(id: RuleId, rule: &Rule) -> Option<Armable> {
+        let Action::Request { fault, matches } = &rule.action else {
+            return None;
+        };
+        Some(Armable {
+            id,
+            gate: rule.state,
+            range: matches.range.clone(),
+            iotypes: IoTypes(matches.iotypes.0 & applicable_iotypes(fault).0),
+        })
+    }
 }
 
-impl ActiveSet {
-    /// `armed` in written order.
-    fn build(armed: &[Armable]) -> ActiveSet {
-        let mut set = ActiveSet {
-            ids: armed.iter().map(|a| a.id).collect(),
-            ..ActiveSet::default()
-        };
-        for a in armed {
-            match a.byte {
-                None => set.anywhere.push((a.id, a.iotypes)),
-                Some(byte) => set.at_byte.push((byte, a.id, a.iotypes)),
+/// One interval of a `sectors` rule, in bytes `[start, end)`.
+#[derive(Clone, Copy)]
+struct Span {
+    start: u64,
+    end: u64,
+    id: RuleId,
+    iotypes: IoTypes,
+    gate: i64,
+}
+
+/// A list of request-checked rules, indexed for [`Engine::check`]: range-less rules in
+/// written order, QEMU `sector` rules sorted by the byte they name, and `sectors` intervals
+/// sorted by start with a running maximum of their ends. A check looks at the range-less
+/// rules and at the ranges meeting the request only, so its cost does not grow with the
+/// number of rules elsewhere on the image.
+#[derive(Clone, Default)]
+struct RuleIndex {
+    /// Every rule of the list, in written (= id) order.
+    ids: Vec<RuleId>,
+    anywhere: Vec<(RuleId, IoTypes, i64)>,
+    /// Sorted by (byte, id).
+    at_byte: Vec<(u64, RuleId, IoTypes, i64)>,
+    /// Sorted by start; `max_end[i]` is the largest end among `spans[..=i]`.
+    spans: Vec<Span>,
+    max_end: Vec<u64>,
+}
+
+impl RuleIndex {
+    /// `rules` in written order.
+    fn build(rules: &[Armable]) -> RuleIndex {
+        let mut index = RuleIndex::default();
+        for a in rules {
+            index.push(a);
+        }
+        index.finish();
+        index
+    }
+
+    fn push(&mut self, a: &Armable) {
+        self.ids.push(a.id);
+        match &a.range {
+            Range::Any => self.anywhere.push((a.id, a.iotypes, a.gate)),
+            Range::Sector(s) => {
+                self.at_byte
+                    .push((s.saturating_mul(SECTOR), a.id, a.iotypes, a.gate))
+            }
+            Range::Sectors(set) => {
+                for (first, last) in set.iter() {
+                    self.spans.push(Span {
+                        start: first.saturating_mul(SECTOR),
+                        end: last.saturating_add(1).saturating_mul(SECTOR),
+                        id: a.id,
+                        iotypes: a.iotypes,
+                        gate: a.gate,
+                    });
+                }
             }
         }
-        // Stable, and ids are already in order, so (byte, id) order results.
-        set.at_byte.sort_by_key(|e| e.0);
-        set
+    }
+
+    /// Restores the orders after pushes (stable sorts: ids were pushed in order).
+    fn finish(&mut self) {
+        self.ids.sort_unstable();
+        self.anywhere.sort_by_key(|e| e.0);
+        self.at_byte.sort_by_key(|e| (e.0, e.1));
+        self.spans.sort_by_key(|s| (s.start, s.id));
+        let mut max = 0;
+        self.max_end = self
+            .spans
+            .iter()
+            .map(|s| {
+                max = max.max(s.end);
+                max
+            })
+            .collect();
     }
 
     fn contains(&self, id: RuleId) -> bool {
         self.ids.binary_search(&id).is_ok()
     }
 
-    /// Deletes one rule in place (a `once` rule that failed, `remove N`).
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Deletes one rule in place.
     fn remove(&mut self, id: RuleId) {
         let Ok(at) = self.ids.binary_search(&id) else {
             return;
@@ -472,44 +701,76 @@ impl ActiveSet {
         self.ids.remove(at);
         self.anywhere.retain(|e| e.0 != id);
         self.at_byte.retain(|e| e.1 != id);
+        if self.spans.iter().any(|s| s.id == id) {
+            self.spans.retain(|s| s.id != id);
+            self.finish();
+        }
     }
 
-    /// The first written rule matching the request (QEMU's `rule_check` predicate: a
-    /// zero-length request, a flush, has no range, so only sector-less rules match it).
-    fn first_match(&self, iotype: IoType, offset: u64, len: u64) -> Option<RuleId> {
-        let mut best = self
-            .anywhere
-            .iter()
-            .find(|(_, types)| types.contains(iotype))
-            .map(|(id, _)| *id);
-        if len > 0 {
-            let start = self.at_byte.partition_point(|e| e.0 < offset);
-            let end = offset.checked_add(len);
-            for &(byte, id, types) in &self.at_byte[start..] {
-                if end.is_some_and(|end| byte >= end) {
-                    break;
-                }
-                if types.contains(iotype) && best.is_none_or(|b| id < b) {
-                    best = Some(id);
-                }
+    /// Appends the rules whose range and iotype match the request to `out` (unordered, maybe
+    /// repeated). `state`: test each rule's gate against it (standing rules); `None` when the
+    /// gate was tested when the list was armed.
+    fn candidates(
+        &self,
+        iotype: IoType,
+        offset: u64,
+        len: u64,
+        state: Option<i64>,
+        out: &mut Vec<RuleId>,
+    ) {
+        let ok = |types: IoTypes, gate: i64| {
+            types.contains(iotype) && state.is_none_or(|s| gate_passes(gate, s))
+        };
+        out.extend(
+            self.anywhere
+                .iter()
+                .filter(|(_, types, gate)| ok(*types, *gate))
+                .map(|e| e.0),
+        );
+        if len == 0 {
+            return;
+        }
+        // Every byte from `offset` on is inside when the end overflows.
+        let exact_end = offset.checked_add(len);
+        let end = exact_end.unwrap_or(u64::MAX);
+        let from = self.at_byte.partition_point(|e| e.0 < offset);
+        for &(byte, id, types, gate) in &self.at_byte[from..] {
+            if exact_end.is_some_and(|e| byte >= e) {
+                break;
+            }
+            if ok(types, gate) {
+                out.push(id);
             }
         }
-        best
+        let upto = self.spans.partition_point(|s| s.start < end);
+        for i in (0..upto).rev() {
+            if self.max_end[i] <= offset {
+                break;
+            }
+            let s = self.spans[i];
+            if s.end > offset && ok(s.iotypes, s.gate) {
+                out.push(s.id);
+            }
+        }
     }
 }
 
-/// Rules, the active list and the state. See the module doc for the contract.
+/// Rules, the active list, the standing rules and the state. See the module doc.
 pub struct Engine {
     /// Every live rule by id; ids grow in written order, so map order is written order.
     rules: BTreeMap<RuleId, Slot>,
     by_event: Vec<EventRules>,
-    /// The armed inject-error rules.
-    active: Arc<ActiveSet>,
+    /// The armed rules (QEMU's active list).
+    active: Arc<RuleIndex>,
+    /// The standing rules (no event): always armed, gated by the current state.
+    standing: RuleIndex,
     /// Per (event, state): what a fire does. An event's entries are dropped whenever one of
     /// its rules is added or removed.
     compiled: HashMap<(Event, i64), Compiled>,
     state: i64,
     next_id: u32,
+    /// The seed of every draw.
+    seed: u64,
 }
 
 impl Default for Engine {
@@ -523,18 +784,25 @@ impl Default for Engine {
 const MAX_COMPILED: usize = 256;
 
 impl Engine {
-    /// Builds an engine with `rules` in written order; state 1, nothing armed. The caller fires
-    /// [`Event::None`] once the mount is live.
+    /// Builds an engine with `rules` in written order; state 1, nothing armed, seed 0. The
+    /// caller fires [`Event::None`] once the mount is live.
     pub fn new(rules: Vec<Rule>) -> Engine {
+        Engine::with_seed(rules, 0)
+    }
+
+    /// [`Engine::new`] with the seed of every draw.
+    pub fn with_seed(rules: Vec<Rule>, seed: u64) -> Engine {
         let mut engine = Engine {
             rules: BTreeMap::new(),
             by_event: (0..Event::ALL.len())
                 .map(|_| EventRules::default())
                 .collect(),
             active: Arc::default(),
+            standing: RuleIndex::default(),
             compiled: HashMap::new(),
             state: 1,
             next_id: 1,
+            seed,
         };
         for rule in rules {
             engine.add(rule);
@@ -542,42 +810,61 @@ impl Engine {
         engine
     }
 
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// Adds a rule after all existing ones and returns its number.
     pub fn add(&mut self, rule: Rule) -> RuleId {
         let id = RuleId(self.next_id);
         self.next_id += 1;
-        let rules = &mut self.by_event[rule.event.index()];
-        match rule.action {
-            Action::InjectError { matches, .. } => rules.inject.push(Armable {
-                id,
-                gate: rule.state,
-                byte: matches.sector.map(|s| s.saturating_mul(512)),
-                iotypes: matches.iotypes,
-            }),
-            Action::SetState { new_state } => rules.set_state.push((id, rule.state, new_state)),
-            Action::Suspend { .. } => rules.suspend.push(id),
+        let mut fires_at_add = 0;
+        match rule.event {
+            None => {
+                // A standing rule (set-state rules and breakpoints always have an event).
+                if let Some(a) = Armable::of(id, &rule) {
+                    self.standing.push(&a);
+                    self.standing.finish();
+                }
+            }
+            Some(event) => {
+                let rules = &mut self.by_event[event.index()];
+                match &rule.action {
+                    Action::Request { .. } => rules.checked.extend(Armable::of(id, &rule)),
+                    Action::SetState { new_state } => {
+                        rules.set_state.push((id, rule.state, *new_state))
+                    }
+                    Action::Suspend { .. } => rules.suspend.push(id),
+                }
+                fires_at_add = rules.fires_for(rule.state);
+                self.forget_compiled(event);
+            }
         }
-        let fires_at_add = rules.fires_for(rule.state);
-        self.forget_compiled(rule.event);
         self.rules.insert(
             id,
             Slot {
                 rule,
                 hits: 0,
+                matched: 0,
                 fires_at_add,
             },
         );
         id
     }
 
-    /// Deletes a rule everywhere (its event and the active list).
+    /// Deletes a rule everywhere (its event, the active list, the standing rules).
     pub fn remove(&mut self, id: RuleId) -> Option<Rule> {
         let slot = self.rules.remove(&id)?;
-        let rules = &mut self.by_event[slot.rule.event.index()];
-        rules.inject.retain(|a| a.id != id);
-        rules.set_state.retain(|e| e.0 != id);
-        rules.suspend.retain(|r| *r != id);
-        self.forget_compiled(slot.rule.event);
+        match slot.rule.event {
+            None => self.standing.remove(id),
+            Some(event) => {
+                let rules = &mut self.by_event[event.index()];
+                rules.checked.retain(|a| a.id != id);
+                rules.set_state.retain(|e| e.0 != id);
+                rules.suspend.retain(|r| *r != id);
+                self.forget_compiled(event);
+            }
+        }
         if self.active.contains(id) {
             // The cached plans that shared this list are gone, so this rarely copies.
             Arc::make_mut(&mut self.active).remove(id);
@@ -591,7 +878,7 @@ impl Engine {
         self.compiled.retain(|(e, _), _| *e != event);
     }
 
-    /// Deletes the breakpoints (suspend rules) with `tag`; returns how many.
+    /// Deletes the breakpoints (`break` rules) with `tag`; returns how many.
     pub fn remove_breakpoints(&mut self, tag: &str) -> usize {
         let ids: Vec<RuleId> = self
             .rules
@@ -606,29 +893,31 @@ impl Engine {
     }
 
     /// Deletes every rule and breakpoint and returns to state 1 (the `clear` command).
-    /// Rule numbers keep counting, so a stale `remove N` cannot hit a newer rule.
+    /// Rule numbers keep counting, so a stale `remove N` cannot hit a newer rule; the seed
+    /// stays.
     pub fn clear(&mut self) {
         let next_id = self.next_id;
-        *self = Engine::new(Vec::new());
+        *self = Engine::with_seed(Vec::new(), self.seed);
         self.next_id = next_id;
     }
 
-    /// Replaces every inject-error and set-state rule by `rules` (the `reload` command);
-    /// breakpoints and the state stay, nothing is armed until an event fires.
+    /// Replaces every rule but the breakpoints by `rules` (the `reload` command); breakpoints
+    /// and the state stay, nothing is armed until an event fires.
     pub fn replace_rules(&mut self, rules: Vec<Rule>) {
         // Rebuilt in one pass (removing thousands of rules one by one would be quadratic):
         // keep the breakpoints with their numbers, drop everything else, add the new rules.
         let old = std::mem::take(&mut self.rules);
         for event in &mut self.by_event {
-            event.inject.clear();
+            event.checked.clear();
             event.set_state.clear();
             event.suspend.clear();
         }
         self.compiled.clear();
         self.active = Arc::default();
+        self.standing = RuleIndex::default();
         for (id, slot) in old {
-            if matches!(slot.rule.action, Action::Suspend { .. }) {
-                self.by_event[slot.rule.event.index()].suspend.push(id);
+            if let (Action::Suspend { .. }, Some(event)) = (&slot.rule.action, slot.rule.event) {
+                self.by_event[event.index()].suspend.push(id);
                 self.rules.insert(id, slot);
             }
         }
@@ -648,22 +937,23 @@ impl Engine {
     /// The live rules in written order, with their counters.
     pub fn rules(&self) -> impl Iterator<Item = (RuleId, &Rule, RuleStats)> {
         self.rules.iter().map(|(id, s)| {
-            let armed = match s.rule.action {
+            let armed = match (&s.rule.action, s.rule.event) {
                 // Every fire of its event in a state its gate passes re-armed it.
-                Action::InjectError { .. } => {
-                    self.by_event[s.rule.event.index()].fires_for(s.rule.state) - s.fires_at_add
+                (Action::Request { .. }, Some(event)) => {
+                    self.by_event[event.index()].fires_for(s.rule.state) - s.fires_at_add
                 }
                 _ => 0,
             };
             let stats = RuleStats {
                 hits: s.hits,
+                matched: s.matched,
                 armed,
             };
             (*id, &s.rule, stats)
         })
     }
 
-    /// The armed inject-error rules, in written order.
+    /// The armed rules of the active list, in written order.
     pub fn armed(&self) -> &[RuleId] {
         &self.active.ids
     }
@@ -671,6 +961,12 @@ impl Engine {
     /// Whether the rule is in the active list.
     pub fn is_armed(&self, id: RuleId) -> bool {
         self.active.contains(id)
+    }
+
+    /// Whether any request-checked rule could act on a request now (the executor's fast
+    /// path: with nothing armed and no standing rule, a check is skipped).
+    pub fn has_checks(&self) -> bool {
+        !self.active.is_empty() || !self.standing.is_empty()
     }
 
     /// What firing `event` in the current state does (cached).
@@ -683,13 +979,13 @@ impl Engine {
         let passes = |gate: i64| gate_passes(gate, state);
         let rules = &self.by_event[event.index()];
         let armed: Vec<Armable> = rules
-            .inject
+            .checked
             .iter()
-            .copied()
             .filter(|a| passes(a.gate))
+            .cloned()
             .collect();
         let compiled = Compiled {
-            active: (!armed.is_empty()).then(|| Arc::new(ActiveSet::build(&armed))),
+            active: (!armed.is_empty()).then(|| Arc::new(RuleIndex::build(&armed))),
             new_state: rules
                 .set_state
                 .iter()
@@ -704,7 +1000,7 @@ impl Engine {
     }
 
     /// Processes every rule of `event` against the state from before the event (spec §1):
-    /// inject-error rules that pass the state gate replace the active list, the first
+    /// request-checked rules that pass the state gate replace the active list, the first
     /// written set-state rule sets the state, breakpoints hit once and are deleted.
     pub fn fire(&mut self, event: Event) -> Fired {
         let state = self.state;
@@ -741,6 +1037,7 @@ impl Engine {
         if let Some((id, n)) = compiled.new_state {
             self.state = n;
             fired.state_change = Some((state, n));
+            fired.state_rule = Some(id);
             if let Some(slot) = self.rules.get_mut(&id) {
                 slot.hits += 1;
             }
@@ -748,32 +1045,87 @@ impl Engine {
         fired
     }
 
-    /// Checks one request against the active list (QEMU's `rule_check`).
+    /// Checks one request: the active list, then the standing rules, each in written order;
+    /// the first rule that acts decides (see the module doc).
     pub fn check(&mut self, iotype: IoType, offset: u64, len: u64) -> Verdict {
-        let Some(id) = self.active.first_match(iotype, offset, len) else {
-            return Verdict::Pass;
+        let mut candidates = Vec::new();
+        self.active
+            .candidates(iotype, offset, len, None, &mut candidates);
+        if let Some(v) = self.first_to_act(&mut candidates, offset, len, true) {
+            return v;
+        }
+        candidates.clear();
+        self.standing
+            .candidates(iotype, offset, len, Some(self.state), &mut candidates);
+        self.first_to_act(&mut candidates, offset, len, false)
+            .unwrap_or(Verdict::Pass)
+    }
+
+    /// Offers the request to `candidates` in written order; the first that acts decides.
+    fn first_to_act(
+        &mut self,
+        candidates: &mut [RuleId],
+        offset: u64,
+        len: u64,
+        from_active_list: bool,
+    ) -> Option<Verdict> {
+        if candidates.len() > 1 {
+            candidates.sort_unstable();
+        }
+        let mut last = None;
+        for &id in candidates.iter() {
+            if last == Some(id) {
+                continue; // a rule whose several intervals meet the request
+            }
+            last = Some(id);
+            if let Some(v) = self.offer(id, offset, len, from_active_list) {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// One matching rule sees the request: counts the match, applies the counting keys and,
+    /// if it acts, makes its fault concrete. `None`: it does not act (later rules decide).
+    fn offer(&mut self, id: RuleId, offset: u64, len: u64, armed: bool) -> Option<Verdict> {
+        let seed = self.seed;
+        let slot = self.rules.get_mut(&id)?;
+        let Action::Request { fault, matches } = &slot.rule.action else {
+            return None;
         };
-        let Some(slot) = self.rules.get_mut(&id) else {
-            return Verdict::Pass;
-        };
-        let Action::InjectError { errno, once, .. } = slot.rule.action else {
-            return Verdict::Pass;
-        };
-        if errno == 0 {
+        slot.matched += 1;
+        let nth = slot.matched;
+        let c = matches.counting;
+        if nth <= c.skip || !(nth - c.skip).is_multiple_of(c.every.max(1)) {
+            return None;
+        }
+        if c.probability < 1.0 && !Draw::new(seed, id.0, nth, 0).chance(c.probability) {
+            return None;
+        }
+        if let Fault::Error { errno: 0, .. } = fault {
             // An exemption: the request passes and later rules stay hidden. QEMU does not
             // delete a `once` rule here, since it did not fail anything.
-            return Verdict::Pass;
+            return Some(Verdict::Pass);
         }
         slot.hits += 1;
-        let event = slot.rule.event;
-        if once {
+        let covered = matches.range.covered(offset, len);
+        let effect = resolve(
+            fault,
+            offset,
+            len,
+            &covered,
+            &mut Draw::new(seed, id.0, nth, 1),
+        );
+        let decision = Decision {
+            rule: id,
+            armed_by: if armed { slot.rule.event } else { None },
+            action: fault.section(),
+            effect,
+        };
+        if c.count.is_some_and(|n| slot.hits >= n) {
             self.remove(id);
         }
-        Verdict::Fail {
-            errno,
-            rule: id,
-            event,
-        }
+        Some(Verdict::Act(decision))
     }
 }
 
@@ -783,16 +1135,14 @@ mod tests {
 
     fn inject(event: Event, state: i64, errno: i32, sector: Option<u64>, once: bool) -> Rule {
         Rule {
-            event,
+            event: Some(event),
             state,
-            action: Action::InjectError {
-                errno,
-                matches: RequestMatch {
-                    sector,
-                    iotypes: IoTypes::default(),
+            action: Action::Request {
+                fault: Fault::Error {
+                    errno,
+                    immediately: false,
                 },
-                once,
-                immediately: false,
+                matches: RequestMatch::qemu(sector, IoTypes::default(), once),
             },
             origin: Origin::Runtime,
         }
@@ -800,7 +1150,7 @@ mod tests {
 
     fn set_state(event: Event, state: i64, new_state: i64) -> Rule {
         Rule {
-            event,
+            event: Some(event),
             state,
             action: Action::SetState { new_state },
             origin: Origin::Runtime,
@@ -808,11 +1158,12 @@ mod tests {
     }
 
     fn fail(errno: i32, rule: u32, event: Event) -> Verdict {
-        Verdict::Fail {
-            errno,
+        Verdict::Act(Decision {
             rule: RuleId(rule),
-            event,
-        }
+            armed_by: Some(event),
+            action: "inject-error",
+            effect: Effect::Fail { errno },
+        })
     }
 
     #[test]
@@ -929,7 +1280,7 @@ mod tests {
     #[test]
     fn iotype_filters_and_block_status_is_excluded_by_default() {
         let mut only_write = inject(Event::None, 0, 5, None, false);
-        if let Action::InjectError { matches, .. } = &mut only_write.action {
+        if let Action::Request { matches, .. } = &mut only_write.action {
             matches.iotypes = IoTypes::only(IoType::Write);
         }
         let mut e = Engine::new(vec![only_write]);
@@ -991,7 +1342,7 @@ mod tests {
     fn breakpoints_are_one_shot_and_processed_after_state() {
         let mut e = Engine::new(vec![set_state(Event::WriteAio, 1, 2)]);
         e.add(Rule {
-            event: Event::WriteAio,
+            event: Some(Event::WriteAio),
             state: 0,
             action: Action::Suspend { tag: "a".into() },
             origin: Origin::Runtime,
@@ -1027,13 +1378,14 @@ mod tests {
                 }
                 let sector = (rng.next(4) != 0).then(|| rng.next(64));
                 rules.push(Rule {
-                    event: Event::ReadAio,
+                    event: Some(Event::ReadAio),
                     state: 0,
-                    action: Action::InjectError {
-                        errno: [0, 5, 28][rng.next(3) as usize],
-                        matches: RequestMatch { sector, iotypes },
-                        once: false,
-                        immediately: false,
+                    action: Action::Request {
+                        fault: Fault::Error {
+                            errno: [0, 5, 28][rng.next(3) as usize],
+                            immediately: false,
+                        },
+                        matches: RequestMatch::qemu(sector, iotypes, false),
                     },
                     origin: Origin::Runtime,
                 });
@@ -1045,14 +1397,15 @@ mod tests {
                 let offset = rng.next(64 * 512 + 1024);
                 let len = [0, 1, 511, 512, 4096, 16384][rng.next(6) as usize];
                 let scan = rules.iter().enumerate().find(|(_, r)| {
-                    matches!(&r.action, Action::InjectError { matches, .. }
+                    matches!(&r.action, Action::Request { matches, .. }
                         if matches.matches(iotype, offset, len))
                 });
                 let expected = match scan {
                     Some((i, r)) => match r.action {
-                        Action::InjectError { errno, .. } if errno != 0 => {
-                            fail(errno, i as u32 + 1, Event::ReadAio)
-                        }
+                        Action::Request {
+                            fault: Fault::Error { errno, .. },
+                            ..
+                        } if errno != 0 => fail(errno, i as u32 + 1, Event::ReadAio),
                         _ => Verdict::Pass,
                     },
                     None => Verdict::Pass,
@@ -1154,7 +1507,7 @@ mod tests {
     fn clear_and_reload_keep_numbering_and_breakpoints() {
         let mut e = Engine::new(vec![inject(Event::ReadAio, 0, 5, None, false)]);
         e.add(Rule {
-            event: Event::WriteAio,
+            event: Some(Event::WriteAio),
             state: 0,
             action: Action::Suspend { tag: "t".into() },
             origin: Origin::Runtime,
@@ -1177,5 +1530,325 @@ mod tests {
         assert_eq!(e.fire(Event::WriteAio).suspend, vec!["t".to_string()]);
         e.clear();
         assert_eq!(e.add(inject(Event::ReadAio, 0, 5, None, false)), RuleId(4));
+    }
+
+    // ---- faults.md §1: standing rules, ranges and the counting keys.
+
+    fn rule(event: Option<Event>, state: i64, fault: Fault, matches: RequestMatch) -> Rule {
+        Rule {
+            event,
+            state,
+            action: Action::Request { fault, matches },
+            origin: Origin::Runtime,
+        }
+    }
+
+    fn eio() -> Fault {
+        Fault::Error {
+            errno: 5,
+            immediately: false,
+        }
+    }
+
+    fn counted(skip: u64, every: u64, probability: f64, count: Option<u64>) -> RequestMatch {
+        RequestMatch {
+            range: Range::Any,
+            iotypes: IoTypes::default(),
+            counting: Counting {
+                skip,
+                every,
+                probability,
+                count,
+            },
+        }
+    }
+
+    fn acted(v: &Verdict) -> bool {
+        matches!(v, Verdict::Act(_))
+    }
+
+    fn standing_fail(errno: i32, rule: u32) -> Verdict {
+        Verdict::Act(Decision {
+            rule: RuleId(rule),
+            armed_by: Option::None,
+            action: "inject-error",
+            effect: Effect::Fail { errno },
+        })
+    }
+
+    #[test]
+    fn a_standing_rule_acts_from_the_start_and_no_event_replaces_it() {
+        let mut e = Engine::new(vec![
+            rule(Option::None, 0, eio(), counted(0, 1, 1.0, Option::None)),
+            inject(Event::ReadAio, 0, 0, Option::None, false),
+        ]);
+        assert_eq!(e.check(IoType::Read, 0, 512), standing_fail(5, 1));
+        // An event that arms an exemption hides the standing rule (active list first) ...
+        e.fire(Event::ReadAio);
+        assert_eq!(e.check(IoType::Read, 0, 512), Verdict::Pass);
+        // ... and the standing rule is never replaced: an empty active list leaves it.
+        assert_eq!(e.armed(), &[RuleId(2)]);
+        e.remove(RuleId(2));
+        assert_eq!(e.check(IoType::Read, 0, 512), standing_fail(5, 1));
+    }
+
+    #[test]
+    fn a_standing_rules_state_gate_is_tested_at_each_request() {
+        let mut e = Engine::new(vec![
+            rule(Option::None, 2, eio(), counted(0, 1, 1.0, Option::None)),
+            set_state(Event::WriteAio, 1, 2),
+        ]);
+        assert_eq!(e.check(IoType::Read, 0, 512), Verdict::Pass);
+        e.fire(Event::WriteAio);
+        assert_eq!(e.check(IoType::Read, 0, 512), standing_fail(5, 1));
+        e.set_state(3);
+        assert_eq!(e.check(IoType::Read, 0, 512), Verdict::Pass);
+    }
+
+    #[test]
+    fn skip_every_count_act_on_the_5th_and_7th_match_then_the_rule_is_gone() {
+        // The spec's example: skip = 3, every = 2, count = 2.
+        let mut e = Engine::new(vec![rule(
+            Option::None,
+            0,
+            eio(),
+            counted(3, 2, 1.0, Some(2)),
+        )]);
+        let acts: Vec<bool> = (0..10)
+            .map(|_| acted(&e.check(IoType::Read, 0, 512)))
+            .collect();
+        assert_eq!(
+            acts,
+            vec![
+                false, false, false, false, true, false, true, false, false, false
+            ]
+        );
+        assert_eq!(e.rules().count(), 0, "count reached: deleted");
+    }
+
+    #[test]
+    fn a_rule_that_matches_but_does_not_act_lets_later_rules_decide() {
+        let mut e = Engine::new(vec![
+            rule(Option::None, 0, eio(), counted(1, 1, 1.0, Option::None)),
+            rule(
+                Option::None,
+                0,
+                Fault::Error {
+                    errno: 28,
+                    immediately: false,
+                },
+                counted(0, 1, 1.0, Option::None),
+            ),
+        ]);
+        assert_eq!(e.check(IoType::Read, 0, 512), standing_fail(28, 2));
+        assert_eq!(e.check(IoType::Read, 0, 512), standing_fail(5, 1));
+        let stats: Vec<(u64, u64)> = e.rules().map(|(_, _, s)| (s.hits, s.matched)).collect();
+        assert_eq!(stats, vec![(1, 2), (1, 1)]);
+    }
+
+    #[test]
+    fn probability_is_seeded_by_rule_and_match_count() {
+        let run = |seed: u64| {
+            let mut e = Engine::with_seed(
+                vec![rule(
+                    Option::None,
+                    0,
+                    eio(),
+                    counted(0, 1, 0.05, Option::None),
+                )],
+                seed,
+            );
+            (0..10_000)
+                .map(|i| acted(&e.check(IoType::Read, i * 512, 512)))
+                .collect::<Vec<bool>>()
+        };
+        let a = run(7);
+        assert_eq!(a, run(7), "same seed, same decisions");
+        assert_ne!(a, run(8), "another seed, other decisions");
+        // Binomial(10000, 0.05): mean 500, sd 21.8; the band is more than 6 sd wide.
+        let n = a.iter().filter(|x| **x).count();
+        assert!((370..=630).contains(&n), "{n} of 10000 at p = 0.05");
+        // Probability 0 never acts, 1 always does.
+        let mut never = Engine::new(vec![rule(
+            Option::None,
+            0,
+            eio(),
+            counted(0, 1, 0.0, Option::None),
+        )]);
+        assert!((0..100).all(|_| !acted(&never.check(IoType::Read, 0, 512))));
+    }
+
+    #[test]
+    fn sectors_ranges_match_by_overlap_and_flushes_never() {
+        let set = Arc::new(SectorSet::parse("8-15, 100").unwrap());
+        let matches = RequestMatch {
+            range: Range::Sectors(set),
+            iotypes: IoTypes::default(),
+            counting: Counting::default(),
+        };
+        let mut e = Engine::new(vec![rule(Option::None, 0, eio(), matches)]);
+        assert_eq!(e.check(IoType::Read, 0, 4096), Verdict::Pass);
+        assert_eq!(e.check(IoType::Read, 4095, 2), standing_fail(5, 1));
+        assert_eq!(e.check(IoType::Write, 8191, 1), standing_fail(5, 1));
+        assert_eq!(e.check(IoType::Read, 8192, 100 * 512 - 8192), Verdict::Pass);
+        assert_eq!(
+            e.check(IoType::Read, 100 * 512 + 511, 1),
+            standing_fail(5, 1)
+        );
+        assert_eq!(e.check(IoType::Flush, 0, 0), Verdict::Pass);
+    }
+
+    #[test]
+    fn an_event_armed_rule_of_any_section_replaces_the_active_list() {
+        let delay = Fault::Delay {
+            latency: std::time::Duration::from_millis(5),
+            jitter: std::time::Duration::ZERO,
+            errno: 0,
+        };
+        let mut e = Engine::new(vec![
+            inject(Event::ReadAio, 0, 5, Option::None, false),
+            rule(
+                Some(Event::WriteAio),
+                0,
+                delay,
+                counted(0, 1, 1.0, Option::None),
+            ),
+        ]);
+        e.fire(Event::ReadAio);
+        e.fire(Event::WriteAio);
+        assert_eq!(e.armed(), &[RuleId(2)], "the delay rule emptied the list");
+        let Verdict::Act(d) = e.check(IoType::Read, 0, 512) else {
+            panic!("the delay acts on reads too")
+        };
+        assert_eq!(d.armed_by, Some(Event::WriteAio));
+        assert_eq!(d.action, "delay");
+    }
+
+    #[test]
+    fn actions_only_match_requests_they_can_apply_to() {
+        let m = || counted(0, 1, 1.0, Option::None);
+        let mut e = Engine::new(vec![
+            rule(Option::None, 0, Fault::DropWrite, m()),
+            rule(
+                Option::None,
+                0,
+                Fault::Corrupt {
+                    mode: crate::faults::CorruptMode::Flip,
+                    bits: 1,
+                    bytes: 512,
+                },
+                m(),
+            ),
+        ]);
+        let action = |e: &mut Engine, t: IoType, len: u64| match e.check(t, 0, len) {
+            Verdict::Act(d) => Some(d.action),
+            Verdict::Pass => Option::None,
+        };
+        assert_eq!(action(&mut e, IoType::Write, 512), Some("drop-write"));
+        assert_eq!(action(&mut e, IoType::WriteZeroes, 512), Some("drop-write"));
+        assert_eq!(action(&mut e, IoType::Read, 512), Some("corrupt"));
+        assert_eq!(action(&mut e, IoType::Flush, 0), Option::None);
+    }
+
+    #[test]
+    fn every_action_resolves_for_its_request() {
+        use crate::faults::{CorruptMode, TornMode};
+        let cases: Vec<(Fault, IoType)> = vec![
+            (
+                Fault::Delay {
+                    latency: std::time::Duration::from_millis(2),
+                    jitter: std::time::Duration::ZERO,
+                    errno: 110,
+                },
+                IoType::Flush,
+            ),
+            (
+                Fault::Corrupt {
+                    mode: CorruptMode::Random,
+                    bits: 1,
+                    bytes: 16,
+                },
+                IoType::Read,
+            ),
+            (Fault::DropWrite, IoType::Write),
+            (
+                Fault::TornWrite {
+                    keep: Some(1024),
+                    mode: TornMode::Prefix,
+                    unit: 512,
+                    errno: 0,
+                },
+                IoType::Write,
+            ),
+            (Fault::ShortIo { length: Some(512) }, IoType::Read),
+            (Fault::MisdirectWrite { shift: -4096 }, IoType::Write),
+            (Fault::Suspend { tag: "t".into() }, IoType::Write),
+        ];
+        for (fault, iotype) in cases {
+            let name = fault.section();
+            let mut e = Engine::new(vec![rule(
+                Option::None,
+                0,
+                fault,
+                counted(0, 1, 1.0, Option::None),
+            )]);
+            let len = if iotype == IoType::Flush { 0 } else { 4096 };
+            let Verdict::Act(d) = e.check(iotype, 8192, len) else {
+                panic!("{name} did not act")
+            };
+            assert_eq!(d.action, name);
+            let ok = match (name, &d.effect) {
+                ("delay", Effect::Delay { wait, errno }) => {
+                    *wait == std::time::Duration::from_millis(2) && *errno == 110
+                }
+                ("corrupt", Effect::Corrupt { edits }) => {
+                    edits.len() == 16 && edits.iter().all(|e| (8192..12288).contains(&e.offset()))
+                }
+                ("drop-write", Effect::DropWrite) => true,
+                ("torn-write", Effect::Torn { kept, errno }) => {
+                    kept == &vec![(8192, 9216)] && *errno == 0
+                }
+                ("short-io", Effect::Short { end }) => *end == 8192 + 512,
+                ("misdirect-write", Effect::Misdirect { shift }) => *shift == -4096,
+                ("suspend", Effect::Suspend { tag }) => tag == "t",
+                _ => false,
+            };
+            assert!(ok, "{name}: {:?}", d.effect);
+        }
+    }
+
+    #[test]
+    fn rules_print_their_new_keys_and_qemu_rules_print_as_before() {
+        let r = inject(Event::ReadAio, 0, 5, Some(8), true);
+        assert_eq!(
+            r.to_string(),
+            "event=read_aio state=any inject-error errno=EIO (5) range=sector 8 (byte 4096) \
+             iotype=default once=on"
+        );
+        let m = RequestMatch {
+            range: Range::Sectors(Arc::new(SectorSet::parse("0-7").unwrap())),
+            iotypes: IoTypes::only(IoType::Read),
+            counting: Counting {
+                skip: 1,
+                every: 2,
+                probability: 0.5,
+                count: Some(3),
+            },
+        };
+        let d = rule(
+            Option::None,
+            2,
+            Fault::Delay {
+                latency: std::time::Duration::from_millis(5),
+                jitter: std::time::Duration::from_micros(250),
+                errno: 0,
+            },
+            m,
+        );
+        assert_eq!(
+            d.to_string(),
+            "standing state=2 delay latency=5ms jitter=250us range=sectors 0-7 iotype=read \
+             skip=1 every=2 probability=0.5 count=3"
+        );
     }
 }
