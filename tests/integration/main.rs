@@ -4,6 +4,8 @@
 mod clients;
 mod control;
 mod differential;
+mod fault_clients;
+mod faults;
 mod hardening;
 mod util;
 
