@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use crate::errno;
 use crate::faults::{CorruptMode, Fault, TornMode};
+use crate::media::{BadSettings, CutMode};
 pub use crate::ranges::MAX_SECTOR;
 use crate::ranges::{RangeError, SectorSet};
 use crate::rules::{
@@ -132,6 +133,12 @@ pub enum Problem {
     BadTag,
     /// `--rule` text without `SECTION:`.
     MissingSection,
+    /// A line of a bad-sector list (`file:line`) is not a sector or range.
+    BadListLine(String, RangeError),
+    /// Two `[bad-sectors]` sections disagree on a setting (where the other one was).
+    BadSettingsDiffer(String),
+    /// A `[power-cut]` rule on a mount without `--write-cache`.
+    PowerCutNeedsWriteCache,
 }
 
 impl fmt::Display for Problem {
@@ -195,6 +202,15 @@ impl fmt::Display for Problem {
                 )
             }
             Problem::BadTag => f.write_str("a tag is one word, not empty"),
+            Problem::BadListLine(at, e) => write!(f, "{at}: {e}"),
+            Problem::BadSettingsDiffer(other) => write!(
+                f,
+                "every [bad-sectors] section must give the same errno, heal-on-write and \
+                 write-errno (they differ from the section at {other})"
+            ),
+            Problem::PowerCutNeedsWriteCache => {
+                f.write_str("a power cut needs the write-cache model: mount with --write-cache")
+            }
             Problem::MissingSection => write!(
                 f,
                 "expected SECTION:KEY=VALUE,... with SECTION one of {}",
@@ -354,7 +370,20 @@ const SUSPEND_KEYS: &[&str] = &[
     "once",
 ];
 
-/// The rule groups: QEMU's two and the sections of `spec/faults.md` §3.
+const POWER_CUT_KEYS: &[&str] = &[
+    "event",
+    "state",
+    "mode",
+    "probability",
+    "skip",
+    "every",
+    "count",
+    "once",
+];
+const BAD_SECTORS_KEYS: &[&str] = &["sectors", "file", "errno", "heal-on-write", "write-errno"];
+
+/// The groups: QEMU's two, the request-checked sections of `spec/faults.md` §3, the
+/// `[power-cut]` rule and the `[bad-sectors]` media section (§4, §5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Group {
     InjectError,
@@ -366,6 +395,8 @@ pub enum Group {
     ShortIo,
     MisdirectWrite,
     Suspend,
+    PowerCut,
+    BadSectors,
 }
 
 impl Group {
@@ -380,6 +411,8 @@ impl Group {
         Group::ShortIo,
         Group::MisdirectWrite,
         Group::Suspend,
+        Group::PowerCut,
+        Group::BadSectors,
     ];
 
     pub fn name(self) -> &'static str {
@@ -393,6 +426,8 @@ impl Group {
             Group::ShortIo => "short-io",
             Group::MisdirectWrite => "misdirect-write",
             Group::Suspend => "suspend",
+            Group::PowerCut => "power-cut",
+            Group::BadSectors => "bad-sectors",
         }
     }
 
@@ -411,6 +446,8 @@ impl Group {
             Group::ShortIo => SHORT_IO_KEYS,
             Group::MisdirectWrite => MISDIRECT_WRITE_KEYS,
             Group::Suspend => SUSPEND_KEYS,
+            Group::PowerCut => POWER_CUT_KEYS,
+            Group::BadSectors => BAD_SECTORS_KEYS,
         }
     }
 
@@ -471,7 +508,9 @@ fn build_rule(
     }
 
     let event = match get("event") {
-        None if group == Group::SetState => return Err(err(None, Problem::MissingEvent)),
+        None if matches!(group, Group::SetState | Group::PowerCut) => {
+            return Err(err(None, Problem::MissingEvent));
+        }
         None => None,
         Some(e) => {
             Some(Event::from_name(&e.value).ok_or_else(|| err(Some(e), Problem::UnknownEvent))?)
@@ -512,13 +551,25 @@ fn build_rule(
         count: count.or(once.then_some(1)),
     };
 
+    if group == Group::PowerCut {
+        let mode = opt(get("mode"), |t| parse_choice(t, CutMode::NAMES), &err)?;
+        let mode = CutMode::from_name(CutMode::NAMES[mode.unwrap_or(0)]).unwrap_or(CutMode::Lose);
+        return Ok(Rule {
+            event,
+            state,
+            action: Action::PowerCut { mode, counting },
+            origin,
+        });
+    }
     let errno = |default: i32| {
         Ok::<i32, ConfigError>(opt(get("errno"), parse_errno, &err)?.unwrap_or(default))
     };
     let size = |key: &str| opt(get(key), parse_size_value, &err);
     let required = |key: &'static str| get(key).ok_or_else(|| err(None, Problem::MissingKey(key)));
     let fault = match group {
-        Group::SetState => unreachable!("handled above"),
+        Group::SetState | Group::PowerCut | Group::BadSectors => {
+            unreachable!("handled apart")
+        }
         Group::InjectError => Fault::Error {
             errno: errno(libc::EIO)?,
             immediately: opt(get("immediately"), parse_bool, &err)?.unwrap_or(false),
@@ -638,6 +689,101 @@ fn build_rule(
         },
         origin,
     })
+}
+
+/// A `[bad-sectors]` section: sectors (from `sectors` and `file`) and their settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadSpec {
+    pub sectors: SectorSet,
+    pub settings: BadSettings,
+    /// Where it was, for a conflict between sections.
+    pub at: Location,
+}
+
+/// One parsed section.
+enum Parsed {
+    Rule(Rule),
+    Bad(BadSpec),
+}
+
+/// Builds a section: a rule, or (for `[bad-sectors]`) media. `base` is the directory a
+/// relative `file` is read from (the config file's).
+fn build_section(
+    group: Group,
+    entries: &[Entry],
+    at: &Location,
+    origin: Origin,
+    base: &Path,
+) -> Result<Parsed, ConfigError> {
+    if group != Group::BadSectors {
+        return build_rule(group, entries, at, origin).map(Parsed::Rule);
+    }
+    let err = |e: Option<&Entry>, problem: Problem| ConfigError {
+        at: Location {
+            source: at.source.clone(),
+            line: e.and_then(|e| e.line).or(at.line),
+        },
+        section: Some(group.name().to_string()),
+        key: e.map(|e| e.key.clone()),
+        value: e.map(|e| e.value.clone()),
+        problem,
+    };
+    for e in entries {
+        if !BAD_SECTORS_KEYS.contains(&e.key.as_str()) {
+            return Err(err(
+                Some(e),
+                Problem::UnknownKey {
+                    allowed: BAD_SECTORS_KEYS,
+                },
+            ));
+        }
+    }
+    let get = |key: &str| entries.iter().rev().find(|e| e.key == key);
+    let mut sectors = SectorSet::new();
+    if let Some(e) = get("sectors") {
+        let set = SectorSet::parse(&e.value).map_err(|r| err(Some(e), Problem::BadRange(r)))?;
+        for (a, b) in set.iter() {
+            sectors.insert(a, b);
+        }
+    }
+    if let Some(e) = get("file") {
+        let path = base.join(&e.value);
+        let text = std::fs::read_to_string(&path).map_err(|io| {
+            err(
+                Some(e),
+                Problem::Unreadable(format!("{}: {io}", path.display())),
+            )
+        })?;
+        for (i, line) in text.lines().enumerate() {
+            let range = SectorSet::parse_line(line).map_err(|r| {
+                err(
+                    Some(e),
+                    Problem::BadListLine(format!("{}:{}", path.display(), i + 1), r),
+                )
+            })?;
+            if let Some((a, b)) = range {
+                sectors.insert(a, b);
+            }
+        }
+    }
+    if get("sectors").is_none() && get("file").is_none() {
+        return Err(err(None, Problem::MissingKey("sectors")));
+    }
+    let mut settings = BadSettings::default();
+    if let Some(e) = get("errno") {
+        settings.errno = parse_errno(&e.value).map_err(|p| err(Some(e), p))?;
+    }
+    if let Some(e) = get("heal-on-write") {
+        settings.heal_on_write = parse_bool(&e.value).map_err(|p| err(Some(e), p))?;
+    }
+    if let Some(e) = get("write-errno") {
+        settings.write_errno = parse_errno(&e.value).map_err(|p| err(Some(e), p))?;
+    }
+    Ok(Parsed::Bad(BadSpec {
+        sectors,
+        settings,
+        at: at.clone(),
+    }))
 }
 
 fn at_least_one(n: u64) -> Result<u64, Problem> {
@@ -827,6 +973,14 @@ pub fn parse_config_text(path: &Path, text: &str) -> Result<Vec<Rule>, ConfigErr
 /// skipped, comments and blank lines whatever bytes they hold; only a line that carries a
 /// header, key or value must be UTF-8 text.
 pub fn parse_config_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<Rule>, ConfigError> {
+    parse_config_sections(path, bytes).map(|(rules, _)| rules)
+}
+
+/// [`parse_config_bytes`], with the `[bad-sectors]` sections too (media, not rules).
+pub fn parse_config_sections(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(Vec<Rule>, Vec<BadSpec>), ConfigError> {
     let source = Source::File(path.to_path_buf());
     let at = |line: usize| Location {
         source: source.clone(),
@@ -905,20 +1059,23 @@ pub fn parse_config_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<Rule>, Config
             line: Some(lineno),
         });
     }
-    sections
-        .iter()
-        .map(|(group, line, entries)| {
-            let origin = Origin::File {
-                path: path.display().to_string(),
-                line: *line,
-            };
-            build_rule(*group, entries, &at(*line), origin)
-        })
-        .collect()
+    let base = path.parent().unwrap_or(Path::new("."));
+    let (mut rules, mut bad) = (Vec::new(), Vec::new());
+    for (group, line, entries) in &sections {
+        let origin = Origin::File {
+            path: path.display().to_string(),
+            line: *line,
+        };
+        match build_section(*group, entries, &at(*line), origin, base)? {
+            Parsed::Rule(rule) => rules.push(rule),
+            Parsed::Bad(spec) => bad.push(spec),
+        }
+    }
+    Ok((rules, bad))
 }
 
-/// Reads and parses a config file.
-pub fn load_config_file(path: &Path) -> Result<Vec<Rule>, ConfigError> {
+/// Reads and parses a config file: its rules and its `[bad-sectors]` sections.
+pub fn load_config_file(path: &Path) -> Result<(Vec<Rule>, Vec<BadSpec>), ConfigError> {
     let bytes = std::fs::read(path).map_err(|e| ConfigError {
         at: Location {
             source: Source::File(path.to_path_buf()),
@@ -929,7 +1086,7 @@ pub fn load_config_file(path: &Path) -> Result<Vec<Rule>, ConfigError> {
         value: None,
         problem: Problem::Unreadable(e.to_string()),
     })?;
-    parse_config_bytes(path, &bytes)
+    parse_config_sections(path, &bytes)
 }
 
 /// Splits QEMU option text `a=1,b=2` (`,,` is a literal comma) into key/value pairs.
@@ -967,6 +1124,11 @@ pub fn parse_rule_option(
     source: Source,
     origin: Origin,
 ) -> Result<Rule, ConfigError> {
+    let (entries, at) = option_entries(text, source);
+    build_rule(group, &entries, &at, origin)
+}
+
+fn option_entries(text: &str, source: Source) -> (Vec<Entry>, Location) {
     let entries: Vec<Entry> = split_options(text)
         .into_iter()
         .map(|(key, value)| Entry {
@@ -975,8 +1137,7 @@ pub fn parse_rule_option(
             line: None,
         })
         .collect();
-    let at = Location { source, line: None };
-    build_rule(group, &entries, &at, origin)
+    (entries, Location { source, line: None })
 }
 
 /// QEMU's request limits for the blkdebug node (`align`, `max-transfer`, ...), validated as
@@ -1065,10 +1226,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is too large"))
 }
 
-/// A validated rule set: file rules first, then command-line rules, plus load warnings.
+/// A validated rule set: file rules first, then command-line rules, plus load warnings; and
+/// the bad sectors of every `[bad-sectors]` section (media: not rules).
 #[derive(Debug, Default)]
 pub struct RuleSet {
     pub rules: Vec<Rule>,
+    pub bad: Option<(SectorSet, BadSettings)>,
 }
 
 /// A rule given on the command line: the flag it came with and its text.
@@ -1099,9 +1262,9 @@ pub fn split_section(text: &str) -> Result<(Group, &str), Problem> {
 impl RuleSet {
     /// Loads the config file (if any) and appends command-line rules in the order given.
     pub fn load(config: Option<&Path>, cli: &[CliRule]) -> Result<RuleSet, ConfigError> {
-        let mut rules = match config {
+        let (mut rules, mut bad) = match config {
             Some(path) => load_config_file(path)?,
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
         for (i, rule) in cli.iter().enumerate() {
             let source = Source::Option {
@@ -1124,9 +1287,21 @@ impl RuleSet {
                     problem,
                 })?,
             };
-            rules.push(parse_rule_option(group, text, source, origin)?);
+            let (entries, at) = option_entries(text, source);
+            match build_section(group, &entries, &at, origin, Path::new("."))? {
+                Parsed::Rule(rule) => rules.push(rule),
+                Parsed::Bad(spec) => bad.push(spec),
+            }
         }
-        Ok(RuleSet { rules })
+        Ok(RuleSet {
+            rules,
+            bad: merge_bad(bad)?,
+        })
+    }
+
+    /// Refuses `[power-cut]` rules on a mount without `--write-cache` (§5).
+    pub fn check_write_cache(&self, write_cache: bool) -> Result<(), ConfigError> {
+        check_write_cache(&self.rules, write_cache)
     }
 
     /// Warnings for rules that can never fire in a FUSE view (spec §2).
@@ -1159,6 +1334,54 @@ impl RuleSet {
         }
         out
     }
+}
+
+/// Refuses `[power-cut]` rules among `rules` on a mount without `--write-cache` (§5).
+pub fn check_write_cache(rules: &[Rule], write_cache: bool) -> Result<(), ConfigError> {
+    if write_cache {
+        return Ok(());
+    }
+    let Some(rule) = rules
+        .iter()
+        .find(|r| matches!(r.action, Action::PowerCut { .. }))
+    else {
+        return Ok(());
+    };
+    let (source, line) = match &rule.origin {
+        Origin::File { path, line } => (Source::File(PathBuf::from(path)), Some(*line)),
+        _ => (Source::LimitOption, None),
+    };
+    Err(ConfigError {
+        at: Location { source, line },
+        section: Some("power-cut".into()),
+        key: None,
+        value: None,
+        problem: Problem::PowerCutNeedsWriteCache,
+    })
+}
+
+/// Adds up `[bad-sectors]` sections; they must agree on the settings.
+fn merge_bad(specs: Vec<BadSpec>) -> Result<Option<(SectorSet, BadSettings)>, ConfigError> {
+    let mut iter = specs.into_iter();
+    let Some(first) = iter.next() else {
+        return Ok(None);
+    };
+    let mut sectors = first.sectors;
+    for spec in iter {
+        if spec.settings != first.settings {
+            return Err(ConfigError {
+                at: spec.at,
+                section: Some("bad-sectors".into()),
+                key: None,
+                value: None,
+                problem: Problem::BadSettingsDiffer(first.at.to_string()),
+            });
+        }
+        for (a, b) in spec.sectors.iter() {
+            sectors.insert(a, b);
+        }
+    }
+    Ok(Some((sectors, first.settings)))
 }
 
 /// QEMU's `blkdebug:CONFIG:IMAGE` filename: `Some((config, image))`, config empty for none.

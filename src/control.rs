@@ -20,7 +20,9 @@ use serde_json::{Value, json};
 
 use crate::breakpoints::op_range;
 use crate::config::{self, CliRule, Group, RuleSet, Source};
+use crate::media::CutMode;
 use crate::mount::{Mount, WaiterId};
+use crate::ranges::SectorSet;
 use crate::rules::{Action, Event, Origin, Rule, RuleId};
 
 /// A command that completes before it returns: `(control, args, whole line)`.
@@ -208,6 +210,34 @@ pub const COMMANDS: &[CommandSpec] = &[
         |c, args, line| c.add_rule(Group::Suspend, args, line),
     ),
     cmd(
+        "unsynced",
+        "",
+        (0, 0),
+        "the writes a power cut could lose now (--write-cache): count, bytes, sectors",
+        Control::cmd_unsynced,
+    ),
+    cmd(
+        "power-cut",
+        "[MODE] [seed=N] [on]",
+        (0, 3),
+        "cut the power (--write-cache): MODE lose (default), keep, random or sectors resolves the unsynced writes; every request then fails with EIO until power-on ('on': at once)",
+        Control::cmd_power_cut,
+    ),
+    cmd(
+        "power-on",
+        "",
+        (0, 0),
+        "turn the device back on after a power cut, serving the image as the cut left it",
+        Control::cmd_power_on,
+    ),
+    cmd(
+        "bad",
+        "add|remove RANGES | list | clear",
+        (1, MAX_KEYS),
+        "the bad sectors: add or remove sector ranges (A-B,C), list them, or clear them all",
+        Control::cmd_bad,
+    ),
+    cmd(
         "remove",
         "N",
         (1, 1),
@@ -258,6 +288,22 @@ impl CtlError {
 
     fn invalid(message: impl Into<String>) -> CtlError {
         CtlError::new(libc::EINVAL, message)
+    }
+}
+
+/// The refusal of a power command on a mount without `--write-cache`.
+fn no_write_cache() -> CtlError {
+    CtlError::new(
+        libc::EOPNOTSUPP,
+        "this mount has no write cache: mount with --write-cache to use power-cut, power-on and unsynced",
+    )
+}
+
+/// `text`, cut to `max` characters with `...` when longer (a million ranges make no reply).
+fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}... (cut at {max} characters)", &text[..at]),
+        None => text.to_string(),
     }
 }
 
@@ -408,6 +454,108 @@ impl Control {
         Ok(format!("added rule {id}: {shown}"))
     }
 
+    fn cmd_unsynced(&self, _: &[&str], _: &str) -> Result<String, CtlError> {
+        let u = self.mount.unsynced().ok_or_else(no_write_cache)?;
+        if u.writes == 0 {
+            return Ok("nothing unsynced".to_string());
+        }
+        Ok(format!(
+            "{} unsynced write(s), {} bytes, in sectors {}",
+            u.writes,
+            u.bytes,
+            shorten(&u.sectors.to_string(), 4000)
+        ))
+    }
+
+    fn cmd_power_cut(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
+        let (mut mode, mut seed, mut on) = (CutMode::Lose, None, false);
+        for arg in args {
+            if let Some(n) = arg.strip_prefix("seed=") {
+                seed = Some(
+                    config::parse_number(n)
+                        .map_err(|_| CtlError::invalid(format!("not a seed: '{n}'")))?,
+                );
+            } else if *arg == "on" {
+                on = true;
+            } else {
+                mode = CutMode::from_name(arg).ok_or_else(|| {
+                    CtlError::invalid(format!(
+                        "unknown mode '{arg}' (one of: {})",
+                        CutMode::NAMES.join(", ")
+                    ))
+                })?;
+            }
+        }
+        if !self.mount.has_write_cache() {
+            return Err(no_write_cache());
+        }
+        let report = self
+            .mount
+            .power_cut(mode, seed, None)
+            .map_err(|e| CtlError::new(libc::EIO, e))?;
+        let mut text = report.summary(50);
+        if on {
+            let _ = self.mount.power_on();
+            text.push_str("; power is on again");
+        } else {
+            text.push_str("; the device is off until power-on");
+        }
+        Ok(text)
+    }
+
+    fn cmd_power_on(&self, _: &[&str], _: &str) -> Result<String, CtlError> {
+        match self.mount.power_on() {
+            Ok(true) => Ok("power on".to_string()),
+            Ok(false) => Ok("power was already on".to_string()),
+            Err(_) => Err(no_write_cache()),
+        }
+    }
+
+    fn cmd_bad(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
+        let ranges = || {
+            let text = args[1..].join(",");
+            SectorSet::parse(&text).map_err(|e| CtlError::invalid(format!("bad {}: {e}", args[0])))
+        };
+        match args[0] {
+            "add" => {
+                let set = ranges()?;
+                self.mount.bad_add(&set);
+                Ok(format!("added {} bad sector(s): {set}", set.sectors()))
+            }
+            "remove" => {
+                let set = ranges()?;
+                self.mount.bad_remove(&set);
+                Ok(format!("removed bad sectors {set}"))
+            }
+            "list" | "clear" if args.len() > 1 => Err(CtlError::invalid(format!(
+                "usage: bad {} (no ranges)",
+                args[0]
+            ))),
+            "list" => {
+                let (set, settings) = self.mount.bad_list();
+                if set.is_empty() {
+                    return Ok("no bad sectors".to_string());
+                }
+                Ok(format!(
+                    "{} bad sector(s) in {} range(s): {} (errno {}, heal-on-write {}, write-errno {})",
+                    set.sectors(),
+                    set.intervals(),
+                    shorten(&set.to_string(), 4000),
+                    crate::errno::describe(settings.errno),
+                    if settings.heal_on_write { "on" } else { "off" },
+                    crate::errno::describe(settings.write_errno),
+                ))
+            }
+            "clear" => {
+                self.mount.bad_clear();
+                Ok("no bad sectors".to_string())
+            }
+            other => Err(CtlError::invalid(format!(
+                "unknown 'bad {other}' (add, remove, list or clear)"
+            ))),
+        }
+    }
+
     fn cmd_remove(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
         let n: u32 = args[0]
             .parse()
@@ -470,6 +618,10 @@ impl Control {
     /// `reload`: re-reads the config and the command-line rules; all or nothing.
     pub fn reload(&self) -> Result<String, CtlError> {
         let set = RuleSet::load(self.reload.config.as_deref(), &self.reload.cli)
+            .and_then(|set| {
+                set.check_write_cache(self.mount.has_write_cache())?;
+                Ok(set)
+            })
             .map_err(|e| CtlError::invalid(e.to_string()))?;
         let n = set.rules.len();
         self.mount.replace_rules(set.rules);
@@ -609,7 +761,14 @@ impl Control {
             faults.join(", ")
         };
         let _ = writeln!(out, "faults: {faults}");
-        let _ = write!(out, "delayed now {delayed}, suspended now {suspended}");
+        let _ = writeln!(out, "delayed now {delayed}, suspended now {suspended}");
+        match self.mount.unsynced() {
+            Some(u) => {
+                let _ = writeln!(out, "unsynced: {} write(s), {} bytes", u.writes, u.bytes);
+            }
+            None => out.push_str("unsynced: no write cache\n"),
+        }
+        let _ = write!(out, "power {}", self.mount.power_state());
         out
     }
 
@@ -638,6 +797,10 @@ impl Control {
             "faults": faults,
             "delayed_now": delayed,
             "suspended_now": suspended,
+            "unsynced_writes": self.mount.unsynced().map(|u| u.writes),
+            "unsynced_bytes": self.mount.unsynced().map(|u| u.bytes),
+            "power": self.mount.power_state(),
+            "bad_sectors": self.mount.bad_list().0.sectors(),
         })
     }
 
@@ -874,6 +1037,7 @@ mod tests {
             Limits::default(),
             ImageMode::default(),
             None,
+            Default::default(),
         )
         .unwrap();
         (img, Control::new(Arc::new(mount), ReloadSource::default()))

@@ -23,6 +23,7 @@ pub mod faults;
 pub mod fs;
 pub mod imagefmt;
 pub mod logring;
+pub mod media;
 pub mod mount;
 pub mod mounttable;
 pub mod ops;
@@ -46,7 +47,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::config::{ConfigError, Limits};
 use crate::control::{Control, ReloadSource};
 use crate::fs::{BlkdebugFs, Layout, OpenPolicy};
-use crate::mount::{ImageMode, Mount};
+use crate::mount::{ImageMode, MediaSetup, Mount};
 use crate::mounttable::DetachWatch;
 use crate::rules::{Engine, Event, Rule};
 use crate::socket::ControlSocket;
@@ -77,6 +78,10 @@ pub struct MountOptions {
     pub trace: Option<PathBuf>,
     /// Trace every request, not only those a rule acted on (`--trace-all`).
     pub trace_all: bool,
+    /// Model a volatile write cache that a power cut can lose (`--write-cache`).
+    pub write_cache: bool,
+    /// The bad sectors the mount starts with (`[bad-sectors]`).
+    pub bad: Option<(ranges::SectorSet, media::BadSettings)>,
 }
 
 impl MountOptions {
@@ -98,6 +103,8 @@ impl MountOptions {
             seed: None,
             trace: None,
             trace_all: false,
+            write_cache: false,
+            bad: None,
         }
     }
 }
@@ -224,6 +231,7 @@ pub struct Prepared {
 /// Validates options and opens the image. Nothing is mounted.
 pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
     options.limits.validate()?;
+    config::check_write_cache(&options.rules, options.write_cache)?;
     let image_err = |why: String| Error::Image {
         path: options.image.clone(),
         why,
@@ -430,10 +438,14 @@ pub fn run(
             options.limits,
             mode,
             trace,
+            MediaSetup {
+                bad: options.bad.clone(),
+                write_cache: options.write_cache,
+            },
         )
         .map_err(|e| Error::Image {
             path: options.image.clone(),
-            why: format!("stat failed: {e}"),
+            why: format!("cannot set it up: {e}"),
         })?,
     );
     let control = Arc::new(Control::new(mount.clone(), options.reload.clone()));

@@ -206,6 +206,10 @@ struct MountArgs {
     /// With --trace: one line for every request, with the events it fired.
     #[arg(long, requires = "trace")]
     trace_all: bool,
+    /// Model the disk's volatile write cache: writes since the last successful flush are
+    /// unsynced, and `ctl power-cut` or a [power-cut] rule can lose them.
+    #[arg(long)]
+    write_cache: bool,
 }
 
 #[derive(Args)]
@@ -267,6 +271,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// `text`, cut to `max` characters with `...` when longer.
+fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => "info",
@@ -283,11 +295,23 @@ fn init_logging(verbose: u8) {
 fn check(args: CheckArgs) -> Result<(), Error> {
     args.rules.limits().validate()?;
     let (set, _) = args.rules.load(None)?;
-    if set.rules.is_empty() && !args.list_events {
+    if set.rules.is_empty() && set.bad.is_none() && !args.list_events {
         println!("no rules");
     }
     for (i, rule) in set.rules.iter().enumerate() {
         println!("rule {:>3}: {rule}  ({})", i + 1, rule.origin);
+    }
+    if let Some((sectors, settings)) = &set.bad {
+        println!(
+            "bad sectors: {} sector(s) in {} range(s): {} (errno {}, heal-on-write {}, \
+             write-errno {})",
+            sectors.sectors(),
+            sectors.intervals(),
+            shorten(&sectors.to_string(), 200),
+            errno::describe(settings.errno),
+            if settings.heal_on_write { "on" } else { "off" },
+            errno::describe(settings.write_errno)
+        );
     }
     for w in set.warnings() {
         println!("warning: {w}");
@@ -333,6 +357,8 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     options.seed = args.seed;
     options.trace = args.trace.clone();
     options.trace_all = args.trace_all;
+    options.write_cache = args.write_cache;
+    options.bad = set.bad.clone();
     if let Some(n) = args.threads {
         options.threads = n as usize;
     }

@@ -35,7 +35,9 @@ use crate::config::Limits;
 use crate::errno;
 use crate::faults::{Edit, Effect};
 use crate::fields;
+use crate::media::{BadSectors, BadSettings, CutMode, CutReport, Unsynced, WriteCache, WriteCheck};
 use crate::ops::{Op, Step, plan};
+use crate::ranges::SectorSet;
 use crate::rules::{Decision, Engine, Event, Fired, IoType, Rule, RuleId, RuleStats, Verdict};
 use crate::stats::{Snapshot, Stats};
 use crate::trace::Trace;
@@ -117,9 +119,21 @@ pub struct Mount {
     map: Option<Arc<ImageMap>>,
     /// `--trace`, when given.
     trace: Option<Trace>,
+    /// The media: bad sectors, and with `--write-cache` the cache and power state.
+    bad: BadSectors,
+    cache: Option<WriteCache>,
     stats: Stats,
     /// Request ids, for the trace and logs.
     next_request: AtomicU64,
+}
+
+/// The media a mount starts with (`spec/faults.md` §4, §5).
+#[derive(Clone, Debug, Default)]
+pub struct MediaSetup {
+    /// The `[bad-sectors]` of the config.
+    pub bad: Option<(SectorSet, BadSettings)>,
+    /// Model a volatile write cache (`--write-cache`).
+    pub write_cache: bool,
 }
 
 /// Who sent a request (for the trace).
@@ -234,10 +248,15 @@ impl Mount {
         limits: Limits,
         mode: ImageMode,
         trace: Option<Trace>,
+        media: MediaSetup,
     ) -> io::Result<Mount> {
         let len = image.metadata()?.len();
         let size = AtomicU64::new(len);
         let map = ImageMap::new(&image, len);
+        let cache = match media.write_cache {
+            true => Some(WriteCache::new(&image_path)?),
+            false => None,
+        };
         Ok(Mount {
             engine: Mutex::new(engine),
             image,
@@ -251,6 +270,11 @@ impl Mount {
             breakpoints: Breakpoints::default(),
             map,
             trace,
+            bad: match media.bad {
+                Some((set, settings)) => BadSectors::new(set, settings),
+                None => BadSectors::default(),
+            },
+            cache,
             stats: Stats::default(),
             next_request: AtomicU64::new(1),
         })
@@ -737,6 +761,10 @@ impl Mount {
             op => op.range().1,
         };
         self.stats.request(op.kind(), bytes);
+        if self.powered_off() {
+            // While off, every request fails and fires nothing.
+            return done(Err(libc::EIO));
+        }
         let pending = Pending {
             op,
             id: self.next_request.fetch_add(1, Ordering::Relaxed),
@@ -825,6 +853,14 @@ impl Mount {
                         p.events.push(event);
                     }
                     let fired = self.fire_logged(event, Some(&*p));
+                    if let Some((rule, mode)) = fired.power_cut {
+                        // The cut happens before the request that fired it goes on, and that
+                        // request fails.
+                        if let Err(e) = self.power_cut(mode, None, Some(rule)) {
+                            warn!("rule {rule}: {e}");
+                        }
+                        return Advance::Finished(Err(libc::EIO));
+                    }
                     if !fired.suspend.is_empty() {
                         // Parked after the whole event, state updated (as QEMU 6.1+).
                         return Advance::Parked {
@@ -939,6 +975,14 @@ impl Mount {
                     if len == 0 {
                         continue;
                     }
+                    if self.powered_off() {
+                        return Advance::Finished(Err(libc::EIO));
+                    }
+                    if let Some((errno, sector)) = self.bad.check_read(offset, len) {
+                        // A medium error fails the whole command.
+                        self.bad_sector_hit(p, sector, errno);
+                        return Advance::Finished(Err(errno));
+                    }
                     let edits = match &p.effect {
                         Some(Effect::Corrupt { edits }) => Some(edits.as_slice()),
                         _ => None,
@@ -956,8 +1000,8 @@ impl Mount {
                 Step::Write { offset, len, at } => {
                     let len = p.clip(offset, len);
                     let src = &p.write_data[at..at + len as usize];
-                    if let Err((what, e)) = self.write_with_effect(p.effect.as_ref(), src, offset) {
-                        return Advance::Finished(Err(self.io_failed(what, offset, len, e)));
+                    if let Err(errno) = self.write_with_effect(p, src, offset) {
+                        return Advance::Finished(Err(errno));
                     }
                     if let Some(Effect::Torn { errno, .. }) = p.effect
                         && errno != 0
@@ -969,11 +1013,12 @@ impl Mount {
                     let dropped = matches!(p.effect, Some(Effect::DropWrite));
                     if len > 0
                         && !dropped
-                        && let Err(e) = zero_range(&self.image, offset, len, punch)
+                        && let Err(errno) = self.store(p, offset, len, "zero", || {
+                            zero_range(&self.image, offset, len, punch)
+                        })
                     {
-                        return Advance::Finished(Err(self.io_failed("zero", offset, len, e)));
+                        return Advance::Finished(Err(errno));
                     }
-                    self.note_extent(offset + len);
                 }
                 Step::RawWritten => self.raw_node.bump(),
                 Step::NodeWritten => self.blkdebug_node.bump(),
@@ -990,8 +1035,16 @@ impl Mount {
                     }
                 }
                 Step::Flush => {
+                    if self.powered_off() {
+                        return Advance::Finished(Err(libc::EIO));
+                    }
+                    // What this flush makes durable: the writes completed before it.
+                    let mark = self.cache.as_ref().map(|c| c.flush_mark());
                     if let Err(e) = self.image.sync_data() {
                         return Advance::Finished(Err(self.io_failed("fdatasync", 0, 0, e)));
+                    }
+                    if let (Some(cache), Some(mark)) = (&self.cache, mark) {
+                        cache.flushed(mark);
                     }
                 }
                 Step::FailWith { errno } => p.failed = Some(errno),
@@ -1006,44 +1059,204 @@ impl Mount {
     }
 
     /// Stores the client's bytes `src`, aimed at `offset`, as the check's `effect` says.
-    fn write_with_effect(
-        &self,
-        effect: Option<&Effect>,
-        src: &[u8],
-        offset: u64,
-    ) -> Result<(), (&'static str, io::Error)> {
+    fn write_with_effect(&self, p: &Pending<'_>, src: &[u8], offset: u64) -> Result<(), i32> {
         let len = src.len() as u64;
         if len == 0 {
             return Ok(());
         }
-        let write = |bytes: &[u8], at: u64| {
-            self.image.write_all_at(bytes, at)?;
-            self.note_extent(at + bytes.len() as u64);
-            Ok::<(), io::Error>(())
+        let store = |bytes: &[u8], at: u64, what: &'static str| {
+            self.store(p, at, bytes.len() as u64, what, || {
+                self.image.write_all_at(bytes, at)
+            })
         };
-        match effect {
+        match &p.effect {
             Some(Effect::DropWrite) => Ok(()),
             Some(Effect::Corrupt { edits }) => {
                 let mut copy = src.to_vec();
                 Edit::apply_all(edits, &mut copy, offset);
-                write(&copy, offset).map_err(|e| ("write", e))
+                store(&copy, offset, "write")
             }
             Some(Effect::Torn { kept, .. }) => {
                 for &(s, e) in kept {
                     let (s, e) = (s.max(offset), e.min(offset + len));
                     if s < e {
-                        write(&src[(s - offset) as usize..(e - offset) as usize], s)
-                            .map_err(|e| ("torn write", e))?;
+                        store(
+                            &src[(s - offset) as usize..(e - offset) as usize],
+                            s,
+                            "torn write",
+                        )?;
                     }
                 }
                 Ok(())
             }
             Some(Effect::Misdirect { shift }) => {
                 let at = misdirected(offset, len, *shift, self.size());
-                write(src, at).map_err(|e| ("misdirected write", e))
+                store(src, at, "misdirected write")
             }
-            _ => write(src, offset).map_err(|e| ("write", e)),
+            _ => store(src, offset, "write"),
         }
+    }
+
+    /// Changes image bytes `[at, at+len)` by `io` through the media: bad sectors decide
+    /// first (a write may heal them or fail on them), then the write cache journals the
+    /// before-image (and refuses while the power is off), then `io` runs.
+    fn store(
+        &self,
+        p: &Pending<'_>,
+        at: u64,
+        len: u64,
+        what: &'static str,
+        io: impl FnOnce() -> io::Result<()>,
+    ) -> Result<(), i32> {
+        let heal = match self.bad.check_write(at, len) {
+            WriteCheck::Fail(errno, sector) => {
+                self.bad_sector_hit(p, sector, errno);
+                return Err(errno);
+            }
+            WriteCheck::Heal(ranges) => Some(ranges),
+            WriteCheck::Clean | WriteCheck::StaysBad => None,
+        };
+        let done = match &self.cache {
+            Some(cache) => {
+                if cache.is_off() {
+                    return Err(libc::EIO);
+                }
+                cache.write(&self.image, at, len, io)
+            }
+            None => io(),
+        };
+        if let Err(e) = done {
+            return Err(self.io_failed(what, at, len, e));
+        }
+        self.note_extent(at + len);
+        if let Some(ranges) = heal {
+            info!("healed bad sector(s) {ranges:?} by a {what} at offset {at}");
+            self.bad.heal(&ranges);
+        }
+        Ok(())
+    }
+
+    /// Logs, counts and traces a request that a bad sector failed.
+    fn bad_sector_hit(&self, p: &Pending<'_>, sector: u64, errno: i32) {
+        info!(
+            "{} at offset {}: bad sector {sector}, failing with {}",
+            p.op.name(),
+            p.op.range().0,
+            errno::describe(errno)
+        );
+        self.stats.fault("bad-sector");
+        if let Some(trace) = &self.trace {
+            let mut f = request_fields(p);
+            f.insert("action".into(), "bad-sector".into());
+            f.insert("sector".into(), sector.into());
+            f.insert("errno".into(), errno_field(Some(errno)));
+            trace.record(f);
+        }
+    }
+
+    /// Whether the device is off (after a power cut, until power-on).
+    fn powered_off(&self) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.is_off())
+    }
+
+    // ---- The write cache and the power, for the control table.
+
+    /// Whether the mount models a write cache (`--write-cache`).
+    pub fn has_write_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    /// The unsynced writes (`None` without `--write-cache`).
+    pub fn unsynced(&self) -> Option<Unsynced> {
+        self.cache.as_ref().map(|c| c.unsynced())
+    }
+
+    /// Cuts the power (§5): resolves the unsynced writes by `mode`, with `seed` or the
+    /// mount's; `rule` names the `[power-cut]` rule that did it. `Err` without
+    /// `--write-cache`.
+    pub fn power_cut(
+        &self,
+        mode: CutMode,
+        seed: Option<u64>,
+        rule: Option<RuleId>,
+    ) -> Result<CutReport, String> {
+        let Some(cache) = &self.cache else {
+            return Err("no write cache to lose: mount with --write-cache to cut the power".into());
+        };
+        let seed = seed.unwrap_or_else(|| self.seed());
+        let report = cache
+            .cut(&self.image, mode, seed)
+            .map_err(|e| format!("the power cut failed on {}: {e}", self.image_path.display()))?;
+        let by = rule.map_or(String::new(), |r| format!(" by rule {r}"));
+        info!(
+            "{}{by}; the device is off until power-on",
+            report.summary(10)
+        );
+        if let Some(trace) = &self.trace {
+            let ranges = |v: &[(u64, u64)]| -> Vec<Value> {
+                v.iter().map(|(o, l)| Value::from(vec![*o, *l])).collect()
+            };
+            let torn: Vec<Value> = report
+                .torn
+                .iter()
+                .map(|(o, l, k)| Value::from(vec![*o, *l, *k]))
+                .collect();
+            trace.record(fields! {
+                "action" => "power-cut",
+                "mode" => mode.name(),
+                "seed" => seed,
+                "rule" => rule.map(|r| r.0),
+                "lost" => ranges(&report.lost),
+                "kept" => ranges(&report.kept),
+                "torn" => torn,
+            });
+        }
+        Ok(report)
+    }
+
+    /// Turns the device back on; `Err` without `--write-cache`. `Ok(false)` when it was on.
+    pub fn power_on(&self) -> Result<bool, String> {
+        let Some(cache) = &self.cache else {
+            return Err("the power is always on without --write-cache".into());
+        };
+        let was_off = cache.power_on();
+        if was_off {
+            info!(
+                "power on: serving {} as the cut left it",
+                self.image_path.display()
+            );
+            if let Some(trace) = &self.trace {
+                trace.record(fields! {"action" => "power-on"});
+            }
+        }
+        Ok(was_off)
+    }
+
+    /// The power state as `stats` shows it.
+    pub fn power_state(&self) -> &'static str {
+        match &self.cache {
+            None => "on (no --write-cache)",
+            Some(c) if c.is_off() => "off",
+            Some(_) => "on",
+        }
+    }
+
+    // ---- Bad sectors, for the control table.
+
+    pub fn bad_add(&self, set: &SectorSet) {
+        self.bad.add(set);
+    }
+
+    pub fn bad_remove(&self, set: &SectorSet) {
+        self.bad.remove(set);
+    }
+
+    pub fn bad_clear(&self) {
+        self.bad.clear();
+    }
+
+    pub fn bad_list(&self) -> (SectorSet, BadSettings) {
+        (self.bad.snapshot(), self.bad.settings())
     }
 
     /// Resumes the newest request suspended under `tag`; `false` if there is none.

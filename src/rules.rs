@@ -34,6 +34,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::faults::{Draw, Effect, Fault, resolve};
+use crate::media::CutMode;
 use crate::ranges::{SECTOR, SectorSet};
 
 /// Defines [`Event`] with its QEMU name table in one place, so the parser, `check` output and
@@ -386,6 +387,9 @@ pub enum Action {
     SetState { new_state: i64 },
     /// Park the request that fires the event under `tag` (QEMU's one-shot `break`).
     Suspend { tag: String },
+    /// `[power-cut]`: cut the power when the event fires (the counting keys count the
+    /// firings), resolving unsynced writes by `mode`.
+    PowerCut { mode: CutMode, counting: Counting },
 }
 
 /// Where a rule came from, for messages (`rule 3 (rules.ini:12)`).
@@ -423,6 +427,7 @@ impl Rule {
             Action::Request { fault, .. } => fault.section(),
             Action::SetState { .. } => "set-state",
             Action::Suspend { .. } => "break",
+            Action::PowerCut { .. } => "power-cut",
         }
     }
 }
@@ -473,6 +478,13 @@ impl fmt::Display for Rule {
             }
             Action::SetState { new_state } => write!(f, "set-state new_state={new_state}"),
             Action::Suspend { tag } => write!(f, "break tag={tag}"),
+            Action::PowerCut { mode, counting } => {
+                write!(f, "power-cut mode={}", mode.name())?;
+                if counting.count == Some(1) {
+                    f.write_str(" once=on")?;
+                }
+                write!(f, "{counting}")
+            }
         }
     }
 }
@@ -498,6 +510,8 @@ pub struct Fired {
     /// The state before and after, and the set-state rule that moved it.
     pub state_change: Option<(i64, i64)>,
     pub state_rule: Option<RuleId>,
+    /// A `[power-cut]` rule of the event acted: cut the power with this mode.
+    pub power_cut: Option<(RuleId, CutMode)>,
 }
 
 /// A rule's counters, as `rules` shows them.
@@ -551,6 +565,7 @@ struct EventRules {
     /// (id, state gate, new state).
     set_state: Vec<(RuleId, i64, i64)>,
     suspend: Vec<RuleId>,
+    power_cut: Vec<RuleId>,
     fires: u64,
     fires_in_state: HashMap<i64, u64>,
 }
@@ -835,6 +850,7 @@ impl Engine {
                         rules.set_state.push((id, rule.state, *new_state))
                     }
                     Action::Suspend { .. } => rules.suspend.push(id),
+                    Action::PowerCut { .. } => rules.power_cut.push(id),
                 }
                 fires_at_add = rules.fires_for(rule.state);
                 self.forget_compiled(event);
@@ -862,6 +878,7 @@ impl Engine {
                 rules.checked.retain(|a| a.id != id);
                 rules.set_state.retain(|e| e.0 != id);
                 rules.suspend.retain(|r| *r != id);
+                rules.power_cut.retain(|r| *r != id);
                 self.forget_compiled(event);
             }
         }
@@ -911,6 +928,7 @@ impl Engine {
             event.checked.clear();
             event.set_state.clear();
             event.suspend.clear();
+            event.power_cut.clear();
         }
         self.compiled.clear();
         self.active = Arc::default();
@@ -1030,6 +1048,9 @@ impl Engine {
                 }
             }
         }
+        if !self.by_event[event.index()].power_cut.is_empty() {
+            fired.power_cut = self.power_cut_rule(event, state);
+        }
         if let Some(active) = compiled.active {
             self.active = active;
             fired.rearmed = true;
@@ -1043,6 +1064,38 @@ impl Engine {
             }
         }
         fired
+    }
+
+    /// The first `[power-cut]` rule of `event` that acts on this firing (its counting keys
+    /// count the firings in a state its gate passes); later ones do not see the firing.
+    fn power_cut_rule(&mut self, event: Event, state: i64) -> Option<(RuleId, CutMode)> {
+        let ids = self.by_event[event.index()].power_cut.clone();
+        for id in ids {
+            let seed = self.seed;
+            let Some(slot) = self.rules.get_mut(&id) else {
+                continue;
+            };
+            let Action::PowerCut { mode, counting: c } = slot.rule.action else {
+                continue;
+            };
+            if !gate_passes(slot.rule.state, state) {
+                continue;
+            }
+            slot.matched += 1;
+            let nth = slot.matched;
+            if nth <= c.skip || !(nth - c.skip).is_multiple_of(c.every.max(1)) {
+                continue;
+            }
+            if c.probability < 1.0 && !Draw::new(seed, id.0, nth, 0).chance(c.probability) {
+                continue;
+            }
+            slot.hits += 1;
+            if c.count.is_some_and(|n| slot.hits >= n) {
+                self.remove(id);
+            }
+            return Some((id, mode));
+        }
+        None
     }
 
     /// Checks one request: the active list, then the standing rules, each in written order;

@@ -1,0 +1,783 @@
+//! The media model between the executor and the image file (`spec/faults.md` §4 and §5):
+//! bad sectors, a volatile write cache and power cuts.
+//!
+//! # Bad sectors
+//! An interval set of sectors ([`SectorSet`]): a read that covers one fails as a whole; a
+//! write that covers a whole bad sector heals it (`heal-on-write`), one that covers only part
+//! of one fails as a disk's read-modify-write would, and with `write-errno` every write to a
+//! bad sector fails and heals nothing. Cost outside the set: one ordered-map lookup.
+//!
+//! # The write cache (`--write-cache`)
+//! Writes go through to the image at once (so reads see the newest data and a `kill -9` of
+//! the daemon leaves every acknowledged write on the image), and each one first appends the
+//! *before-image* of the bytes it overwrites to an undo journal: a temporary file beside the
+//! image (disk, not memory, bounds the unsynced data) with an in-memory index of one small
+//! entry per write. A successful flush drops the entries of the writes that completed before
+//! it: they are durable. A power cut walks the journal from the newest write to the oldest
+//! and, sector by sector, either keeps a write (the sector is settled: no older write may
+//! touch it again) or restores its before-image. So a sector ends as its durable content or
+//! as the content one of its writes left, and a kept later write is never undone by an
+//! earlier one (§5).
+//!
+//! Holes stay holes: before-images record only the data extents of the bytes they cover
+//! (`SEEK_DATA`), and restoring a hole punches it, so a 1 TiB sparse image with 1 GiB
+//! unsynced journals 1 GiB, not a terabyte.
+//!
+//! Lock rule: one mutex serialises a journaled write's three steps (read the before-image,
+//! append it, write the data) with other journaled writes, with flush bookkeeping and with
+//! the cut, because a before-image is only right if no other write to those bytes runs in
+//! between. It is held across that I/O by design, and only with `--write-cache`; the engine's
+//! lock is never taken under it.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::faults::Draw;
+use crate::ranges::{SECTOR, SectorSet};
+
+/// How a power cut resolves each unsynced write (§5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutMode {
+    /// Every unsynced write is lost.
+    Lose,
+    /// Every unsynced write is kept.
+    Keep,
+    /// Each write kept, lost or torn (a seeded subset of its sectors kept).
+    Random,
+    /// Each sector of each write independently old or new.
+    Sectors,
+}
+
+impl CutMode {
+    pub const NAMES: &'static [&'static str] = &["lose", "keep", "random", "sectors"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CutMode::Lose => "lose",
+            CutMode::Keep => "keep",
+            CutMode::Random => "random",
+            CutMode::Sectors => "sectors",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<CutMode> {
+        match name {
+            "lose" => Some(CutMode::Lose),
+            "keep" => Some(CutMode::Keep),
+            "random" => Some(CutMode::Random),
+            "sectors" => Some(CutMode::Sectors),
+            _ => None,
+        }
+    }
+}
+
+/// The bad-sector settings of `[bad-sectors]` (one set of settings for the whole set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadSettings {
+    /// What a read of a bad sector gets.
+    pub errno: i32,
+    /// A write covering a whole bad sector stores it and clears it.
+    pub heal_on_write: bool,
+    /// Non-zero: writes to a bad sector fail with this and heal nothing.
+    pub write_errno: i32,
+}
+
+impl Default for BadSettings {
+    fn default() -> Self {
+        BadSettings {
+            errno: libc::EIO,
+            heal_on_write: true,
+            write_errno: 0,
+        }
+    }
+}
+
+/// The bad sectors: see the module doc.
+#[derive(Default)]
+pub struct BadSectors {
+    set: RwLock<SectorSet>,
+    settings: RwLock<BadSettings>,
+}
+
+/// What a write may do to the bad sectors it covers.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteCheck {
+    /// No bad sector: write.
+    Clean,
+    /// Write, then heal these sectors (inclusive ranges).
+    Heal(Vec<(u64, u64)>),
+    /// Write, and the sectors stay bad (heal-on-write off).
+    StaysBad,
+    /// Fail with this errno, naming the first bad sector.
+    Fail(i32, u64),
+}
+
+impl BadSectors {
+    pub fn new(set: SectorSet, settings: BadSettings) -> BadSectors {
+        BadSectors {
+            set: RwLock::new(set),
+            settings: RwLock::new(settings),
+        }
+    }
+
+    /// The errno and first bad sector of a read of `[offset, offset+len)`, if it covers one.
+    pub fn check_read(&self, offset: u64, len: u64) -> Option<(i32, u64)> {
+        let set = self.set.read();
+        if set.is_empty() {
+            return None;
+        }
+        let (first, _) = set.first_overlap(offset, len)?;
+        let sector = first.max(offset / SECTOR);
+        Some((self.settings.read().errno, sector))
+    }
+
+    /// What a write of `[offset, offset+len)` may do.
+    pub fn check_write(&self, offset: u64, len: u64) -> WriteCheck {
+        let set = self.set.read();
+        if set.is_empty() || len == 0 || !set.overlaps(offset, len) {
+            return WriteCheck::Clean;
+        }
+        let settings = self.settings.read();
+        let end = offset + len;
+        let covered = set.covered(offset, len);
+        let first_bad = covered[0].0 / SECTOR;
+        if settings.write_errno != 0 {
+            return WriteCheck::Fail(settings.write_errno, first_bad);
+        }
+        // A bad sector only partly written needs the disk to read it first: that fails.
+        for (s, e) in &covered {
+            let partial_head = s % SECTOR != 0 && *s == offset;
+            let partial_tail = e % SECTOR != 0 && *e == end;
+            if partial_head || partial_tail {
+                let sector = if partial_head { s / SECTOR } else { e / SECTOR };
+                return WriteCheck::Fail(settings.errno, sector);
+            }
+        }
+        if !settings.heal_on_write {
+            return WriteCheck::StaysBad;
+        }
+        WriteCheck::Heal(
+            covered
+                .iter()
+                .map(|(s, e)| (s / SECTOR, (e - 1) / SECTOR))
+                .collect(),
+        )
+    }
+
+    /// Heals sectors a write stored.
+    pub fn heal(&self, ranges: &[(u64, u64)]) {
+        let mut set = self.set.write();
+        for (a, b) in ranges {
+            set.remove(*a, *b);
+        }
+    }
+
+    pub fn add(&self, ranges: &SectorSet) {
+        let mut set = self.set.write();
+        for (a, b) in ranges.iter() {
+            set.insert(a, b);
+        }
+    }
+
+    pub fn remove(&self, ranges: &SectorSet) {
+        let mut set = self.set.write();
+        for (a, b) in ranges.iter() {
+            set.remove(a, b);
+        }
+    }
+
+    pub fn clear(&self) {
+        *self.set.write() = SectorSet::new();
+    }
+
+    /// A copy of the set (for `bad list`).
+    pub fn snapshot(&self) -> SectorSet {
+        self.set.read().clone()
+    }
+
+    pub fn settings(&self) -> BadSettings {
+        self.settings.read().clone()
+    }
+}
+
+/// One journaled write: the bytes it covered and where their before-image's data extents
+/// are in the journal file (holes are the gaps between them).
+struct Entry {
+    /// Orders entries against flushes.
+    seq: u64,
+    offset: u64,
+    len: u64,
+    /// (image offset, length, journal offset) of each data extent of the before-image.
+    data: Vec<(u64, u64, u64)>,
+}
+
+struct Journal {
+    file: File,
+    /// Bytes used in `file`.
+    end: u64,
+    entries: Vec<Entry>,
+    next_seq: u64,
+    /// Cuts so far (each cut's draws are keyed by its number).
+    cuts: u64,
+    /// The device is off (after a cut, until power-on).
+    off: bool,
+}
+
+/// The write cache; see the module doc.
+pub struct WriteCache {
+    journal: Mutex<Journal>,
+}
+
+/// What a power cut did, for the reply and the trace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CutReport {
+    pub mode: Option<CutMode>,
+    pub seed: u64,
+    /// Byte ranges `(offset, len)` of the writes lost, kept and torn (with the bytes kept).
+    pub lost: Vec<(u64, u64)>,
+    pub kept: Vec<(u64, u64)>,
+    pub torn: Vec<(u64, u64, u64)>,
+}
+
+impl CutReport {
+    /// `power cut (lose, seed 1): 3 unsynced write(s): 2 lost [...], 1 kept [...], 0 torn`.
+    pub fn summary(&self, max_ranges: usize) -> String {
+        let mode = self.mode.map_or("?", |m| m.name());
+        let total = self.lost.len() + self.kept.len() + self.torn.len();
+        let mut out = format!(
+            "power cut ({mode}, seed {}): {total} unsynced write(s): ",
+            self.seed
+        );
+        let list = |ranges: &mut dyn Iterator<Item = String>, n: usize| {
+            let shown: Vec<String> = ranges.take(max_ranges).collect();
+            let more = if n > max_ranges {
+                format!(" and {} more", n - max_ranges)
+            } else {
+                String::new()
+            };
+            if shown.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}{more}]", shown.join(", "))
+            }
+        };
+        let _ = write!(
+            out,
+            "{} lost{}, {} kept{}, {} torn{}",
+            self.lost.len(),
+            list(
+                &mut self.lost.iter().map(|(o, l)| format!("{o}+{l}")),
+                self.lost.len()
+            ),
+            self.kept.len(),
+            list(
+                &mut self.kept.iter().map(|(o, l)| format!("{o}+{l}")),
+                self.kept.len()
+            ),
+            self.torn.len(),
+            list(
+                &mut self
+                    .torn
+                    .iter()
+                    .map(|(o, l, k)| format!("{o}+{l} ({k} kept)")),
+                self.torn.len()
+            ),
+        );
+        out
+    }
+}
+
+/// The unsynced writes, for `ctl unsynced`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unsynced {
+    pub writes: usize,
+    /// Bytes of the writes (a byte written twice counts twice).
+    pub bytes: u64,
+    /// Sectors they cover.
+    pub sectors: SectorSet,
+}
+
+impl WriteCache {
+    /// A write cache whose journal lives beside `image` (same filesystem, so the same space
+    /// bounds it), unlinked from the start so nothing is left behind.
+    pub fn new(image: &Path) -> io::Result<WriteCache> {
+        let dir = image
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file = tempfile::tempfile_in(dir)?;
+        Ok(WriteCache {
+            journal: Mutex::new(Journal {
+                file,
+                end: 0,
+                entries: Vec::new(),
+                next_seq: 0,
+                cuts: 0,
+                off: false,
+            }),
+        })
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.journal.lock().off
+    }
+
+    pub fn power_on(&self) -> bool {
+        std::mem::replace(&mut self.journal.lock().off, false)
+    }
+
+    /// Journals the before-image of `[offset, offset+len)`, then runs `io` (the write) while
+    /// no other journaled write can run. Fails with EIO, doing nothing, while the power is
+    /// off.
+    pub fn write(
+        &self,
+        image: &File,
+        offset: u64,
+        len: u64,
+        io: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut j = self.journal.lock();
+        if j.off {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if len > 0 {
+            let mut data = Vec::new();
+            for (s, l) in data_extents(image, offset, len)? {
+                let mut buf = vec![0u8; l as usize];
+                read_exact_or_zero(image, &mut buf, s)?;
+                j.file.write_all_at(&buf, j.end)?;
+                data.push((s, l, j.end));
+                j.end += l;
+            }
+            let seq = j.next_seq;
+            j.next_seq += 1;
+            j.entries.push(Entry {
+                seq,
+                offset,
+                len,
+                data,
+            });
+        }
+        io()
+    }
+
+    /// The point a flush starting now covers: the writes journaled so far.
+    pub fn flush_mark(&self) -> u64 {
+        self.journal.lock().next_seq
+    }
+
+    /// A flush that started at `mark` succeeded: the writes before it are durable.
+    pub fn flushed(&self, mark: u64) {
+        let mut j = self.journal.lock();
+        let keep_from = j.entries.partition_point(|e| e.seq < mark);
+        j.entries.drain(..keep_from);
+        if j.entries.is_empty() && j.end > 0 {
+            // Nothing unsynced: the journal's space goes back to the filesystem.
+            let _ = j.file.set_len(0);
+            j.end = 0;
+        }
+    }
+
+    pub fn unsynced(&self) -> Unsynced {
+        let j = self.journal.lock();
+        let mut sectors = SectorSet::new();
+        let mut bytes = 0;
+        for e in &j.entries {
+            bytes += e.len;
+            sectors.insert(e.offset / SECTOR, (e.offset + e.len - 1) / SECTOR);
+        }
+        Unsynced {
+            writes: j.entries.len(),
+            bytes,
+            sectors,
+        }
+    }
+
+    /// Cuts the power: resolves every unsynced write by `mode` (draws keyed by `seed` and
+    /// this cut's number), leaves the image as the crash image (synced to its filesystem),
+    /// and turns the device off.
+    pub fn cut(&self, image: &File, mode: CutMode, seed: u64) -> io::Result<CutReport> {
+        let mut j = self.journal.lock();
+        let cut_number = j.cuts;
+        j.cuts += 1;
+        let mut report = CutReport {
+            mode: Some(mode),
+            seed,
+            ..CutReport::default()
+        };
+        let mut draw = Draw::new(seed, u32::MAX, cut_number, 2);
+        // Sectors whose content is decided: a kept write settles its sectors, and no older
+        // write may change them again.
+        let mut settled = SectorSet::new();
+        let entries = std::mem::take(&mut j.entries);
+        for e in entries.iter().rev() {
+            let units = sector_units(e.offset, e.len);
+            let keep_all = match mode {
+                CutMode::Lose => Some(false),
+                CutMode::Keep => Some(true),
+                CutMode::Sectors => None,
+                CutMode::Random => match draw.below(3) {
+                    0 => Some(true),
+                    1 => Some(false),
+                    _ => None,
+                },
+            };
+            let mut kept_bytes = 0;
+            let mut restore: Vec<(u64, u64)> = Vec::new();
+            for (s, l) in units {
+                let kept = keep_all.unwrap_or_else(|| draw.chance(0.5));
+                let sector = s / SECTOR;
+                if kept {
+                    kept_bytes += l;
+                }
+                if settled.contains(sector) {
+                    continue;
+                }
+                if kept {
+                    settled.insert(sector, sector);
+                } else {
+                    match restore.last_mut() {
+                        Some(last) if last.0 + last.1 == s => last.1 += l,
+                        _ => restore.push((s, l)),
+                    }
+                }
+            }
+            for (s, l) in restore {
+                restore_range(image, &j.file, e, s, l)?;
+            }
+            match kept_bytes {
+                0 => report.lost.push((e.offset, e.len)),
+                k if k == e.len => report.kept.push((e.offset, e.len)),
+                k => report.torn.push((e.offset, e.len, k)),
+            }
+        }
+        // Oldest first, as a reader of the report expects.
+        report.lost.reverse();
+        report.kept.reverse();
+        report.torn.reverse();
+        image.sync_data()?;
+        let _ = j.file.set_len(0);
+        j.end = 0;
+        j.off = true;
+        Ok(report)
+    }
+}
+
+/// The sector-clipped pieces of `[offset, offset+len)`: the units a cut keeps or loses.
+fn sector_units(offset: u64, len: u64) -> Vec<(u64, u64)> {
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let next = ((at / SECTOR) + 1).saturating_mul(SECTOR).min(end);
+        out.push((at, next - at));
+        at = next;
+    }
+    out
+}
+
+/// Puts the before-image of `e` back over `[s, s+l)` (inside `e`'s range): holes punched,
+/// data extents copied from the journal.
+fn restore_range(image: &File, journal: &File, e: &Entry, s: u64, l: u64) -> io::Result<()> {
+    punch(image, s, l)?;
+    let end = s + l;
+    for &(ds, dl, at) in &e.data {
+        let (a, b) = (ds.max(s), (ds + dl).min(end));
+        if a < b {
+            let mut buf = vec![0u8; (b - a) as usize];
+            journal.read_exact_at(&mut buf, at + (a - ds))?;
+            image.write_all_at(&buf, a)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes `[offset, offset+len)` a hole (zeroes where the filesystem cannot punch).
+fn punch(image: &File, offset: u64, len: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on an open descriptor we own; no memory is passed.
+    let r = unsafe { libc::fallocate(image.as_raw_fd(), mode, offset as i64, len as i64) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e);
+    }
+    image.write_all_at(&vec![0u8; len as usize], offset)
+}
+
+/// The data extents of `[offset, offset+len)` of `image` (what is not a hole), clipped to the
+/// range; past the end of the file there is no data.
+fn data_extents(image: &File, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = image.as_raw_fd();
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        // SAFETY: lseek on an open descriptor we own. Positional I/O ignores the offset.
+        let data = unsafe { libc::lseek(fd, at as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // No data from `at` on (or past the end).
+                Some(libc::ENXIO) => Ok(out),
+                // No SEEK_DATA here: treat the whole range as data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                    out.push((at, end - at));
+                    Ok(out)
+                }
+                _ => Err(e),
+            };
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        out.push((data, hole - data));
+        at = hole;
+    }
+    Ok(out)
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeroes.
+fn read_exact_or_zero(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image of `sectors` sectors, sector `i` filled with byte `i + 1`, synced: durable.
+    fn image(dir: &Path, sectors: u64) -> File {
+        let path = dir.join("img");
+        let bytes: Vec<u8> = (0..sectors * SECTOR)
+            .map(|i| (i / SECTOR + 1) as u8)
+            .collect();
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap()
+    }
+
+    fn write(c: &WriteCache, img: &File, offset: u64, bytes: &[u8]) {
+        c.write(img, offset, bytes.len() as u64, || {
+            img.write_all_at(bytes, offset)
+        })
+        .unwrap();
+    }
+
+    fn sector(img: &File, s: u64) -> Vec<u8> {
+        let mut b = vec![0u8; SECTOR as usize];
+        img.read_exact_at(&mut b, s * SECTOR).unwrap();
+        b
+    }
+
+    fn filled(byte: u8, sectors: u64) -> Vec<u8> {
+        vec![byte; (sectors * SECTOR) as usize]
+    }
+
+    #[test]
+    fn lose_restores_the_last_flushed_content_and_turns_the_device_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), 8);
+        let c = WriteCache::new(&dir.path().join("img")).unwrap();
+        write(&c, &img, 0, &filled(0xaa, 2));
+        let mark = c.flush_mark();
+        c.flushed(mark); // sectors 0-1 are durable now
+        write(&c, &img, 512, &filled(0xbb, 2)); // sectors 1-2
+        write(&c, &img, 1024, &filled(0xcc, 1)); // sector 2 again
+        let u = c.unsynced();
+        assert_eq!(
+            (u.writes, u.bytes, u.sectors.to_string()),
+            (2, 1536, "1-2".into())
+        );
+        assert_eq!(
+            sector(&img, 2),
+            filled(0xcc, 1),
+            "reads see the newest data"
+        );
+        let report = c.cut(&img, CutMode::Lose, 1).unwrap();
+        assert_eq!(report.lost, vec![(512, 1024), (1024, 512)]);
+        assert_eq!(sector(&img, 0), filled(0xaa, 1));
+        assert_eq!(
+            sector(&img, 1),
+            filled(0xaa, 1),
+            "durable content, not the original"
+        );
+        assert_eq!(sector(&img, 2), filled(3, 1));
+        assert!(c.is_off());
+        let e = c
+            .write(&img, 0, 1, || panic!("no I/O while off"))
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(c.power_on());
+        assert_eq!(c.unsynced().writes, 0);
+    }
+
+    #[test]
+    fn a_failed_flush_makes_nothing_durable_and_a_flush_covers_only_earlier_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), 4);
+        let c = WriteCache::new(&dir.path().join("img")).unwrap();
+        write(&c, &img, 0, &filled(0x11, 1));
+        let mark = c.flush_mark();
+        write(&c, &img, 512, &filled(0x22, 1)); // completes after the flush started
+        c.flushed(mark);
+        // (A flush failed by a rule never calls `flushed`.)
+        let report = c.cut(&img, CutMode::Lose, 0).unwrap();
+        assert_eq!(report.lost, vec![(512, 512)]);
+        assert_eq!(sector(&img, 0), filled(0x11, 1));
+        assert_eq!(sector(&img, 1), filled(2, 1));
+    }
+
+    /// The §5 invariant under every mode and many seeds: each sector ends as its durable
+    /// content or as the content one of its writes left, and never shows an older write
+    /// over a newer one that was kept.
+    #[test]
+    fn every_mode_resolves_overlapping_writes_to_states_a_disk_could_produce() {
+        for mode in [
+            CutMode::Lose,
+            CutMode::Keep,
+            CutMode::Random,
+            CutMode::Sectors,
+        ] {
+            for seed in 0..40 {
+                let dir = tempfile::tempdir().unwrap();
+                let img = image(dir.path(), 16);
+                let c = WriteCache::new(&dir.path().join("img")).unwrap();
+                // Write k (1-based) fills its sectors with byte 0x80 + k.
+                let writes: [(u64, u64); 5] = [(0, 8), (4, 8), (2, 3), (10, 4), (6, 1)];
+                for (k, (s, n)) in writes.iter().enumerate() {
+                    write(&c, &img, s * SECTOR, &filled(0x81 + k as u8, *n));
+                }
+                let report = c.cut(&img, mode, seed).unwrap();
+                let total = report.lost.len() + report.kept.len() + report.torn.len();
+                assert_eq!(total, writes.len());
+                for s in 0..16u64 {
+                    let got = sector(&img, s);
+                    let byte = got[0];
+                    assert!(got.iter().all(|b| *b == byte), "sector {s} is whole");
+                    let touching: Vec<usize> = writes
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (a, n))| (*a..a + n).contains(&s))
+                        .map(|(k, _)| k)
+                        .collect();
+                    let durable = (s + 1) as u8;
+                    let ok = byte == durable || touching.iter().any(|k| byte == 0x81 + *k as u8);
+                    assert!(ok, "{mode:?} seed {seed}: sector {s} = {byte:#x}");
+                    match mode {
+                        CutMode::Lose => assert_eq!(byte, durable),
+                        CutMode::Keep => {
+                            let newest = touching.last().map_or(durable, |k| 0x81 + *k as u8);
+                            assert_eq!(byte, newest);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_same_seed_cuts_the_same_way() {
+        let run = |seed: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            let img = image(dir.path(), 64);
+            let c = WriteCache::new(&dir.path().join("img")).unwrap();
+            for i in 0..32u64 {
+                write(&c, &img, i * 2 * SECTOR, &filled(0xf0, 2));
+            }
+            let report = c.cut(&img, CutMode::Random, seed).unwrap();
+            let mut bytes = vec![0u8; 64 * SECTOR as usize];
+            img.read_exact_at(&mut bytes, 0).unwrap();
+            (report, bytes)
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5).0, run(6).0);
+    }
+
+    #[test]
+    fn holes_stay_holes_and_cost_no_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let img = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        img.set_len(1 << 40).unwrap();
+        let c = WriteCache::new(&path).unwrap();
+        let at = 1 << 39;
+        write(&c, &img, at, &filled(0x5a, 8));
+        assert_eq!(c.journal.lock().end, 0, "a hole's before-image is no bytes");
+        c.cut(&img, CutMode::Lose, 0).unwrap();
+        let mut b = vec![1u8; 4096];
+        img.read_exact_at(&mut b, at).unwrap();
+        assert!(b.iter().all(|x| *x == 0));
+        let allocated = std::fs::metadata(&path).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(allocated.blocks(), 0, "punched back to a hole");
+    }
+
+    #[test]
+    fn bad_sectors_fail_reads_heal_on_whole_writes_and_refuse_partial_ones() {
+        let bad = BadSectors::new(SectorSet::parse("8-9, 20").unwrap(), BadSettings::default());
+        assert_eq!(bad.check_read(0, 4096), None);
+        assert_eq!(bad.check_read(0, 4097), Some((libc::EIO, 8)));
+        assert_eq!(bad.check_read(9 * 512 + 10, 1), Some((libc::EIO, 9)));
+        assert_eq!(
+            bad.check_write(8 * 512 + 100, 512),
+            WriteCheck::Fail(libc::EIO, 8)
+        );
+        assert_eq!(
+            bad.check_write(8 * 512, 512),
+            WriteCheck::Heal(vec![(8, 8)])
+        );
+        bad.heal(&[(8, 8)]);
+        assert_eq!(bad.snapshot().to_string(), "9,20");
+        let strict = BadSectors::new(
+            SectorSet::parse("3").unwrap(),
+            BadSettings {
+                errno: libc::ENODATA,
+                heal_on_write: true,
+                write_errno: libc::EROFS,
+            },
+        );
+        assert_eq!(
+            strict.check_write(0, 4096),
+            WriteCheck::Fail(libc::EROFS, 3)
+        );
+        assert_eq!(strict.check_read(0, 4096), Some((libc::ENODATA, 3)));
+    }
+}
