@@ -618,10 +618,8 @@ impl Control {
     /// `reload`: re-reads the config and the command-line rules; all or nothing.
     pub fn reload(&self) -> Result<String, CtlError> {
         let set = RuleSet::load(self.reload.config.as_deref(), &self.reload.cli)
-            .and_then(|set| {
-                set.check_write_cache(self.mount.has_write_cache())?;
-                Ok(set)
-            })
+            .map_err(|e| CtlError::invalid(e.to_string()))?;
+        set.check_write_cache(self.mount.has_write_cache())
             .map_err(|e| CtlError::invalid(e.to_string()))?;
         let n = set.rules.len();
         self.mount.replace_rules(set.rules);

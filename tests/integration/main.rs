@@ -7,6 +7,7 @@ mod differential;
 mod fault_clients;
 mod faults;
 mod hardening;
+mod power;
 mod util;
 
 use std::os::unix::fs::FileExt;
