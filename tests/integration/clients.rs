@@ -2,12 +2,12 @@
 //! qemu-io, fio, mmap, a loop device with ext4 on it, a sparse 1 TiB image), each with and
 //! without faults. The VM case is `scripts/vm-test.sh`, run by `vm_boots_from_the_view`.
 //!
-//! Kernel-side objects (loop devices, filesystem mounts) are held by RAII guards that detach
-//! them even when an assertion fails.
+//! Kernel-side objects (loop devices, filesystem mounts) are held by the RAII guards of
+//! `util.rs`, which detach them even when an assertion fails.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::util::*;
 
@@ -154,22 +154,6 @@ fn qemu_io_reports_an_armed_rule_as_its_own_error_at_the_offset() {
 }
 
 // --------------------------------------------------------------------------------------- fio
-
-fn fio(view: &Path, engine: &str, extra: &[&str]) -> (i32, String) {
-    let name = format!("--filename={}", path(view));
-    let engine = format!("--ioengine={engine}");
-    let mut args = vec![
-        "--name=blkdebugfs",
-        name.as_str(),
-        engine.as_str(),
-        "--direct=1",
-        "--bs=4k",
-        "--size=4M",
-    ];
-    args.extend_from_slice(extra);
-    let (code, out, err) = run_tool("fio", &args);
-    (code, out + &err)
-}
 
 #[test]
 fn fio_verifies_with_psync_libaio_and_io_uring() {
@@ -324,66 +308,6 @@ fn mmap_of_a_faulted_page_delivers_sigbus() {
 }
 
 // ------------------------------------------------------------------------- loop device, ext4
-
-/// A loop device attached to a file; detached on drop.
-struct LoopDevice(String);
-
-impl LoopDevice {
-    fn attach(file: &Path, direct_io: bool) -> LoopDevice {
-        let dio = format!("--direct-io={}", if direct_io { "on" } else { "off" });
-        let dev = tool_ok("losetup", &["--find", "--show", &dio, path(file)]);
-        LoopDevice(dev.trim().to_string())
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = run_tool("losetup", &["-d", &self.0]);
-    }
-}
-
-/// A filesystem mounted from a device; unmounted (lazily if need be) on drop.
-struct FsMount(PathBuf);
-
-impl FsMount {
-    fn mount(dev: &str, at: &Path) -> FsMount {
-        std::fs::create_dir_all(at).unwrap();
-        tool_ok("mount", &[dev, path(at)]);
-        FsMount(at.to_path_buf())
-    }
-
-    fn unmount(self) {
-        tool_ok("umount", &[path(&self.0)]);
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for FsMount {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = run_tool("umount", &["-l", path(&self.0)]);
-        }
-    }
-}
-
-/// Marks the kernel log so that only lines after the mark are searched.
-fn kernel_log_mark() -> String {
-    let mark = format!(
-        "blkdebugfs-test-mark-{}-{:?}",
-        std::process::id(),
-        std::time::Instant::now()
-    );
-    std::fs::write("/dev/kmsg", &mark).expect("write /dev/kmsg");
-    mark
-}
-
-fn kernel_log_since(mark: &str) -> String {
-    let log = tool_ok("dmesg", &[]);
-    match log.rfind(mark) {
-        Some(at) => log[at..].to_string(),
-        None => log,
-    }
-}
 
 #[test]
 fn ext4_on_a_loop_device_with_and_without_direct_io() {

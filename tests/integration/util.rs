@@ -429,3 +429,87 @@ pub fn lseek(f: &File, off: u64, whence: i32) -> Result<usize, i32> {
 
 pub const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 pub const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+// ------------------------------------------------------------- real clients, kernel objects
+
+/// Runs fio on `view` with O_DIRECT, 4 KiB blocks over the first 4 MiB, and `extra` options;
+/// returns its exit code and its output (stdout then stderr).
+pub fn fio(view: &Path, engine: &str, extra: &[&str]) -> (i32, String) {
+    let name = format!("--filename={}", view.to_str().unwrap());
+    let engine = format!("--ioengine={engine}");
+    let mut args = vec![
+        "--name=blkdebugfs",
+        name.as_str(),
+        engine.as_str(),
+        "--direct=1",
+        "--bs=4k",
+        "--size=4M",
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = run_tool("fio", &args);
+    (code, out + &err)
+}
+
+/// A loop device attached to a file; detached on drop.
+pub struct LoopDevice(pub String);
+
+impl LoopDevice {
+    pub fn attach(file: &Path, direct_io: bool) -> LoopDevice {
+        let dio = format!("--direct-io={}", if direct_io { "on" } else { "off" });
+        let dev = tool_ok(
+            "losetup",
+            &["--find", "--show", &dio, file.to_str().unwrap()],
+        );
+        LoopDevice(dev.trim().to_string())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = run_tool("losetup", &["-d", &self.0]);
+    }
+}
+
+/// A filesystem mounted from a device; unmounted (lazily if need be) on drop.
+pub struct FsMount(pub PathBuf);
+
+impl FsMount {
+    pub fn mount(dev: &str, at: &Path) -> FsMount {
+        std::fs::create_dir_all(at).unwrap();
+        tool_ok("mount", &[dev, at.to_str().unwrap()]);
+        FsMount(at.to_path_buf())
+    }
+
+    pub fn unmount(self) {
+        tool_ok("umount", &[self.0.to_str().unwrap()]);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for FsMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = run_tool("umount", &["-l", self.0.to_str().unwrap()]);
+        }
+    }
+}
+
+/// Marks the kernel log so that only lines after the mark are searched.
+pub fn kernel_log_mark() -> String {
+    let mark = format!(
+        "blkdebugfs-test-mark-{}-{:?}",
+        std::process::id(),
+        std::time::Instant::now()
+    );
+    std::fs::write("/dev/kmsg", &mark).expect("write /dev/kmsg");
+    mark
+}
+
+/// The kernel log from `mark` on (all of it when the mark has scrolled out).
+pub fn kernel_log_since(mark: &str) -> String {
+    let log = tool_ok("dmesg", &[]);
+    match log.rfind(mark) {
+        Some(at) => log[at..].to_string(),
+        None => log,
+    }
+}
