@@ -35,6 +35,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -103,6 +104,9 @@ impl Default for BadSettings {
 pub struct BadSectors {
     set: RwLock<SectorSet>,
     settings: RwLock<BadSettings>,
+    /// Whether the set may hold sectors: a mount without bad sectors pays one atomic load per
+    /// request, no lock. Set before sectors are added, cleared after the set is emptied.
+    any: AtomicBool,
 }
 
 /// What a write may do to the bad sectors it covers.
@@ -121,6 +125,7 @@ pub enum WriteCheck {
 impl BadSectors {
     pub fn new(set: SectorSet, settings: BadSettings) -> BadSectors {
         BadSectors {
+            any: AtomicBool::new(!set.is_empty()),
             set: RwLock::new(set),
             settings: RwLock::new(settings),
         }
@@ -128,6 +133,9 @@ impl BadSectors {
 
     /// The errno and first bad sector of a read of `[offset, offset+len)`, if it covers one.
     pub fn check_read(&self, offset: u64, len: u64) -> Option<(i32, u64)> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
         let set = self.set.read();
         if set.is_empty() {
             return None;
@@ -139,6 +147,9 @@ impl BadSectors {
 
     /// What a write of `[offset, offset+len)` may do.
     pub fn check_write(&self, offset: u64, len: u64) -> WriteCheck {
+        if !self.any.load(Ordering::Acquire) {
+            return WriteCheck::Clean;
+        }
         let set = self.set.read();
         if set.is_empty() || len == 0 || !set.overlaps(offset, len) {
             return WriteCheck::Clean;
@@ -179,6 +190,7 @@ impl BadSectors {
     }
 
     pub fn add(&self, ranges: &SectorSet) {
+        self.any.store(true, Ordering::Release);
         let mut set = self.set.write();
         for (a, b) in ranges.iter() {
             set.insert(a, b);
@@ -194,6 +206,7 @@ impl BadSectors {
 
     pub fn clear(&self) {
         *self.set.write() = SectorSet::new();
+        self.any.store(false, Ordering::Release);
     }
 
     /// A copy of the set (for `bad list`).
@@ -225,13 +238,15 @@ struct Journal {
     next_seq: u64,
     /// Cuts so far (each cut's draws are keyed by its number).
     cuts: u64,
-    /// The device is off (after a cut, until power-on).
-    off: bool,
 }
 
 /// The write cache; see the module doc.
 pub struct WriteCache {
     journal: Mutex<Journal>,
+    /// The device is off (after a cut, until power-on). Changed only under the journal's
+    /// lock, so a journaled write that checks it there never races a cut; read without the
+    /// lock by everything else (reads must not wait behind a write's I/O).
+    off: AtomicBool,
 }
 
 /// What a power cut did, for the reply and the trace.
@@ -319,17 +334,19 @@ impl WriteCache {
                 entries: Vec::new(),
                 next_seq: 0,
                 cuts: 0,
-                off: false,
             }),
+            off: AtomicBool::new(false),
         })
     }
 
     pub fn is_off(&self) -> bool {
-        self.journal.lock().off
+        self.off.load(Ordering::Acquire)
     }
 
+    /// Turns the device on; `true` when it was off.
     pub fn power_on(&self) -> bool {
-        std::mem::replace(&mut self.journal.lock().off, false)
+        let _journal = self.journal.lock();
+        self.off.swap(false, Ordering::AcqRel)
     }
 
     /// Journals the before-image of `[offset, offset+len)`, then runs `io` (the write) while
@@ -343,7 +360,7 @@ impl WriteCache {
         io: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
         let mut j = self.journal.lock();
-        if j.off {
+        if self.is_off() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         if len > 0 {
@@ -464,7 +481,7 @@ impl WriteCache {
         image.sync_data()?;
         let _ = j.file.set_len(0);
         j.end = 0;
-        j.off = true;
+        self.off.store(true, Ordering::Release);
         Ok(report)
     }
 }
