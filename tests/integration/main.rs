@@ -4,6 +4,7 @@
 mod clients;
 mod control;
 mod differential;
+mod ecosystem;
 mod fault_clients;
 mod faults;
 mod hardening;
