@@ -1,12 +1,13 @@
-//! Rule configuration: QEMU's blkdebug INI dialect, command-line rules, `blkdebug:CONF:IMG`
-//! and the limit options, parsed at the edge into a validated [`RuleSet`] and [`Limits`].
+//! Rule configuration: QEMU's blkdebug INI dialect, the sections of `spec/faults.md`,
+//! command-line rules, `blkdebug:CONF:IMG` and the limit options, parsed at the edge into a
+//! validated [`RuleSet`] and [`Limits`].
 //!
 //! # File syntax (QEMU's, plus unquoted values)
 //!
 //! ```ini
 //! # a comment (a line whose first non-blank character is '#')
 //! [inject-error]          # one section per rule, in file order; sections repeat
-//! event = "read_aio"      # required: one of the 48 blkdebug event names
+//! event = "read_aio"      # one of the 48 blkdebug event names (none: a standing rule)
 //! state = "2"             # 0 (default) = any state
 //! errno = "ENOSPC"        # 0..511 or a name; default 5 (EIO); 0 = exempt, hide later rules
 //! sector = "2048"         # the byte sector*512 must lie in the request; default any
@@ -21,12 +22,43 @@
 //! new_state = "2"         # default 0
 //! ```
 //!
+//! # The sections of `spec/faults.md`
+//!
+//! Every request-checked section (`[inject-error]` and the seven below) takes the match
+//! keys: `event` (optional: without it the rule is *standing*, armed from the start),
+//! `state`, `sector` or `sectors` (`"2048-2055, 10000"`: the request overlaps one), `iotype`,
+//! `probability` (`0.05` or `5%`), `skip`, `every`, `count` and `once` (`count = 1`).
+//!
+//! ```ini
+//! [delay]                 # latency (required), jitter (0), errno (0: then proceed)
+//! latency = "5ms"         # 250us, 5ms, 1.5s; a bare number is milliseconds
+//! [corrupt]               # mode flip|zero|random (flip), bits (1, flip), bytes (512)
+//! iotype = "read"
+//! [drop-write]            # no keys of its own
+//! sectors = "0-2047"
+//! [torn-write]            # keep (random), mode prefix|sectors (prefix), unit (512), errno
+//! keep = "4k"             # sizes: bytes, or with k, M, G
+//! [short-io]              # length (random multiple of 512 below the request's)
+//! [misdirect-write]       # shift (required, may be negative)
+//! shift = "-8k"
+//! [suspend]               # tag (required): park matching requests until `resume TAG`
+//! tag = "w"
+//!
+//! [power-cut]             # event (required), state, mode lose|keep|random|sectors,
+//! event = "flush_to_disk" # and the counting keys, counted over the event's firings
+//! skip = "199"
+//!
+//! [bad-sectors]           # media, not a rule: sectors and/or file (badblocks output),
+//! sectors = "2048-2055"   # errno (EIO), heal-on-write (on), write-errno (0)
+//! ```
+//!
 //! Numbers take decimal, `0x` hex and leading-`0` octal (`sector = -1` means any, as in
 //! QEMU). Booleans take `on/yes/true/y` and `off/no/false/n`. Values may be quoted (QEMU) or
 //! not; keys are case-sensitive. Dotted event names of QEMU 2.x are aliases.
 //!
-//! Command-line rules use the same keys: `--inject-error event=read_aio,errno=28,sector=8`
-//! (`,,` is a literal comma). They come after the file's rules.
+//! Command-line rules use the same keys: `--inject-error event=read_aio,errno=28,sector=8`,
+//! `--rule delay:latency=5ms,sectors=0-7` (`,,` is a literal comma). They come after the
+//! file's rules, in the order given.
 //!
 //! Every error names where it was (file and line, or which command-line rule), the section,
 //! the key and the offending value; nothing is mounted when one is found.
