@@ -370,6 +370,7 @@ impl<T> Breakpoints<T> {
     /// changed a deadline: a new waiter, a parked request, shutdown. Returns at once if
     /// anything changed since `seen` was read.
     pub fn sleep_until(&self, until: Option<Instant>, seen: u64) {
+        tighten_timer_slack();
         let mut inner = self.inner.lock();
         if !inner.closed && inner.changes == seen {
             match until {
@@ -405,6 +406,19 @@ impl<T> Breakpoints<T> {
                 suspended_for: now.duration_since(p.since),
             })
             .collect()
+    }
+}
+
+/// Asks the kernel to wake this thread within a microsecond of its deadline instead of the
+/// default 50 µs "timer slack": a 1 ms delay would otherwise run 5% long. Once per thread.
+fn tighten_timer_slack() {
+    thread_local! {
+        static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if !DONE.get() {
+        // SAFETY: PR_SET_TIMERSLACK takes a plain integer and touches no memory.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
+        DONE.set(true);
     }
 }
 

@@ -32,6 +32,8 @@ const CONTROL: INodeNo = INodeNo(3);
 pub const CONTROL_NAME: &str = ".control";
 /// Largest write the kernel may send in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
+/// Async requests the kernel may have in flight at once (see `init`).
+const MAX_BACKGROUND: u16 = 1024;
 
 /// What the mount point shows.
 #[derive(Clone, Debug)]
@@ -242,6 +244,12 @@ impl Filesystem for BlkdebugFs {
         if let Err(nearest) = config.set_max_write(MAX_WRITE) {
             let _ = config.set_max_write(nearest);
         }
+        // Async direct I/O (libaio, io_uring) arrives as background requests, of which the
+        // kernel lets only `max_background` be in flight (fuser's default: 16). Delayed and
+        // suspended requests hold no worker but do hold one of these places, so with the
+        // default a depth-16 queue of delayed requests would stall every other async request
+        // on the mount.
+        let _ = config.set_max_background(MAX_BACKGROUND);
         Ok(())
     }
 

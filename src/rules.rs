@@ -29,11 +29,11 @@
 //! `sector` names, the intervals of `sectors`), so a check looks only at range-less rules and
 //! at rules whose range meets the request. Breakpoints are few and one-shot, and are scanned.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::faults::{Draw, Effect, Fault, resolve};
+use crate::faults::{Draw, Effect, Fault, acts, resolve};
 use crate::media::CutMode;
 use crate::ranges::{SECTOR, SectorSet};
 
@@ -547,6 +547,42 @@ pub enum Verdict {
     Act(Decision),
 }
 
+/// The live rules by number. Numbers are dense and never reused, so a vector indexed by
+/// number finds a rule in one step (a check looks up every rule that matches); a deleted
+/// rule leaves an empty box-sized hole.
+#[derive(Default)]
+struct Slots(Vec<Option<Box<Slot>>>);
+
+impl Slots {
+    fn insert(&mut self, id: RuleId, slot: Slot) {
+        let at = id.0 as usize;
+        if self.0.len() <= at {
+            self.0.resize_with(at + 1, || None);
+        }
+        self.0[at] = Some(Box::new(slot));
+    }
+
+    fn remove(&mut self, id: &RuleId) -> Option<Slot> {
+        self.0.get_mut(id.0 as usize)?.take().map(|b| *b)
+    }
+
+    fn get(&self, id: &RuleId) -> Option<&Slot> {
+        self.0.get(id.0 as usize)?.as_deref()
+    }
+
+    fn get_mut(&mut self, id: &RuleId) -> Option<&mut Slot> {
+        self.0.get_mut(id.0 as usize)?.as_deref_mut()
+    }
+
+    /// The live rules in number (= written) order.
+    fn iter(&self) -> impl Iterator<Item = (RuleId, &Slot)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((RuleId(i as u32), s.as_deref()?)))
+    }
+}
+
 struct Slot {
     rule: Rule,
     /// Requests this rule acted on (see [`RuleStats::hits`]).
@@ -773,7 +809,7 @@ impl RuleIndex {
 /// Rules, the active list, the standing rules and the state. See the module doc.
 pub struct Engine {
     /// Every live rule by id; ids grow in written order, so map order is written order.
-    rules: BTreeMap<RuleId, Slot>,
+    rules: Slots,
     by_event: Vec<EventRules>,
     /// The armed rules (QEMU's active list).
     active: Arc<RuleIndex>,
@@ -786,6 +822,8 @@ pub struct Engine {
     next_id: u32,
     /// The seed of every draw.
     seed: u64,
+    /// The candidates buffer of [`Engine::check`], reused.
+    scratch: Vec<RuleId>,
 }
 
 impl Default for Engine {
@@ -808,7 +846,7 @@ impl Engine {
     /// [`Engine::new`] with the seed of every draw.
     pub fn with_seed(rules: Vec<Rule>, seed: u64) -> Engine {
         let mut engine = Engine {
-            rules: BTreeMap::new(),
+            rules: Slots::default(),
             by_event: (0..Event::ALL.len())
                 .map(|_| EventRules::default())
                 .collect(),
@@ -818,6 +856,7 @@ impl Engine {
             state: 1,
             next_id: 1,
             seed,
+            scratch: Vec::new(),
         };
         for rule in rules {
             engine.add(rule);
@@ -901,7 +940,7 @@ impl Engine {
             .rules
             .iter()
             .filter(|(_, s)| matches!(&s.rule.action, Action::Suspend { tag: t } if t == tag))
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         for id in &ids {
             self.remove(*id);
@@ -933,10 +972,13 @@ impl Engine {
         self.compiled.clear();
         self.active = Arc::default();
         self.standing = RuleIndex::default();
-        for (id, slot) in old {
+        for (i, slot) in old.0.into_iter().enumerate() {
+            let (id, Some(slot)) = (RuleId(i as u32), slot) else {
+                continue;
+            };
             if let (Action::Suspend { .. }, Some(event)) = (&slot.rule.action, slot.rule.event) {
                 self.by_event[event.index()].suspend.push(id);
-                self.rules.insert(id, slot);
+                self.rules.insert(id, *slot);
             }
         }
         for rule in rules {
@@ -967,7 +1009,7 @@ impl Engine {
                 matched: s.matched,
                 armed,
             };
-            (*id, &s.rule, stats)
+            (id, &s.rule, stats)
         })
     }
 
@@ -1086,7 +1128,7 @@ impl Engine {
             if nth <= c.skip || !(nth - c.skip).is_multiple_of(c.every.max(1)) {
                 continue;
             }
-            if c.probability < 1.0 && !Draw::new(seed, id.0, nth, 0).chance(c.probability) {
+            if c.probability < 1.0 && !acts(seed, id.0, nth, c.probability) {
                 continue;
             }
             slot.hits += 1;
@@ -1101,17 +1143,20 @@ impl Engine {
     /// Checks one request: the active list, then the standing rules, each in written order;
     /// the first rule that acts decides (see the module doc).
     pub fn check(&mut self, iotype: IoType, offset: u64, len: u64) -> Verdict {
-        let mut candidates = Vec::new();
+        // One buffer for the candidates, kept between checks: no allocation per request.
+        let mut candidates = std::mem::take(&mut self.scratch);
+        candidates.clear();
         self.active
             .candidates(iotype, offset, len, None, &mut candidates);
-        if let Some(v) = self.first_to_act(&mut candidates, offset, len, true) {
-            return v;
+        let mut verdict = self.first_to_act(&mut candidates, offset, len, true);
+        if verdict.is_none() {
+            candidates.clear();
+            self.standing
+                .candidates(iotype, offset, len, Some(self.state), &mut candidates);
+            verdict = self.first_to_act(&mut candidates, offset, len, false);
         }
-        candidates.clear();
-        self.standing
-            .candidates(iotype, offset, len, Some(self.state), &mut candidates);
-        self.first_to_act(&mut candidates, offset, len, false)
-            .unwrap_or(Verdict::Pass)
+        self.scratch = candidates;
+        verdict.unwrap_or(Verdict::Pass)
     }
 
     /// Offers the request to `candidates` in written order; the first that acts decides.
@@ -1122,7 +1167,8 @@ impl Engine {
         len: u64,
         from_active_list: bool,
     ) -> Option<Verdict> {
-        if candidates.len() > 1 {
+        // Range-less rules come in written order already; rules found by range may not.
+        if !candidates.is_sorted() {
             candidates.sort_unstable();
         }
         let mut last = None;
@@ -1152,7 +1198,7 @@ impl Engine {
         if nth <= c.skip || !(nth - c.skip).is_multiple_of(c.every.max(1)) {
             return None;
         }
-        if c.probability < 1.0 && !Draw::new(seed, id.0, nth, 0).chance(c.probability) {
+        if c.probability < 1.0 && !acts(seed, id.0, nth, c.probability) {
             return None;
         }
         if let Fault::Error { errno: 0, .. } = fault {
