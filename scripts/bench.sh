@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark blkdebugfs against the raw image and against QEMU's own blkdebug stack.
 #
-#   scripts/bench.sh            # full run: a few minutes (5 workloads x 5 targets, 8 s each)
+#   scripts/bench.sh            # full run: about 5 minutes (30 jobs of 8 s)
 #   scripts/bench.sh --quick    # CI smoke run: 256 MiB image, ~1 s per job, ~1 minute
 #
 # Targets (all serve the same image in /dev/shm; each workload measures them one after
@@ -11,13 +11,24 @@
 #   blkdebugfs x100, x10000
 #                   blkdebugfs with 100 / 10,000 inject-error rules that every event arms
 #                   but no request ever matches (see gen_config)
+#   blkdebugfs, 100 standing rules
+#                   4k workloads only: 100 standing rules (no event) that every read and
+#                   write request is checked against and that never act (probability 0,
+#                   see gen_standing); faults.md: "free when unused", the goal is to stay
+#                   within 5% of 0 rules (the "vs 0 rules" column)
+#   blkdebugfs, delay 1ms
+#                   4k random reads only: one standing `[delay] latency = 1ms` rule; a
+#                   delayed request must hold no worker, so IOPS should approach 1,000 at
+#                   depth 1 and 16,000 at depth 16 (the summary below the table)
 #   QEMU x100       qemu-storage-daemon: file -> blkdebug (the 100-rule config) -> raw,
 #                   FUSE export onto a regular file (as tests/integration/differential.rs)
 #
 # Workloads (fio, direct=1, time-based): 4k random read psync QD1, 4k random read libaio
 # QD16, 4k random write libaio QD16, 1 MiB sequential read psync, 1 MiB sequential write
 # psync. The result is one Markdown table (IOPS, MB/s, p99 completion latency, IOPS ratio
-# to QEMU and to the raw file) on stdout, ready for the README; progress goes to stderr.
+# to QEMU, to the raw file and to blkdebugfs with 0 rules) and a short summary of the
+# standing-rule and delay rows on stdout, ready for the README; progress goes to stderr.
+# Nothing here judges a number: the goals are printed beside them (this machine is noisy).
 #
 # Environment:
 #   BLKDEBUGFS=PATH       use this binary instead of building with `cargo build --release`
@@ -55,7 +66,7 @@ if [ "$quick" = 1 ]; then
   ramp=500ms     # warm-up per job, not measured
 else
   size_mib=1024
-  runtime=8      # 25 jobs x (8 s + 1 s ramp) + setup: about 4 minutes in all
+  runtime=8      # 30 jobs x (8 s + 1 s ramp) + setup: about 5 minutes in all
   ramp=1s
 fi
 
@@ -212,35 +223,77 @@ for n in "${rule_counts[@]}" "$qemu_rules"; do
   [ -e "$work/rules-$n.ini" ] || gen_config "$n" "$work/rules-$n.ini"
 done
 
+# gen_standing N FILE: N standing [inject-error] rules (no event: armed from mount start)
+# that never act, chosen so that each one really is checked on every read and write, not
+# skipped by the engine's index. Even rules have no range (they match every request, a
+# flush too); odd rules have `sectors` spanning the whole image and `iotype = read|write`
+# (the request overlaps their interval). All have `probability = 0`: every match counts
+# and draws its seeded number, and the draw never says act. (Rules at sectors beyond the
+# image end would not do: the interval index rejects them without looking at them.)
+gen_standing() {
+  local n=$1 file=$2
+  awk -v n="$n" -v last=$((size_mib * 2048 - 1)) 'BEGIN {
+    for (i = 0; i < n; i++) {
+      printf "[inject-error]\nerrno = \"5\"\nprobability = \"0\"\n"
+      if (i % 2) printf "sectors = \"0-%d\"\niotype = \"read|write\"\n", last
+      printf "\n"
+    }
+  }' >"$file"
+}
+standing_rules=100
+gen_standing "$standing_rules" "$work/standing-$standing_rules.ini"
+
+# One standing delay rule (a `[delay]` without event acts on every request).
+delay_latency=1ms
+delay_ms=1
+printf '[delay]\nlatency = "%s"\n' "$delay_latency" >"$work/delay.ini"
+
 # ---------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------
 labels=()   # table label per target
 files=()    # the file fio opens per target
 daemon=()   # index into pids/mounts of the target's daemon ("" for raw)
+only=()     # the workloads the target runs: names starting with this ("" = all)
 
 labels+=("raw file")
 files+=("$image")
 daemon+=("")
+only+=("")
 
-# Mount blkdebugfs with N rules on a directory; the view is DIR/<image name>.
-for n in "${rule_counts[@]}"; do
-  mnt=$work/bdfs-$n
+# mount_bdfs NAME LABEL CONFIG ONLY: mount blkdebugfs with CONFIG on a directory (the view
+# is DIR/<image name>) as the target LABEL, running the workloads ONLY selects.
+mount_bdfs() {
+  local name=$1 label=$2 config=$3 mnt=$work/bdfs-$1 idx
   mkdir "$mnt"
   mounts+=("$mnt")
   pids+=("")
   idx=$((${#mounts[@]} - 1))
-  log "mounting blkdebugfs, $n rules${bdfs_args[*]:+, ${bdfs_args[*]}}"
-  "$bdfs" mount -c "$work/rules-$n.ini" "${bdfs_args[@]}" \
-    --daemonize --pidfile "$work/bdfs-$n.pid" --log-file "$work/bdfs-$n.log" \
-    "$image" "$mnt" 2>"$work/bdfs-$n.start.log" ||
-    die "blkdebugfs mount ($n rules) failed: $(cat "$work/bdfs-$n.start.log")"
-  pids[idx]=$(cat "$work/bdfs-$n.pid")
-  is_mounted "$mnt" || die "blkdebugfs ($n rules) reported success but $mnt is not mounted"
-  labels+=("blkdebugfs, $n rules")
+  log "mounting $label${bdfs_args[*]:+, ${bdfs_args[*]}}"
+  "$bdfs" mount -c "$config" --seed 1 "${bdfs_args[@]}" \
+    --daemonize --pidfile "$work/bdfs-$name.pid" --log-file "$work/bdfs-$name.log" \
+    "$image" "$mnt" 2>"$work/bdfs-$name.start.log" ||
+    die "blkdebugfs mount ($label) failed: $(cat "$work/bdfs-$name.start.log")"
+  pids[idx]=$(cat "$work/bdfs-$name.pid")
+  is_mounted "$mnt" || die "blkdebugfs ($label) reported success but $mnt is not mounted"
+  labels+=("$label")
   files+=("$mnt/$image_name")
   daemon+=("$idx")
+  only+=("$4")
+}
+
+# The 0-rule target first: the "vs 0 rules" column divides by it. The standing-rule
+# target comes right after it, so that the two run back to back on each workload.
+for n in "${rule_counts[@]}"; do
+  mount_bdfs "$n" "blkdebugfs, $n rules" "$work/rules-$n.ini" ""
+  [ "$n" = 0 ] || continue
+  zero_idx=$((${#labels[@]} - 1))
+  mount_bdfs "standing-$standing_rules" "blkdebugfs, $standing_rules standing rules" \
+    "$work/standing-$standing_rules.ini" "4k "
+  standing_idx=$((${#labels[@]} - 1))
 done
+mount_bdfs delay "blkdebugfs, delay $delay_latency" "$work/delay.ini" "4k randread "
+delay_idx=$((${#labels[@]} - 1))
 
 # qemu-storage-daemon: file -> blkdebug(config) -> raw, FUSE-exported onto a regular file.
 # Started as our background child (its --daemonize would send its log to /dev/null), in
@@ -268,6 +321,7 @@ is_mounted "$qtarget" || die "qemu-storage-daemon export did not come up in 10 s
 labels+=("QEMU FUSE, $qemu_rules rules")
 files+=("$qtarget")
 daemon+=("$idx")
+only+=("")
 qemu_idx=$((${#labels[@]} - 1))
 
 # ---------------------------------------------------------------------------------------
@@ -324,6 +378,7 @@ for w in "${workloads[@]}"; do
   IFS='|' read -r wname wopts wdir <<<"$w"
   read -r -a opts <<<"$wopts"
   for t in "${!labels[@]}"; do
+    [[ $wname == "${only[t]}"* ]] || continue
     log "$wname on ${labels[t]}"
     d=${daemon[t]}
     if [ -n "$d" ] && ! { alive "${pids[d]}" && is_mounted "${mounts[d]}"; }; then
@@ -372,9 +427,13 @@ done
 
 # Anything the daemons logged beyond their start and stop lines (blkdebugfs logs every
 # injected error and every warning; there should be none) is shown, so that a problem
-# does not hide behind a good-looking table.
+# does not hide behind a good-looking table. The delay target logs each request it delays:
+# those lines are counted (every request of its jobs, ramp included, should be one).
+delay_log=$work/bdfs-delay.log
+delay_line="INFO \\] delaying .* by $delay_latency for rule 1 \\(standing\\)"
+delayed=$(grep -Ec "$delay_line" "$delay_log" || true)
 for f in "$work"/*.log; do
-  extra=$(grep -Ev 'INFO \] (serving .* at |signal 15: shutting down|unmounted )' "$f" || true)
+  extra=$(grep -Ev "INFO \\] (serving .* at |signal 15: shutting down|unmounted )|$delay_line" "$f" || true)
   if [ -n "$extra" ]; then
     log "--- $(basename "$f") says:"
     printf '%s\n' "$extra" | tail -n 20 >&2
@@ -389,9 +448,11 @@ printf '\n%s mode: %d MiB image in /dev/shm, %s s per job (+%s ramp), fio direct
   "$mode" "$size_mib" "$runtime" "$ramp" "$(nproc)" \
   "${bdfs_args[*]:+, blkdebugfs ${bdfs_args[*]}}"
 labels_joined=$(printf '%s\n' "${labels[@]}")
-python3 - "$results" "$qemu_idx" "$labels_joined" <<'EOF'
-import sys
-path, qemu, labels = sys.argv[1], sys.argv[2], sys.argv[3].split("\n")
+python3 - "$results" "$labels_joined" "$qemu_idx" "$zero_idx" "$standing_idx" "$delay_idx" \
+  "$delay_latency" "$delay_ms" "$delayed" <<'EOF'
+import re, sys
+path, labels = sys.argv[1], sys.argv[2].split("\n")
+qemu, zero, standing, delay, latency, delay_ms, delayed = sys.argv[3:]
 rows, order = {}, []
 for line in open(path):
     f = line.rstrip("\n").split("\t")
@@ -405,21 +466,52 @@ def ratio(w, t, ref):
         return "–"
     return f"{float(a[0]) / float(b[0]):.2f}×"
 
-print("| workload | target | IOPS | MB/s | p99 µs | vs QEMU | vs raw |")
-print("|---|---|--:|--:|--:|--:|--:|")
+def is_bdfs(t):
+    return labels[int(t)].startswith("blkdebugfs") and t != zero
+
+print("| workload | target | IOPS | MB/s | p99 µs | vs QEMU | vs raw | vs 0 rules |")
+print("|---|---|--:|--:|--:|--:|--:|--:|")
 for w in order:
     for t in range(len(labels)):
-        r = rows.get((w, str(t)))
+        t = str(t)
+        r = rows.get((w, t))
         if r is None:
             continue
         if r[0] == "FAILED":
-            print(f"| {w} | {labels[t]} | FAILED | | | | |")
+            print(f"| {w} | {labels[int(t)]} | FAILED | | | | | |")
             continue
-        print(f"| {w} | {labels[t]} | {r[0]} | {r[1]} | {r[2]} | "
-              f"{ratio(w, str(t), qemu)} | {ratio(w, str(t), '0')} |")
+        vs_zero = ratio(w, t, zero) if is_bdfs(t) else ""
+        print(f"| {w} | {labels[int(t)]} | {r[0]} | {r[1]} | {r[2]} | "
+              f"{ratio(w, t, qemu)} | {ratio(w, t, '0')} | {vs_zero} |")
 print()
-print("vs QEMU, vs raw: IOPS divided by the IOPS of the QEMU export / the raw file on the "
-      "same workload (above 1 = faster). p99 µs: 99th percentile completion latency.")
+print("vs QEMU, vs raw, vs 0 rules: IOPS divided by the IOPS of the QEMU export / the raw "
+      "file / blkdebugfs with 0 rules on the same workload (above 1 = faster). p99 µs: 99th "
+      "percentile completion latency.")
+
+# The two speed goals of faults.md, the measured value beside each (not judged here).
+print()
+got = [f"{w}: {ratio(w, standing, zero)}" for w in order if (w, standing) in rows]
+print(f"{labels[int(standing)]} (never act, checked on every request) vs 0 rules, "
+      f"goal 0.95× or more: " + "; ".join(got))
+# Rules that no request reaches should cost nothing either: how far their ratio strays from
+# 1 shows how much one job's IOPS differ from the next on this machine.
+for t in range(len(labels)):
+    t = str(t)
+    if is_bdfs(t) and t not in (standing, delay):
+        got = [f"{ratio(w, t, zero)}" for w in order if (w, standing) in rows]
+        print(f"  noise reference, {labels[int(t)]} vs 0 rules on the same workloads: "
+              + ", ".join(got))
+got = []
+for w in order:
+    r = rows.get((w, delay))
+    if r is None:
+        continue
+    depth = int(re.search(r"QD(\d+)", w).group(1))
+    ceiling = depth * 1000 / float(delay_ms)
+    iops = "FAILED" if r[0] == "FAILED" else f"{int(r[0]):,} IOPS ({float(r[0]) / ceiling:.0%})"
+    got.append(f"{w}: {iops} of {ceiling:,.0f}")
+print(f"{labels[int(delay)]} (standing, every request), goal: close to depth / {latency}: "
+      + "; ".join(got) + f"; {delayed} requests delayed (daemon log, ramp included)")
 EOF
 echo
 printf 'Daemon resident size before -> after all workloads: %s\n\n' "${rss_report%; }"
