@@ -1769,13 +1769,14 @@ mod tests {
                  range=sectors 0-7,100 iotype=default",
                 "event=read_aio state=any corrupt mode=zero bytes=1024 range=any iotype=read \
                  probability=0.05",
-                "standing state=any drop-write range=any iotype=default skip=3 every=2 count=2",
+                "standing state=any drop-write range=any iotype=write|write-zeroes skip=3 every=2 \
+                 count=2",
                 "standing state=any torn-write mode=prefix keep=4096 unit=4096 range=any \
-                 iotype=default",
+                 iotype=write",
                 "standing state=any torn-write mode=sectors unit=512 errno=EIO (5) range=any \
-                 iotype=default",
-                "standing state=any short-io length=512 range=any iotype=default once=on",
-                "standing state=2 misdirect-write shift=-8192 range=any iotype=default",
+                 iotype=write",
+                "standing state=any short-io length=512 range=any iotype=read|write once=on",
+                "standing state=2 misdirect-write shift=-8192 range=any iotype=write",
                 "standing state=any suspend tag=hold range=sector 8 (byte 4096) iotype=write",
             ]
         );

@@ -396,7 +396,8 @@ pub fn resolve(
         }
         Fault::ShortIo { length } => {
             let n = match length {
-                Some(l) => (*l).min(len.saturating_sub(1)),
+                // A length at or past the request's moves all of it: nothing to shorten.
+                Some(l) => (*l).min(len),
                 // A random multiple of 512 below the length (at least one sector when the
                 // request has more than one).
                 None => match len.saturating_sub(1) / SECTOR {
@@ -657,7 +658,7 @@ mod tests {
         );
         assert_eq!(
             resolve(&fixed, 0, 50, &[], &mut draw(0)),
-            Effect::Short { end: 49 }
+            Effect::Short { end: 50 }
         );
     }
 

@@ -468,7 +468,9 @@ impl fmt::Display for Rule {
                         if !keys.is_empty() {
                             write!(f, " {keys}")?;
                         }
-                        write!(f, " range={} iotype={}", matches.range, matches.iotypes)?;
+                        // The iotypes it can act on, as the engine narrows them.
+                        let acts_on = IoTypes(matches.iotypes.0 & applicable_iotypes(fault).0);
+                        write!(f, " range={} iotype={acts_on}", matches.range)?;
                         if once == "on" {
                             f.write_str(" once=on")?;
                         }

@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
@@ -33,9 +34,15 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// Creates (truncates) `path` and starts the writer.
+    /// Creates (truncates) `path` and starts the writer. A symbolic link is refused, not
+    /// followed, as for `--log-file` (a daemon run as root must not be aimed at another file).
     pub fn create(path: &Path, all: bool, started: Instant) -> io::Result<Trace> {
-        let file = File::create(path)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
         let (sender, receiver) = channel();
         let name = path.display().to_string();
         let writer = std::thread::Builder::new()
