@@ -573,3 +573,25 @@ fn a_bad_rule_on_the_command_line_exits_2_before_mounting_and_names_it() {
     assert!(err.contains("--rule #1 'flaky:probability=1%'"), "{err}");
     assert!(!is_mounted(&s.mnt));
 }
+
+/// A daemon run as root must not be aimed at another file through a link: `--trace` refuses
+/// a symbolic link as `--log-file` does (it followed it and truncated the target before).
+#[test]
+fn the_trace_never_follows_a_symbolic_link() {
+    let s = Scratch::new(MIB);
+    let target = s.dir.path().join("precious");
+    std::fs::write(&target, b"keep me").unwrap();
+    let link = s.dir.path().join("trace.jsonl");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let (code, _, err) = run_cli(&[
+        "mount",
+        s.image.to_str().unwrap(),
+        s.mnt.to_str().unwrap(),
+        "--trace",
+        link.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot create the trace"), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    assert!(!is_mounted(&s.mnt));
+}
