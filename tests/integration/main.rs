@@ -9,6 +9,7 @@ mod fault_clients;
 mod faults;
 mod hardening;
 mod power;
+mod power_clients;
 mod util;
 
 use std::os::unix::fs::FileExt;
