@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark blkdebugfs against the raw image and against QEMU's own blkdebug stack.
 #
-#   scripts/bench.sh            # full run: about 5 minutes (30 jobs of 8 s)
-#   scripts/bench.sh --quick    # CI smoke run: 256 MiB image, ~1 s per job, ~1 minute
+#   scripts/bench.sh            # full run: about 6 minutes (36 jobs of 8 s)
+#   scripts/bench.sh --quick    # CI smoke run: 256 MiB image, ~1 s per job, ~70 s
 #
 # Targets (all serve the same image in /dev/shm; each workload measures them one after
 # another, so background noise hits every target of a workload alike):
@@ -20,14 +20,26 @@
 #                   4k random reads only: one standing `[delay] latency = 1ms` rule; a
 #                   delayed request must hold no worker, so IOPS should approach 1,000 at
 #                   depth 1 and 16,000 at depth 16 (the summary below the table)
+#   blkdebugfs, --write-cache
+#                   0 rules, mounted with --write-cache (faults.md §5: every write first
+#                   journals its before-image beside the image; a flush drops the journal);
+#                   4k QD16 workloads only: random writes without a flush and with an fsync
+#                   every 64 writes (goal: at least half the IOPS of 0 rules, no cache),
+#                   random reads (which never touch the journal: goal about 1.0x)
+#   blkdebugfs, 1,000,000 bad sectors
+#                   4k random reads QD16 only: a [bad-sectors] list file (badblocks style,
+#                   one sector per line, every other sector so none merge) of 1,000,000
+#                   sectors past the image end, which no request touches (faults.md §4:
+#                   free outside the set, goal about 1.0x vs 0 rules; see gen_badlist)
 #   QEMU x100       qemu-storage-daemon: file -> blkdebug (the 100-rule config) -> raw,
 #                   FUSE export onto a regular file (as tests/integration/differential.rs)
 #
 # Workloads (fio, direct=1, time-based): 4k random read psync QD1, 4k random read libaio
-# QD16, 4k random write libaio QD16, 1 MiB sequential read psync, 1 MiB sequential write
+# QD16, 4k random write libaio QD16, the same with an fsync every 64 writes (raw file,
+# 0 rules and --write-cache only), 1 MiB sequential read psync, 1 MiB sequential write
 # psync. The result is one Markdown table (IOPS, MB/s, p99 completion latency, IOPS ratio
 # to QEMU, to the raw file and to blkdebugfs with 0 rules) and a short summary of the
-# standing-rule and delay rows on stdout, ready for the README; progress goes to stderr.
+# standing-rule, delay, write-cache and bad-sector rows on stdout, ready for the README; progress goes to stderr.
 # Nothing here judges a number: the goals are printed beside them (this machine is noisy).
 #
 # Environment:
@@ -66,7 +78,7 @@ if [ "$quick" = 1 ]; then
   ramp=500ms     # warm-up per job, not measured
 else
   size_mib=1024
-  runtime=8      # 30 jobs x (8 s + 1 s ramp) + setup: about 5 minutes in all
+  runtime=8      # 36 jobs x (8 s + 1 s ramp) + setup: about 6 minutes in all
   ramp=1s
 fi
 
@@ -248,51 +260,75 @@ delay_latency=1ms
 delay_ms=1
 printf '[delay]\nlatency = "%s"\n' "$delay_latency" >"$work/delay.ini"
 
+# gen_badlist N FILE: a badblocks-style list of N bad sectors, one per line, every other
+# sector (so that the interval set keeps N separate intervals instead of merging them into
+# one range), starting 1 MiB past the image end: no request of any workload touches them.
+gen_badlist() {
+  awk -v n="$1" -v base=$((size_mib * 2048 + 2048)) \
+    'BEGIN { print "# blkdebugfs bench: bad sectors past the image end"
+             for (i = 0; i < n; i++) printf "%.0f\n", base + 2 * i }' >"$2"
+}
+bad_count=1000000
+gen_badlist "$bad_count" "$work/bad-sectors.txt"
+printf '[bad-sectors]\nfile = "%s"\n' "$work/bad-sectors.txt" >"$work/bad-sectors.ini"
+
 # ---------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------
 labels=()   # table label per target
+keys=()     # short name per target, for a workload's list of targets (see workloads)
 files=()    # the file fio opens per target
 daemon=()   # index into pids/mounts of the target's daemon ("" for raw)
-only=()     # the workloads the target runs: names starting with this ("" = all)
+only=()     # the workloads the target runs: names this extended regex matches ("" = all)
 
 labels+=("raw file")
+keys+=("raw")
 files+=("$image")
 daemon+=("")
 only+=("")
 
-# mount_bdfs NAME LABEL CONFIG ONLY: mount blkdebugfs with CONFIG on a directory (the view
-# is DIR/<image name>) as the target LABEL, running the workloads ONLY selects.
+# mount_bdfs NAME LABEL CONFIG ONLY [OPTION...]: mount blkdebugfs with CONFIG (and the
+# extra mount OPTIONs) on a directory (the view is DIR/<image name>) as the target LABEL,
+# key NAME, running the workloads ONLY selects.
 mount_bdfs() {
-  local name=$1 label=$2 config=$3 mnt=$work/bdfs-$1 idx
+  local name=$1 label=$2 config=$3 sel=$4 mnt=$work/bdfs-$1 idx
+  shift 4
   mkdir "$mnt"
   mounts+=("$mnt")
   pids+=("")
   idx=$((${#mounts[@]} - 1))
   log "mounting $label${bdfs_args[*]:+, ${bdfs_args[*]}}"
-  "$bdfs" mount -c "$config" --seed 1 "${bdfs_args[@]}" \
+  "$bdfs" mount -c "$config" --seed 1 "$@" "${bdfs_args[@]}" \
     --daemonize --pidfile "$work/bdfs-$name.pid" --log-file "$work/bdfs-$name.log" \
     "$image" "$mnt" 2>"$work/bdfs-$name.start.log" ||
     die "blkdebugfs mount ($label) failed: $(cat "$work/bdfs-$name.start.log")"
   pids[idx]=$(cat "$work/bdfs-$name.pid")
   is_mounted "$mnt" || die "blkdebugfs ($label) reported success but $mnt is not mounted"
   labels+=("$label")
+  keys+=("$name")
   files+=("$mnt/$image_name")
   daemon+=("$idx")
-  only+=("$4")
+  only+=("$sel")
 }
 
-# The 0-rule target first: the "vs 0 rules" column divides by it. The standing-rule
-# target comes right after it, so that the two run back to back on each workload.
+# The 0-rule target first: the "vs 0 rules" column divides by it. The standing-rule,
+# write-cache and bad-sector targets come right after it, so that each runs close to it on
+# each workload.
 for n in "${rule_counts[@]}"; do
   mount_bdfs "$n" "blkdebugfs, $n rules" "$work/rules-$n.ini" ""
   [ "$n" = 0 ] || continue
   zero_idx=$((${#labels[@]} - 1))
   mount_bdfs "standing-$standing_rules" "blkdebugfs, $standing_rules standing rules" \
-    "$work/standing-$standing_rules.ini" "4k "
+    "$work/standing-$standing_rules.ini" "^4k "
   standing_idx=$((${#labels[@]} - 1))
+  mount_bdfs wc "blkdebugfs, --write-cache" "$work/rules-0.ini" \
+    "^4k rand(read|write) libaio QD16" --write-cache
+  wc_idx=$((${#labels[@]} - 1))
+  mount_bdfs bad "blkdebugfs, $(sed ':a; s/\B[0-9]\{3\}\>/,&/; ta' <<<"$bad_count") bad sectors" \
+    "$work/bad-sectors.ini" "^4k randread libaio QD16$"
+  bad_idx=$((${#labels[@]} - 1))
 done
-mount_bdfs delay "blkdebugfs, delay $delay_latency" "$work/delay.ini" "4k randread "
+mount_bdfs delay "blkdebugfs, delay $delay_latency" "$work/delay.ini" "^4k randread "
 delay_idx=$((${#labels[@]} - 1))
 
 # qemu-storage-daemon: file -> blkdebug(config) -> raw, FUSE-exported onto a regular file.
@@ -319,6 +355,7 @@ for ((t = 0; t < 100; t++)); do
 done
 is_mounted "$qtarget" || die "qemu-storage-daemon export did not come up in 10 s"
 labels+=("QEMU FUSE, $qemu_rules rules")
+keys+=("qemu")
 files+=("$qtarget")
 daemon+=("$idx")
 only+=("")
@@ -327,13 +364,16 @@ qemu_idx=$((${#labels[@]} - 1))
 # ---------------------------------------------------------------------------------------
 # Workloads
 # ---------------------------------------------------------------------------------------
-# name | fio options | direction reported
+# name | fio options | direction reported | targets (keys; "" = every target whose `only`
+# selects the workload). The fsync=64 workload runs on the raw file, 0 rules and
+# --write-cache only: each fsync is a successful flush, which drops the write cache's journal.
 workloads=(
-  "4k randread psync QD1|--rw=randread --bs=4k --ioengine=psync --iodepth=1|read"
-  "4k randread libaio QD16|--rw=randread --bs=4k --ioengine=libaio --iodepth=16|read"
-  "4k randwrite libaio QD16|--rw=randwrite --bs=4k --ioengine=libaio --iodepth=16|write"
-  "1M seqread psync|--rw=read --bs=1M --ioengine=psync --iodepth=1|read"
-  "1M seqwrite psync|--rw=write --bs=1M --ioengine=psync --iodepth=1|write"
+  "4k randread psync QD1|--rw=randread --bs=4k --ioengine=psync --iodepth=1|read|"
+  "4k randread libaio QD16|--rw=randread --bs=4k --ioengine=libaio --iodepth=16|read|"
+  "4k randwrite libaio QD16|--rw=randwrite --bs=4k --ioengine=libaio --iodepth=16|write|"
+  "4k randwrite libaio QD16 fsync=64|--rw=randwrite --bs=4k --ioengine=libaio --iodepth=16 --fsync=64|write|raw 0 wc"
+  "1M seqread psync|--rw=read --bs=1M --ioengine=psync --iodepth=1|read|"
+  "1M seqwrite psync|--rw=write --bs=1M --ioengine=psync --iodepth=1|write|"
 )
 
 # fio_job FILE OUT.json OPTIONS...: one time-based O_DIRECT job. --thread keeps fio in one
@@ -375,10 +415,11 @@ start=$SECONDS
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 for w in "${workloads[@]}"; do
-  IFS='|' read -r wname wopts wdir <<<"$w"
+  IFS='|' read -r wname wopts wdir wtargets <<<"$w"
   read -r -a opts <<<"$wopts"
   for t in "${!labels[@]}"; do
-    [[ $wname == "${only[t]}"* ]] || continue
+    [ -z "${only[t]}" ] || [[ $wname =~ ${only[t]} ]] || continue
+    [ -z "$wtargets" ] || [[ " $wtargets " == *" ${keys[t]} "* ]] || continue
     log "$wname on ${labels[t]}"
     d=${daemon[t]}
     if [ -n "$d" ] && ! { alive "${pids[d]}" && is_mounted "${mounts[d]}"; }; then
@@ -449,10 +490,10 @@ printf '\n%s mode: %d MiB image in /dev/shm, %s s per job (+%s ramp), fio direct
   "${bdfs_args[*]:+, blkdebugfs ${bdfs_args[*]}}"
 labels_joined=$(printf '%s\n' "${labels[@]}")
 python3 - "$results" "$labels_joined" "$qemu_idx" "$zero_idx" "$standing_idx" "$delay_idx" \
-  "$delay_latency" "$delay_ms" "$delayed" <<'EOF'
+  "$delay_latency" "$delay_ms" "$delayed" "$wc_idx" "$bad_idx" <<'EOF'
 import re, sys
 path, labels = sys.argv[1], sys.argv[2].split("\n")
-qemu, zero, standing, delay, latency, delay_ms, delayed = sys.argv[3:]
+qemu, zero, standing, delay, latency, delay_ms, delayed, wc, bad = sys.argv[3:]
 rows, order = {}, []
 for line in open(path):
     f = line.rstrip("\n").split("\t")
@@ -497,7 +538,7 @@ print(f"{labels[int(standing)]} (never act, checked on every request) vs 0 rules
 # 1 shows how much one job's IOPS differ from the next on this machine.
 for t in range(len(labels)):
     t = str(t)
-    if is_bdfs(t) and t not in (standing, delay):
+    if is_bdfs(t) and t not in (standing, delay, wc, bad):
         got = [f"{ratio(w, t, zero)}" for w in order if (w, standing) in rows]
         print(f"  noise reference, {labels[int(t)]} vs 0 rules on the same workloads: "
               + ", ".join(got))
@@ -512,6 +553,16 @@ for w in order:
     got.append(f"{w}: {iops} of {ceiling:,.0f}")
 print(f"{labels[int(delay)]} (standing, every request), goal: close to depth / {latency}: "
       + "; ".join(got) + f"; {delayed} requests delayed (daemon log, ramp included)")
+
+# The write cache (faults.md §5): journaled writes, goal at least half the IOPS of 0 rules
+# (no cache) on the same workload; reads never touch the journal, goal about 1.0x.
+got_w = [f"{w}: {ratio(w, wc, zero)}" for w in order if (w, wc) in rows and "write" in w]
+got_r = [f"{w}: {ratio(w, wc, zero)}" for w in order if (w, wc) in rows and "read" in w]
+print(f"{labels[int(wc)]} vs 0 rules on the same workload, writes (goal 0.5× or more): "
+      + "; ".join(got_w) + "; reads (goal about 1.0×): " + "; ".join(got_r))
+# Bad sectors (faults.md §4): free outside the set.
+got = [f"{w}: {ratio(w, bad, zero)}" for w in order if (w, bad) in rows]
+print(f"{labels[int(bad)]} (none touched) vs 0 rules, goal about 1.0×: " + "; ".join(got))
 EOF
 echo
 printf 'Daemon resident size before -> after all workloads: %s\n\n' "${rss_report%; }"

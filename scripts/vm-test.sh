@@ -30,6 +30,7 @@
 #                       reads). Set it elsewhere (e.g. 100000, or 70016, just past
 #                       QEMU's 4 KiB-aligned request) to see the run-2 checks fail.
 #   VMTEST_KERNEL       a vmlinuz to boot instead of the newest /boot/vmlinuz-*
+#   VMTEST_INSTALL_ONLY  1: install the packages the VM needs, then exit 0 (.ci/run)
 #   VMTEST_POWERCUT_SKIP  flush_to_disk firings run 3 lets pass before the cut (default
 #                       41: the guest's mount costs about 1 and each file 2, so the cut
 #                       lands at the first flush of the 21st file's fsync, with its data
@@ -161,6 +162,10 @@ install_deps() {
 }
 
 install_deps
+# .ci/run installs the VM's packages up front (other tests use qemu-system too) this way.
+if [ "${VMTEST_INSTALL_ONLY:-0}" = 1 ]; then
+  exit 0
+fi
 
 # The blkdebugfs binary: $BLKDEBUGFS, or the release build (built only when missing).
 BLKDEBUGFS="${BLKDEBUGFS:-$REPO_ROOT/target/release/blkdebugfs}"

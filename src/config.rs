@@ -500,6 +500,51 @@ struct Entry {
     line: Option<usize>,
 }
 
+/// One section's entries and where they were: finds keys and builds errors that name the
+/// line, section, key and value.
+struct Section<'a> {
+    group: Group,
+    entries: &'a [Entry],
+    at: &'a Location,
+}
+
+impl<'a> Section<'a> {
+    /// Checks that every key is one the group takes.
+    fn new(group: Group, entries: &'a [Entry], at: &'a Location) -> Result<Self, ConfigError> {
+        let section = Section { group, entries, at };
+        for e in entries {
+            if !group.keys().contains(&e.key.as_str()) {
+                return Err(section.err(
+                    Some(e),
+                    Problem::UnknownKey {
+                        allowed: group.keys(),
+                    },
+                ));
+            }
+        }
+        Ok(section)
+    }
+
+    /// The entry of `key`; QEMU keeps the last value of a repeated key.
+    fn get(&self, key: &str) -> Option<&'a Entry> {
+        self.entries.iter().rev().find(|e| e.key == key)
+    }
+
+    /// An error about entry `e` (or the section as a whole).
+    fn err(&self, e: Option<&Entry>, problem: Problem) -> ConfigError {
+        ConfigError {
+            at: Location {
+                source: self.at.source.clone(),
+                line: e.and_then(|e| e.line).or(self.at.line),
+            },
+            section: Some(self.group.name().to_string()),
+            key: e.map(|e| e.key.clone()),
+            value: e.map(|e| e.value.clone()),
+            problem,
+        }
+    }
+}
+
 /// Builds a rule from one section's entries, checking every key and value.
 fn build_rule(
     group: Group,
@@ -507,28 +552,9 @@ fn build_rule(
     at: &Location,
     origin: Origin,
 ) -> Result<Rule, ConfigError> {
-    let err = |e: Option<&Entry>, problem: Problem| ConfigError {
-        at: Location {
-            source: at.source.clone(),
-            line: e.and_then(|e| e.line).or(at.line),
-        },
-        section: Some(group.name().to_string()),
-        key: e.map(|e| e.key.clone()),
-        value: e.map(|e| e.value.clone()),
-        problem,
-    };
-    for e in entries {
-        if !group.keys().contains(&e.key.as_str()) {
-            return Err(err(
-                Some(e),
-                Problem::UnknownKey {
-                    allowed: group.keys(),
-                },
-            ));
-        }
-    }
-    // QEMU keeps the last value of a repeated key.
-    let get = |key: &str| entries.iter().rev().find(|e| e.key == key);
+    let section = Section::new(group, entries, at)?;
+    let err = |e: Option<&Entry>, problem: Problem| section.err(e, problem);
+    let get = |key: &str| section.get(key);
     // Parses an optional key with `parse`, naming the entry on failure.
     fn opt<T>(
         e: Option<&Entry>,
@@ -750,27 +776,9 @@ fn build_section(
     if group != Group::BadSectors {
         return build_rule(group, entries, at, origin).map(Parsed::Rule);
     }
-    let err = |e: Option<&Entry>, problem: Problem| ConfigError {
-        at: Location {
-            source: at.source.clone(),
-            line: e.and_then(|e| e.line).or(at.line),
-        },
-        section: Some(group.name().to_string()),
-        key: e.map(|e| e.key.clone()),
-        value: e.map(|e| e.value.clone()),
-        problem,
-    };
-    for e in entries {
-        if !BAD_SECTORS_KEYS.contains(&e.key.as_str()) {
-            return Err(err(
-                Some(e),
-                Problem::UnknownKey {
-                    allowed: BAD_SECTORS_KEYS,
-                },
-            ));
-        }
-    }
-    let get = |key: &str| entries.iter().rev().find(|e| e.key == key);
+    let section = Section::new(group, entries, at)?;
+    let err = |e: Option<&Entry>, problem: Problem| section.err(e, problem);
+    let get = |key: &str| section.get(key);
     let mut sectors = SectorSet::new();
     if let Some(e) = get("sectors") {
         let set = SectorSet::parse(&e.value).map_err(|r| err(Some(e), Problem::BadRange(r)))?;

@@ -1,28 +1,49 @@
 //! blkdebugfs: a FUSE view of a disk image that injects faults by QEMU blkdebug's rules.
 //!
-//! [`prepare`] validates everything a mount needs (rules, limits, image, mount point) without
-//! touching the mount table; [`run`] mounts, serves until [`Shutdown`] is triggered or the
-//! mount point is unmounted, then flushes the image and returns. Tests and the `demo`
-//! subcommand call these in-process; `main.rs` is a thin CLI around them.
+//! For a Rust test suite, [`Builder`] is the way in: it mounts in-process and returns a
+//! [`Mounted`] handle that unmounts on drop and runs control commands:
+//!
+//! ```no_run
+//! # fn main() -> Result<(), blkdebugfs::Error> {
+//! let mnt = blkdebugfs::Builder::new("disk.img")
+//!     .config("[inject-error]\nevent = \"write_aio\"\nerrno = \"28\"\nonce = \"on\"\n")
+//!     .mount()?;
+//! // The first write to mnt.view() fails with ENOSPC; see the `builder` module for more.
+//! assert!(mnt.ctl("rules").unwrap().contains("ENOSPC"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Underneath, [`prepare`] validates everything a mount needs (rules, limits, image, mount
+//! point, QEMU's image locks) without touching the mount table; [`run`] mounts, serves until
+//! [`Shutdown`] is triggered or the mount point is unmounted, then flushes the image and
+//! returns. The builder, tests and the `demo` subcommand call these in-process; `main.rs` is
+//! a thin CLI around them.
 //!
 //! Where things live: `rules.rs` (engine), `faults.rs` (actions and seeded draws),
 //! `ranges.rs` (sector sets), `config.rs` (rule syntax), `ops.rs` (per-operation event
 //! sequences), `mount.rs` (state + executor, the one door to the core), `fs.rs` (FUSE
 //! adapter), `control.rs` (command table), `socket.rs` (`--control`), `trace.rs` (`--trace`),
 //! `stats.rs` (counters), `mounttable.rs` (the mount table and the detach watch),
-//! `imagefmt.rs` (format sniffing), `logring.rs` (the logger and its in-memory tail). This
+//! `imagefmt.rs` (format sniffing), `logring.rs` (the logger and its in-memory tail),
+//! `lock.rs` (QEMU's image locks), `device.rs` (block devices as the image), `builder.rs`
+//! (the library for Rust tests), `manpage.rs` (the man page from the clap definitions). This
 //! file keeps the options, the errors and [`run`].
 
 pub mod breakpoints;
 pub mod buffers;
+pub mod builder;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod device;
 pub mod errno;
 pub mod faults;
 pub mod fs;
 pub mod imagefmt;
+pub mod lock;
 pub mod logring;
+pub mod manpage;
 pub mod media;
 pub mod mount;
 pub mod mounttable;
@@ -44,6 +65,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 
+pub use crate::builder::{Builder, Mounted, RuleSpec};
 use crate::config::{ConfigError, Limits};
 use crate::control::{Control, ReloadSource};
 use crate::fs::{BlkdebugFs, Layout, OpenPolicy};
@@ -82,6 +104,8 @@ pub struct MountOptions {
     pub write_cache: bool,
     /// The bad sectors the mount starts with (`[bad-sectors]`).
     pub bad: Option<(ranges::SectorSet, media::BadSettings)>,
+    /// Take no image locks and check none (`--force-share`; see `lock.rs`).
+    pub force_share: bool,
 }
 
 impl MountOptions {
@@ -105,6 +129,7 @@ impl MountOptions {
             trace_all: false,
             write_cache: false,
             bad: None,
+            force_share: false,
         }
     }
 }
@@ -137,8 +162,17 @@ pub enum Error {
     Config(Box<ConfigError>),
     /// Bad command-line usage not caught by the parser (exit 2).
     Usage(String),
-    /// The image is missing, unreadable or not a regular file (exit 1).
+    /// The image is missing, unreadable, or neither a regular file nor a block device
+    /// (exit 1).
     Image { path: PathBuf, why: String },
+    /// Another process uses the image: its QEMU image locks conflict with ours (exit 1).
+    /// `conflict` is QEMU's wording (`Failed to get "write" lock`); `holders` names the
+    /// processes holding locks on the image, where they could be found.
+    Locked {
+        path: PathBuf,
+        conflict: String,
+        holders: Vec<String>,
+    },
     /// The mount point is missing, of the wrong type or already mounted (exit 1).
     Mountpoint { path: PathBuf, why: String },
     /// The kernel refused the mount or the session failed (exit 1).
@@ -148,9 +182,21 @@ pub enum Error {
     },
     /// A control command was refused or failed (`blkdebugfs ctl`, exit 1).
     Ctl(String),
+    /// A control command run through [`Mounted`] was refused or failed: its errno (EINVAL
+    /// bad syntax, ENOENT unknown tag or rule, ETIMEDOUT a `wait_break` timed out, ...) and
+    /// reason.
+    Command(control::CtlError),
 }
 
 impl Error {
+    /// The errno of a refused control command ([`Error::Command`]).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Command(e) => Some(e.errno),
+            _ => None,
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => 2,
@@ -165,6 +211,23 @@ impl fmt::Display for Error {
             Error::Config(e) => write!(f, "{e}"),
             Error::Usage(e) => f.write_str(e),
             Error::Image { path, why } => write!(f, "image {}: {why}", path.display()),
+            Error::Locked {
+                path,
+                conflict,
+                holders,
+            } => {
+                let by = if holders.is_empty() {
+                    "another process (QEMU, qemu-img, qemu-io or a blkdebugfs mount)".to_string()
+                } else {
+                    holders.join(", ")
+                };
+                write!(
+                    f,
+                    "image {} is in use by {by}: {conflict} (QEMU's image locks); \
+                     --force-share mounts it anyway",
+                    path.display()
+                )
+            }
             Error::Mountpoint { path, why } => {
                 write!(f, "mount point {}: {why}", path.display())
             }
@@ -182,6 +245,7 @@ impl fmt::Display for Error {
                 Ok(())
             }
             Error::Ctl(e) => f.write_str(e),
+            Error::Command(e) => write!(f, "{} ({})", e.message, errno::describe(e.errno)),
         }
     }
 }
@@ -220,12 +284,15 @@ impl Shutdown {
     }
 }
 
-/// A validated mount, ready to run: the image is open and the mount point checked.
+/// A validated mount, ready to run: the image is open and locked, the mount point checked.
 pub struct Prepared {
     options: MountOptions,
     image: File,
     layout: Layout,
     mountpoint: PathBuf,
+    /// QEMU's image locks, held until `run` returns (`None`: `--force-share`, or no locks
+    /// on this filesystem).
+    lock: Option<lock::ImageLock>,
 }
 
 /// Validates options and opens the image. Nothing is mounted.
@@ -237,8 +304,24 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
         why,
     };
     let md = std::fs::metadata(&options.image).map_err(|e| image_err(e.to_string()))?;
-    if !md.file_type().is_file() {
-        return Err(image_err("not a regular file".into()));
+    let device = md.file_type().is_block_device();
+    if !md.file_type().is_file() && !device {
+        return Err(image_err(
+            "neither a regular file nor a block device".into(),
+        ));
+    }
+    if device && options.growable {
+        return Err(Error::Usage(format!(
+            "--growable: {} is a block device, whose size is fixed",
+            options.image.display()
+        )));
+    }
+    if device && device::claimed(&options.image) {
+        warn!(
+            "{} is in use (a mounted filesystem or another driver holds it): writes through \
+             the view change it under its user",
+            options.image.display()
+        );
     }
     let image = OpenOptions::new()
         .read(true)
@@ -281,12 +364,43 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
         Ok(None) => {}
         Err(e) => return Err(mp_err(format!("cannot read the mount table: {e}"))),
     }
+    let lock = if options.force_share {
+        None
+    } else {
+        lock_image(&options)?
+    };
     Ok(Prepared {
         options,
         image,
         layout,
         mountpoint,
+        lock,
     })
+}
+
+/// Takes QEMU's locks for a writer (a reader with `--read-only`), as `lock.rs` says; `None`
+/// (with a warning) where the filesystem has no such locks.
+fn lock_image(options: &MountOptions) -> Result<Option<lock::ImageLock>, Error> {
+    let (have, shared) = lock::mount_perms(options.read_only, options.growable);
+    match lock::ImageLock::acquire(&options.image, have, shared) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(lock::LockError::Conflict(conflict)) => Err(Error::Locked {
+            path: options.image.clone(),
+            conflict,
+            holders: lock::holders(&options.image),
+        }),
+        Err(e @ lock::LockError::Unsupported(_)) => {
+            warn!(
+                "{}: {e}: mounting without them (QEMU cannot see that the image is in use)",
+                options.image.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(Error::Image {
+            path: options.image.clone(),
+            why: e.to_string(),
+        }),
+    }
 }
 
 /// How long the shutdown waits for clients to close (a request just released still has to
@@ -404,6 +518,7 @@ pub fn run(
         image,
         layout,
         mountpoint,
+        lock: _lock,
     } = prepared;
     if let Some(warning) = imagefmt::sniff(&image, &options.image) {
         warn!("{warning}");

@@ -1,8 +1,9 @@
 //! The `blkdebugfs` command line: parse, validate, run, exit once with a documented code.
 //!
-//! Exit codes: 0 success; 1 runtime failure (image missing or unreadable, bad mount point,
-//! already mounted, FUSE mount refused); 2 usage or configuration error (bad option, bad rule,
-//! bad config file). Errors are printed once, on stderr, before anything is mounted.
+//! Exit codes: 0 success; 1 runtime failure (image missing, unreadable or in use, bad mount
+//! point, already mounted, FUSE mount refused); 2 usage or configuration error (bad option,
+//! bad rule, bad config file). Errors are printed once, on stderr, before anything is
+//! mounted.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,9 +17,9 @@ use blkdebugfs::config::{self, CliRule, Limits, RuleSet};
 use blkdebugfs::control::{Control, ReloadSource};
 use blkdebugfs::{Error, MountOptions, Shutdown, errno, rules::Event};
 
-const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (image missing or \
-unreadable, bad mount point, already mounted, FUSE mount refused; ctl: the command was refused \
-or failed); 2 usage or configuration \
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (image missing, \
+unreadable or in use by QEMU or another mount, bad mount point, already mounted, FUSE mount \
+refused; ctl: the command was refused or failed); 2 usage or configuration \
 error (bad option, rule or config file; nothing is mounted).";
 
 /// Mount a faulty view of a disk image: QEMU blkdebug's fault-injection rules over FUSE.
@@ -42,6 +43,14 @@ enum Command {
     Demo,
     /// Send one control command to a mount (its directory, or its --control socket).
     Ctl(CtlArgs),
+    /// Print a shell completion script (e.g. `source <(blkdebugfs completions bash)`).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, as committed in blkdebugfs.1.
+    Manpage,
 }
 
 #[derive(Args)]
@@ -156,7 +165,8 @@ impl RuleArgs {
 
 #[derive(Args)]
 struct MountArgs {
-    /// The backing image, or QEMU's blkdebug:CONFIG:IMAGE (CONFIG may be empty).
+    /// The backing image (a regular file or a block device, e.g. /dev/loop3), or QEMU's
+    /// blkdebug:CONFIG:IMAGE (CONFIG may be empty).
     image: String,
     /// An existing directory (the image appears inside it) or regular file (the image is
     /// mounted onto it).
@@ -210,6 +220,11 @@ struct MountArgs {
     /// unsynced, and `ctl power-cut` or a [power-cut] rule can lose them.
     #[arg(long)]
     write_cache: bool,
+    /// Take no QEMU image locks and check none: mount even while QEMU, qemu-img or another
+    /// mount uses the image (by default the mount holds the locks a QEMU writer holds, or a
+    /// reader's with --read-only, and refuses an image in use).
+    #[arg(long, short = 'U')]
+    force_share: bool,
 }
 
 #[derive(Args)]
@@ -261,6 +276,18 @@ fn main() -> ExitCode {
         }
         Command::Demo => blkdebugfs::demo::run().map_err(Error::Usage),
         Command::Ctl(args) => ctl(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "blkdebugfs",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Manpage => blkdebugfs::manpage::render(Cli::command())
+            .and_then(|page| std::io::stdout().write_all(&page))
+            .map_err(|e| Error::Usage(format!("writing the man page: {e}"))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -359,6 +386,7 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     options.trace_all = args.trace_all;
     options.write_cache = args.write_cache;
     options.bad = set.bad.clone();
+    options.force_share = args.force_share;
     if let Some(n) = args.threads {
         options.threads = n as usize;
     }

@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -119,6 +119,9 @@ pub struct Mount {
     map: Option<Arc<ImageMap>>,
     /// `--trace`, when given.
     trace: Option<Trace>,
+    /// The logical block size when the image is a block device (`device.rs`): its size is
+    /// fixed and it has no holes.
+    device_block: Option<u64>,
     /// The media: bad sectors, and with `--write-cache` the cache and power state.
     bad: BadSectors,
     cache: Option<WriteCache>,
@@ -250,11 +253,29 @@ impl Mount {
         trace: Option<Trace>,
         media: MediaSetup,
     ) -> io::Result<Mount> {
-        let len = image.metadata()?.len();
+        let md = image.metadata()?;
+        let device_block = md
+            .file_type()
+            .is_block_device()
+            .then(|| crate::device::logical_block_size(&image));
+        let len = match device_block {
+            Some(_) => crate::device::size(&image)?,
+            None => md.len(),
+        };
         let size = AtomicU64::new(len);
-        let map = ImageMap::new(&image, len);
+        // A device is read with pread: a window checks the file's length, which is 0.
+        let map = match device_block {
+            Some(_) => None,
+            None => ImageMap::new(&image, len),
+        };
+        // The journal lives beside the image; beside a device is /dev (memory), so a
+        // device's journal lives in the temporary directory.
+        let journal_beside = match device_block {
+            Some(_) => std::env::temp_dir().join("blkdebugfs-journal"),
+            None => image_path.clone(),
+        };
         let cache = match media.write_cache {
-            true => Some(WriteCache::new(&image_path)?),
+            true => Some(WriteCache::new(&journal_beside)?),
             false => None,
         };
         Ok(Mount {
@@ -270,6 +291,7 @@ impl Mount {
             breakpoints: Breakpoints::default(),
             map,
             trace,
+            device_block,
             bad: match media.bad {
                 Some((set, settings)) => BadSectors::new(set, settings),
                 None => BadSectors::default(),
@@ -310,7 +332,11 @@ impl Mount {
         }
         Ok(ImageStat {
             size: self.size(),
-            blocks: md.blocks(),
+            // A device is all data (its node has no blocks of its own).
+            blocks: match self.device_block {
+                Some(_) => self.size().div_ceil(512),
+                None => md.blocks(),
+            },
             perm,
             atime: time(md.atime(), md.atime_nsec()),
             mtime: time(md.mtime(), md.mtime_nsec()),
@@ -324,13 +350,21 @@ impl Mount {
             if self.mode.read_only {
                 return Err(libc::EROFS);
             }
-            self.set_size(size).map_err(|e| {
-                warn!(
-                    "truncate of {} to {size} failed: {e}",
-                    self.image_path.display()
-                );
-                errno_of(&e)
-            })?;
+            if self.device_block.is_some() {
+                // A device's size is fixed: its own size is a no-op, any other gets the
+                // EINVAL that ftruncate on the device gives.
+                if size != self.size() {
+                    return Err(libc::EINVAL);
+                }
+            } else {
+                self.set_size(size).map_err(|e| {
+                    warn!(
+                        "truncate of {} to {size} failed: {e}",
+                        self.image_path.display()
+                    );
+                    errno_of(&e)
+                })?;
+            }
         }
         if let Some(mode) = mode {
             // SAFETY: fchmod on our own open descriptor; no memory is passed.
@@ -435,7 +469,8 @@ impl Mount {
         }
         let size = self.size();
         let end = offset.saturating_add(length);
-        let extends = !keep_size && end > size;
+        // A device never grows: its zeroing stops at its end, as with KEEP_SIZE.
+        let extends = !keep_size && end > size && self.device_block.is_none();
         let len = if extends {
             length
         } else {
@@ -484,6 +519,15 @@ impl Mount {
             Box::new(move |r| {
                 if let Err(e) = r {
                     return done(Err(e));
+                }
+                // A device has no holes (and the kernel refuses both whences on one).
+                if mount.device_block.is_some() {
+                    let found = if whence == libc::SEEK_DATA {
+                        start
+                    } else {
+                        size
+                    };
+                    return done(Ok(found as i64));
                 }
                 // Positional I/O never uses the descriptor's file offset, so seeking on the
                 // shared descriptor disturbs no request.
@@ -707,7 +751,7 @@ impl Mount {
         let _guard = self.resize.lock();
         // The real size, not the cache: a racing truncate and write could leave the file
         // longer than the cache says, and growing must never cut it.
-        let real = self.image.metadata()?.len();
+        let real = self.real_len()?;
         if real < end {
             self.image.set_len(end)?;
         }
@@ -721,8 +765,8 @@ impl Mount {
     fn note_extent(&self, end: u64) {
         if end > self.size() {
             let _guard = self.resize.lock();
-            if let Ok(md) = self.image.metadata() {
-                self.size.store(md.len(), Ordering::Release);
+            if let Ok(len) = self.real_len() {
+                self.size.store(len, Ordering::Release);
             }
         }
     }
@@ -741,14 +785,29 @@ impl Mount {
     /// `FALLOC_FL_KEEP_SIZE` it may extend the image.
     fn allocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         let _guard = self.resize.lock();
+        if self.device_block.is_some() {
+            // Every byte of a device is allocated; past its end there is no room.
+            let inside = offset.saturating_add(len) <= self.size();
+            if inside || mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+                return Ok(());
+            }
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         // SAFETY: fallocate on our own open descriptor; no memory is passed.
         let r = unsafe { libc::fallocate(self.image.as_raw_fd(), mode, offset as i64, len as i64) };
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        self.size
-            .store(self.image.metadata()?.len(), Ordering::Release);
+        self.size.store(self.real_len()?, Ordering::Release);
         Ok(())
+    }
+
+    /// The image's length now: the file's, or the device's.
+    fn real_len(&self) -> io::Result<u64> {
+        match self.device_block {
+            Some(_) => crate::device::size(&self.image),
+            None => Ok(self.image.metadata()?.len()),
+        }
     }
 
     /// Starts one client operation: walks its plan until it finishes (and `done` replies) or
@@ -1013,9 +1072,13 @@ impl Mount {
                     let dropped = matches!(p.effect, Some(Effect::DropWrite));
                     if len > 0
                         && !dropped
-                        && let Err(errno) = self.store(p, offset, len, "zero", || {
-                            zero_range(&self.image, offset, len, punch)
-                        })
+                        && let Err(errno) =
+                            self.store(p, offset, len, "zero", || match self.device_block {
+                                Some(block) => {
+                                    crate::device::zero(&self.image, offset, len, punch, block)
+                                }
+                                None => zero_range(&self.image, offset, len, punch),
+                            })
                     {
                         return Advance::Finished(Err(errno));
                     }

@@ -5,7 +5,6 @@
 //! writes to its range; then the seed, the trace, `stats` and the control commands.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,19 +20,6 @@ fn stats(mnt: &Path) -> Value {
     serde_json::from_str(ctl(mnt, &["stats", "json"]).trim()).expect("stats json parses")
 }
 
-/// Asserts that two byte strings are equal, naming the first difference (never printing
-/// megabytes).
-#[track_caller]
-fn same_bytes(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: first difference at byte {i}: got {:#04x}, want {:#04x}",
-            got[i], want[i]
-        );
-    }
-}
-
 /// Bit positions where `a` and `b` differ.
 fn differing_bits(a: &[u8], b: &[u8]) -> Vec<usize> {
     let mut bits = Vec::new();
@@ -45,12 +31,6 @@ fn differing_bits(a: &[u8], b: &[u8]) -> Vec<usize> {
         }
     }
     bits
-}
-
-fn read_at(f: &File, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
-    let mut b = AlignedBuf::new(len);
-    let n = pread(f, b.as_mut(), offset)?;
-    Ok(b.as_ref()[..n].to_vec())
 }
 
 #[test]

@@ -1,7 +1,6 @@
 //! The media model through real mounts (`spec/faults.md` §4, §5): the write cache and power
 //! cuts at the byte level, `[power-cut]` rules, and bad sectors that heal on rewrite.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -40,24 +39,6 @@ fn ctl_fails(mnt: &Path, words: &[&str]) -> String {
     match control(mnt, words) {
         Ok(reply) => panic!("{words:?} should fail, said: {reply}"),
         Err(e) => e,
-    }
-}
-
-fn read_at(f: &File, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
-    let mut b = AlignedBuf::new(len);
-    let n = pread(f, b.as_mut(), offset)?;
-    Ok(b.as_ref()[..n].to_vec())
-}
-
-/// Asserts two byte strings are equal, naming the first difference.
-#[track_caller]
-fn same_bytes(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: first difference at byte {i}: got {:#04x}, want {:#04x}",
-            got[i], want[i]
-        );
     }
 }
 

@@ -327,13 +327,16 @@ fn ranges(v: &Value) -> Vec<Vec<u64>> {
         .collect()
 }
 
+/// What `ctl unsynced` says: (writes, bytes, inclusive sector ranges).
+type UnsyncedReply = (usize, u64, Vec<(u64, u64)>);
+
 /// `ctl unsynced`: (writes, bytes, sector ranges), or zeros for `nothing unsynced`.
-fn unsynced(reply: &str) -> (usize, u64, Vec<(u64, u64)>) {
+fn unsynced(reply: &str) -> UnsyncedReply {
     let reply = reply.trim();
     if reply == "nothing unsynced" {
         return (0, 0, Vec::new());
     }
-    let parse = || -> Option<(usize, u64, Vec<(u64, u64)>)> {
+    let parse = || -> Option<UnsyncedReply> {
         let (writes, rest) = reply.split_once(" unsynced write(s), ")?;
         let (bytes, sectors) = rest.split_once(" bytes, in sectors ")?;
         let sectors = sectors

@@ -513,3 +513,24 @@ pub fn kernel_log_since(mark: &str) -> String {
         None => log,
     }
 }
+
+/// Reads up to `len` bytes at `offset` with O_DIRECT-friendly alignment; the bytes read, or
+/// the errno.
+pub fn read_at(f: &File, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+    let mut b = AlignedBuf::new(len);
+    let n = pread(f, b.as_mut(), offset)?;
+    Ok(b.as_ref()[..n].to_vec())
+}
+
+/// Asserts that two byte strings are equal, naming the first difference (never printing
+/// megabytes).
+#[track_caller]
+pub fn same_bytes(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i}: got {:#04x}, want {:#04x}",
+            got[i], want[i]
+        );
+    }
+}
