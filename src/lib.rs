@@ -378,17 +378,37 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
     })
 }
 
+/// How long a mount waits for another blkdebugfs daemon's locks to go (see `lock_image`).
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
 /// Takes QEMU's locks for a writer (a reader with `--read-only`), as `lock.rs` says; `None`
 /// (with a warning) where the filesystem has no such locks.
 fn lock_image(options: &MountOptions) -> Result<Option<lock::ImageLock>, Error> {
     let (have, shared) = lock::mount_perms(options.read_only, options.growable);
-    match lock::ImageLock::acquire(&options.image, have, shared) {
+    let deadline = Instant::now() + LOCK_WAIT;
+    let acquired = loop {
+        match lock::ImageLock::acquire(&options.image, have, shared) {
+            Err(lock::LockError::Conflict(conflict)) => {
+                // `umount` returns before the daemon it ended has exited and dropped its
+                // locks: a conflict with blkdebugfs daemons only (or with a holder that is
+                // already gone) is waited out for a moment, anything else fails at once.
+                let holders = lock::holders(&options.image);
+                let ours = holders.iter().all(|h| h.starts_with("blkdebugfs "));
+                if ours && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                break Err(Error::Locked {
+                    path: options.image.clone(),
+                    conflict,
+                    holders,
+                });
+            }
+            other => break Ok(other),
+        }
+    };
+    match acquired? {
         Ok(lock) => Ok(Some(lock)),
-        Err(lock::LockError::Conflict(conflict)) => Err(Error::Locked {
-            path: options.image.clone(),
-            conflict,
-            holders: lock::holders(&options.image),
-        }),
         Err(e @ lock::LockError::Unsupported(_)) => {
             warn!(
                 "{}: {e}: mounting without them (QEMU cannot see that the image is in use)",

@@ -231,6 +231,22 @@ fn a_second_mount_of_the_same_image_is_refused_before_mounting_unless_forced() {
     assert!(d.stop().success());
 }
 
+/// `umount MNT` returns before the daemon has exited and dropped its locks: a script that
+/// mounts the same image again at once must not be refused by the mount it just ended.
+#[test]
+fn the_image_can_be_mounted_again_right_after_umount() {
+    let s = Scratch::new(MIB);
+    for round in 0..5 {
+        let mut d = mount(&s, &[]);
+        tool_ok("umount", &[path(&s.mnt)]);
+        // At once: no wait for the daemon to exit.
+        let again = mount(&s, &[]);
+        assert!(is_mounted(&s.mnt), "round {round}");
+        assert!(d.wait_exit().success(), "round {round}: {}", d.stderr());
+        drop(again);
+    }
+}
+
 #[test]
 fn read_only_mounts_coexist_and_keep_writers_out() {
     let s = Scratch::new(MIB);
