@@ -265,6 +265,13 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let sub = matches.subcommand().map(|(_, m)| m);
+    if !matches!(cli.command, Command::Mount(_) | Command::Demo) {
+        // A command that only prints ends quietly when its reader goes away (`check | head`),
+        // as command-line tools do; Rust ignores SIGPIPE, which makes `println!` panic. Not
+        // for the daemon: a client that hangs up its control socket must not end the mount.
+        // SAFETY: restoring a signal's default disposition touches no memory.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Mount(mut args) => {
             args.rules.ordered = sub.map(ordered_rules).unwrap_or_default();

@@ -367,7 +367,7 @@ impl WriteCache {
             let mut data = Vec::new();
             for (s, l) in data_extents(image, offset, len)? {
                 let mut buf = vec![0u8; l as usize];
-                read_exact_or_zero(image, &mut buf, s)?;
+                read_full(image, &mut buf, s)?;
                 j.file.write_all_at(&buf, j.end)?;
                 data.push((s, l, j.end));
                 j.end += l;
@@ -571,7 +571,7 @@ fn data_extents(image: &File, offset: u64, len: u64) -> io::Result<Vec<(u64, u64
 }
 
 /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeroes.
-fn read_exact_or_zero(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+pub(crate) fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

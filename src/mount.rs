@@ -35,7 +35,9 @@ use crate::config::Limits;
 use crate::errno;
 use crate::faults::{Edit, Effect};
 use crate::fields;
-use crate::media::{BadSectors, BadSettings, CutMode, CutReport, Unsynced, WriteCache, WriteCheck};
+use crate::media::{
+    BadSectors, BadSettings, CutMode, CutReport, Unsynced, WriteCache, WriteCheck, read_full,
+};
 use crate::ops::{Op, Step, plan};
 use crate::ranges::SectorSet;
 use crate::rules::{Decision, Engine, Event, Fired, IoType, Rule, RuleId, RuleStats, Verdict};
@@ -221,6 +223,16 @@ enum Advance {
     },
     /// Hold for this long (a `[delay]` rule), then go on.
     Delayed(Duration),
+}
+
+impl Advance {
+    /// Parked by the `[suspend]` rule `rule` under `tag`.
+    fn suspended(tag: String, rule: RuleId) -> Advance {
+        Advance::Parked {
+            tags: vec![tag],
+            cause: format!("rule {rule}"),
+        }
+    }
 }
 
 /// What a check decided, for the executor.
@@ -996,12 +1008,7 @@ impl Mount {
                             }
                             return Advance::Delayed(wait);
                         }
-                        Checked::Suspend { tag, rule } => {
-                            return Advance::Parked {
-                                tags: vec![tag],
-                                cause: format!("rule {rule}"),
-                            };
-                        }
+                        Checked::Suspend { tag, rule } => return Advance::suspended(tag, rule),
                         Checked::Effect(effect) => p.take_effect(effect),
                     }
                 }
@@ -1017,12 +1024,7 @@ impl Mount {
                         // parking actions change anything here; an error after a delay is
                         // ignored like any padding read error.
                         Checked::Delay { wait, .. } => return Advance::Delayed(wait),
-                        Checked::Suspend { tag, rule } => {
-                            return Advance::Parked {
-                                tags: vec![tag],
-                                cause: format!("rule {rule}"),
-                            };
-                        }
+                        Checked::Suspend { tag, rule } => return Advance::suspended(tag, rule),
                         Checked::Pass | Checked::Effect(_) => {}
                     }
                 }
@@ -1049,12 +1051,7 @@ impl Mount {
                             }
                             return Advance::Delayed(wait);
                         }
-                        Checked::Suspend { tag, rule } => {
-                            return Advance::Parked {
-                                tags: vec![tag],
-                                cause: format!("rule {rule}"),
-                            };
-                        }
+                        Checked::Suspend { tag, rule } => return Advance::suspended(tag, rule),
                         Checked::Effect(effect) => p.take_effect(effect),
                     }
                 }
@@ -1599,23 +1596,6 @@ fn errno_field(errno: Option<i32>) -> Value {
         None => Value::Null,
         Some(e) => errno::name(e).map_or_else(|| Value::from(e), Value::from),
     }
-}
-
-/// Reads `buf.len()` bytes at `offset`; bytes past the end of the image read as zeroes.
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Zeroes a range, keeping the size. Punching keeps sparse images sparse; zero-range falls

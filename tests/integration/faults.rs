@@ -575,3 +575,22 @@ fn the_trace_never_follows_a_symbolic_link() {
     assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
     assert!(!is_mounted(&s.mnt));
 }
+
+/// `check | head` must end quietly when head stops reading (it panicked: "failed printing to
+/// stdout: Broken pipe").
+#[test]
+fn a_printing_command_ends_quietly_when_its_reader_goes_away() {
+    // Far more than a pipe holds (64 KiB), so the writer meets the closed pipe.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("many.ini");
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = read_aio\nsector = 8\n".repeat(5000),
+    )
+    .unwrap();
+    let script = format!("'{BIN}' check -c '{}' | head -n 1", conf.display());
+    let (code, out, err) = run_tool("sh", &["-c", &script]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("rule   1: "), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+}
