@@ -19,9 +19,10 @@
 //! as the content one of its writes left, and a kept later write is never undone by an
 //! earlier one (§5).
 //!
-//! Holes stay holes: before-images record only the data extents of the bytes they cover
-//! (`SEEK_DATA`), and restoring a hole punches it, so a 1 TiB sparse image with 1 GiB
-//! unsynced journals 1 GiB, not a terabyte.
+//! Holes stay holes: a before-image records no bytes for a piece that reads as zeroes, and
+//! restoring such a piece punches a hole (which reads the same); ranges over 1 MiB (a big
+//! write-zeroes) first ask for their data extents (`SEEK_DATA`), so a 1 TiB sparse image with
+//! 1 GiB unsynced journals at most 1 GiB, not a terabyte.
 //!
 //! Lock rule: one mutex serialises a journaled write's three steps (read the before-image,
 //! append it, write the data) with other journaled writes, with flush bookkeeping and with
@@ -37,7 +38,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::faults::Draw;
 use crate::ranges::{SECTOR, SectorSet};
@@ -231,18 +232,34 @@ struct Entry {
 }
 
 struct Journal {
-    file: File,
-    /// Bytes used in `file`.
+    /// Bytes used (or reserved by writes in flight) in the journal file.
     end: u64,
     entries: Vec<Entry>,
     next_seq: u64,
+    /// Writes that reserved journal space and have not recorded their entry yet: the file
+    /// may only be emptied when there are none.
+    in_flight: usize,
     /// Cuts so far (each cut's draws are keyed by its number).
     cuts: u64,
 }
 
+/// The largest piece of a before-image read at once (and the largest range journaled
+/// without asking for its data extents first).
+const READ_WHOLE_MAX: u64 = 1 << 20;
+
 /// The write cache; see the module doc.
 pub struct WriteCache {
+    /// The undo journal's file (positional I/O: no lock needed to use it).
+    file: File,
+    /// The journal's index, held only to reserve space and record entries, never across I/O.
     journal: Mutex<Journal>,
+    /// Journaled writes hold it shared from their before-image to their entry; a cut holds
+    /// it exclusively, so it never runs while a write is half done.
+    power: RwLock<()>,
+    /// Sector ranges with a journaled write in flight: a write waits for overlapping ones,
+    /// so its before-image is what the write before it left.
+    busy: Mutex<Vec<(u64, u64)>>,
+    busy_done: Condvar,
     /// The device is off (after a cut, until power-on). Changed only under the journal's
     /// lock, so a journaled write that checks it there never races a cut; read without the
     /// lock by everything else (reads must not wait behind a write's I/O).
@@ -328,13 +345,17 @@ impl WriteCache {
             .unwrap_or(Path::new("."));
         let file = tempfile::tempfile_in(dir)?;
         Ok(WriteCache {
+            file,
             journal: Mutex::new(Journal {
-                file,
                 end: 0,
                 entries: Vec::new(),
                 next_seq: 0,
+                in_flight: 0,
                 cuts: 0,
             }),
+            power: RwLock::new(()),
+            busy: Mutex::new(Vec::new()),
+            busy_done: Condvar::new(),
             off: AtomicBool::new(false),
         })
     }
@@ -349,9 +370,9 @@ impl WriteCache {
         self.off.swap(false, Ordering::AcqRel)
     }
 
-    /// Journals the before-image of `[offset, offset+len)`, then runs `io` (the write) while
-    /// no other journaled write can run. Fails with EIO, doing nothing, while the power is
-    /// off.
+    /// Journals the before-image of `[offset, offset+len)`, then runs `io` (the write), with
+    /// no other journaled write to those sectors in between. Fails with EIO, doing nothing,
+    /// while the power is off. Writes to other sectors run in parallel.
     pub fn write(
         &self,
         image: &File,
@@ -359,29 +380,76 @@ impl WriteCache {
         len: u64,
         io: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
-        let mut j = self.journal.lock();
+        let _powered = self.power.read();
         if self.is_off() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        if len > 0 {
-            let mut data = Vec::new();
-            for (s, l) in data_extents(image, offset, len)? {
-                let mut buf = vec![0u8; l as usize];
-                read_full(image, &mut buf, s)?;
-                j.file.write_all_at(&buf, j.end)?;
-                data.push((s, l, j.end));
-                j.end += l;
-            }
-            let seq = j.next_seq;
-            j.next_seq += 1;
-            j.entries.push(Entry {
-                seq,
-                offset,
-                len,
-                data,
-            });
+        if len == 0 {
+            return io();
         }
-        io()
+        let _range = self.claim(offset, len);
+        // A small write reads its range whole; only a large range (a big write-zeroes) asks
+        // the filesystem where its data is first: SEEK_HOLE on tmpfs walks the file to its
+        // end, milliseconds per call on a large image.
+        let extents = if len <= READ_WHOLE_MAX {
+            vec![(offset, len)]
+        } else {
+            data_extents(image, offset, len)?
+        };
+        self.journal.lock().in_flight += 1;
+        let recorded = (|| -> io::Result<Vec<(u64, u64, u64)>> {
+            let mut data = Vec::new();
+            let mut buf = Vec::new();
+            for (s, l) in extents {
+                let mut at = s;
+                while at < s + l {
+                    let n = (s + l - at).min(READ_WHOLE_MAX);
+                    buf.resize(n as usize, 0);
+                    read_full(image, &mut buf, at)?;
+                    // Zeroes need no bytes: restoring them punches a hole (which reads the
+                    // same), so a sparse image stays sparse and its holes cost no journal.
+                    if buf.iter().any(|b| *b != 0) {
+                        let place = {
+                            let mut j = self.journal.lock();
+                            let place = j.end;
+                            j.end += n;
+                            place
+                        };
+                        self.file.write_all_at(&buf, place)?;
+                        data.push((at, n, place));
+                    }
+                    at += n;
+                }
+            }
+            io()?;
+            Ok(data)
+        })();
+        let mut j = self.journal.lock();
+        j.in_flight -= 1;
+        let data = recorded?;
+        // Recorded once the write is done, so a flush marks only completed writes; under the
+        // range claim, so overlapping writes are recorded in the order they wrote.
+        let seq = j.next_seq;
+        j.next_seq += 1;
+        j.entries.push(Entry {
+            seq,
+            offset,
+            len,
+            data,
+        });
+        Ok(())
+    }
+
+    /// Waits until no journaled write in flight overlaps the sectors of `[offset,
+    /// offset+len)`, then claims them until the guard drops.
+    fn claim(&self, offset: u64, len: u64) -> RangeClaim<'_> {
+        let range = (offset / SECTOR, (offset + len - 1) / SECTOR);
+        let mut busy = self.busy.lock();
+        while busy.iter().any(|(a, b)| *a <= range.1 && range.0 <= *b) {
+            self.busy_done.wait(&mut busy);
+        }
+        busy.push(range);
+        RangeClaim { cache: self, range }
     }
 
     /// The point a flush starting now covers: the writes journaled so far.
@@ -394,9 +462,9 @@ impl WriteCache {
         let mut j = self.journal.lock();
         let keep_from = j.entries.partition_point(|e| e.seq < mark);
         j.entries.drain(..keep_from);
-        if j.entries.is_empty() && j.end > 0 {
+        if j.entries.is_empty() && j.in_flight == 0 && j.end > 0 {
             // Nothing unsynced: the journal's space goes back to the filesystem.
-            let _ = j.file.set_len(0);
+            let _ = self.file.set_len(0);
             j.end = 0;
         }
     }
@@ -420,6 +488,8 @@ impl WriteCache {
     /// this cut's number), leaves the image as the crash image (synced to its filesystem),
     /// and turns the device off.
     pub fn cut(&self, image: &File, mode: CutMode, seed: u64) -> io::Result<CutReport> {
+        // No journaled write is half done from here on, and none starts.
+        let _no_writes = self.power.write();
         let mut j = self.journal.lock();
         let cut_number = j.cuts;
         j.cuts += 1;
@@ -466,7 +536,7 @@ impl WriteCache {
                 }
             }
             for (s, l) in restore {
-                restore_range(image, &j.file, e, s, l)?;
+                restore_range(image, &self.file, e, s, l)?;
             }
             match kept_bytes {
                 0 => report.lost.push((e.offset, e.len)),
@@ -479,10 +549,27 @@ impl WriteCache {
         report.kept.reverse();
         report.torn.reverse();
         image.sync_data()?;
-        let _ = j.file.set_len(0);
+        let _ = self.file.set_len(0);
         j.end = 0;
         self.off.store(true, Ordering::Release);
         Ok(report)
+    }
+}
+
+/// A journaled write's claim on its sectors (see [`WriteCache::claim`]).
+struct RangeClaim<'a> {
+    cache: &'a WriteCache,
+    range: (u64, u64),
+}
+
+impl Drop for RangeClaim<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.cache.busy.lock();
+        if let Some(at) = busy.iter().position(|r| *r == self.range) {
+            busy.swap_remove(at);
+        }
+        drop(busy);
+        self.cache.busy_done.notify_all();
     }
 }
 
