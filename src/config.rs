@@ -811,7 +811,10 @@ fn build_section(
     }
     let mut settings = BadSettings::default();
     if let Some(e) = get("errno") {
-        settings.errno = parse_errno(&e.value).map_err(|p| err(Some(e), p))?;
+        // A medium error is an error: 0 would let the read through with no data.
+        settings.errno = parse_errno(&e.value)
+            .and_then(|n| if n == 0 { Err(Problem::Zero) } else { Ok(n) })
+            .map_err(|p| err(Some(e), p))?;
     }
     if let Some(e) = get("heal-on-write") {
         settings.heal_on_write = parse_bool(&e.value).map_err(|p| err(Some(e), p))?;
@@ -1799,6 +1802,7 @@ mod tests {
                 "delay" => "latency = 1ms\n",
                 "misdirect-write" => "shift = 1\n",
                 "suspend" => "tag = t\n",
+                "bad-sectors" => "sectors = 1\n",
                 _ => "",
             };
             let required = if required.starts_with(key) {
@@ -1850,6 +1854,7 @@ mod tests {
         bad("torn-write", "unit", "0", Problem::Zero);
         bad("short-io", "length", "lots", Problem::BadSize);
         bad("suspend", "tag", "two words", Problem::BadTag);
+        bad("bad-sectors", "errno", "0", Problem::Zero);
         bad(
             "short-io",
             "latency",

@@ -299,6 +299,14 @@ pub struct Prepared {
 pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
     options.limits.validate()?;
     config::check_write_cache(&options.rules, options.write_cache)?;
+    if options.write_cache && options.cache {
+        // The kernel's page cache would go on serving what a power cut lost.
+        return Err(Error::Usage(
+            "--write-cache needs every read to reach the daemon: drop --cache (a read the \
+             page cache answers would show data a power cut lost)"
+                .into(),
+        ));
+    }
     let image_err = |why: String| Error::Image {
         path: options.image.clone(),
         why,

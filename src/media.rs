@@ -9,10 +9,10 @@
 //!
 //! # The write cache (`--write-cache`)
 //! Writes go through to the image at once (so reads see the newest data and a `kill -9` of
-//! the daemon leaves every acknowledged write on the image), and each one first appends the
-//! *before-image* of the bytes it overwrites to an undo journal: a temporary file beside the
-//! image (disk, not memory, bounds the unsynced data) with an in-memory index of one small
-//! entry per write. A successful flush drops the entries of the writes that completed before
+//! the daemon leaves every acknowledged write on the image), and each one first keeps the
+//! *before-image* of the bytes it overwrites in an undo journal: in memory up to 64 MiB,
+//! then in a temporary file beside the image (disk, not memory, bounds the unsynced data),
+//! with an in-memory index of one small entry per write. A successful flush drops the entries of the writes that completed before
 //! it: they are durable. A power cut walks the journal from the newest write to the oldest
 //! and, sector by sector, either keeps a write (the sector is settled: no older write may
 //! touch it again) or restores its before-image. So a sector ends as its durable content or
@@ -24,11 +24,13 @@
 //! write-zeroes) first ask for their data extents (`SEEK_DATA`), so a 1 TiB sparse image with
 //! 1 GiB unsynced journals at most 1 GiB, not a terabyte.
 //!
-//! Lock rule: one mutex serialises a journaled write's three steps (read the before-image,
-//! append it, write the data) with other journaled writes, with flush bookkeeping and with
-//! the cut, because a before-image is only right if no other write to those bytes runs in
-//! between. It is held across that I/O by design, and only with `--write-cache`; the engine's
-//! lock is never taken under it.
+//! Lock rule: a journaled write claims its sectors for its three steps (read the
+//! before-image, keep it, write the data), because a before-image is only right if no other
+//! write to those bytes runs in between; writes to other sectors run in parallel. The
+//! journal's index lock is held only to reserve space and record an entry, never across
+//! I/O. A cut takes the power lock exclusively, so it waits for the writes in flight and no
+//! write starts during it. Only with `--write-cache`; the engine's lock is never taken under
+//! any of these.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -220,16 +222,51 @@ impl BadSectors {
     }
 }
 
-/// One journaled write: the bytes it covered and where their before-image's data extents
-/// are in the journal file (holes are the gaps between them).
+/// One journaled write: the bytes it covered and its before-image's pieces that are not
+/// zeroes (the gaps between them were zeroes or holes, and are restored as holes).
 struct Entry {
     /// Orders entries against flushes.
     seq: u64,
     offset: u64,
     len: u64,
-    /// (image offset, length, journal offset) of each data extent of the before-image.
-    data: Vec<(u64, u64, u64)>,
+    /// The before-image's pieces that are not zeroes, in image order.
+    data: Vec<Piece>,
 }
+
+impl Entry {
+    /// Bytes of its before-image held in memory.
+    fn memory(&self) -> u64 {
+        memory_of(&self.data)
+    }
+}
+
+/// Bytes of `pieces` held in memory.
+fn memory_of(pieces: &[Piece]) -> u64 {
+    pieces
+        .iter()
+        .filter(|p| matches!(p.bytes, Stored::Memory(_)))
+        .map(|p| p.len)
+        .sum()
+}
+
+/// A piece of a before-image: `len` bytes that were at image offset `at`.
+struct Piece {
+    at: u64,
+    len: u64,
+    bytes: Stored,
+}
+
+/// Where a piece's bytes are kept.
+enum Stored {
+    /// In memory, while the journal's memory budget lasts (no syscall to keep them).
+    Memory(Box<[u8]>),
+    /// At this offset of the journal file.
+    File(u64),
+}
+
+/// Before-image bytes kept in memory at most; the rest goes to the journal file, so the
+/// unsynced data is bounded by the filesystem, not by memory.
+const MEMORY_BUDGET: u64 = 64 << 20;
 
 struct Journal {
     /// Bytes used (or reserved by writes in flight) in the journal file.
@@ -239,6 +276,8 @@ struct Journal {
     /// Writes that reserved journal space and have not recorded their entry yet: the file
     /// may only be emptied when there are none.
     in_flight: usize,
+    /// Before-image bytes held in memory (at most [`MEMORY_BUDGET`]).
+    in_memory: u64,
     /// Cuts so far (each cut's draws are keyed by its number).
     cuts: u64,
 }
@@ -351,6 +390,7 @@ impl WriteCache {
                 entries: Vec::new(),
                 next_seq: 0,
                 in_flight: 0,
+                in_memory: 0,
                 cuts: 0,
             }),
             power: RwLock::new(()),
@@ -397,8 +437,8 @@ impl WriteCache {
             data_extents(image, offset, len)?
         };
         self.journal.lock().in_flight += 1;
-        let recorded = (|| -> io::Result<Vec<(u64, u64, u64)>> {
-            let mut data = Vec::new();
+        let mut data = Vec::new();
+        let recorded = (|| -> io::Result<()> {
             let mut buf = Vec::new();
             for (s, l) in extents {
                 let mut at = s;
@@ -409,24 +449,37 @@ impl WriteCache {
                     // Zeroes need no bytes: restoring them punches a hole (which reads the
                     // same), so a sparse image stays sparse and its holes cost no journal.
                     if buf.iter().any(|b| *b != 0) {
-                        let place = {
+                        let in_memory = {
                             let mut j = self.journal.lock();
-                            let place = j.end;
-                            j.end += n;
-                            place
+                            if j.in_memory + n <= MEMORY_BUDGET {
+                                j.in_memory += n;
+                                None
+                            } else {
+                                j.end += n;
+                                Some(j.end - n)
+                            }
                         };
-                        self.file.write_all_at(&buf, place)?;
-                        data.push((at, n, place));
+                        let bytes = match in_memory {
+                            None => Stored::Memory(std::mem::take(&mut buf).into_boxed_slice()),
+                            Some(place) => {
+                                self.file.write_all_at(&buf, place)?;
+                                Stored::File(place)
+                            }
+                        };
+                        data.push(Piece { at, len: n, bytes });
                     }
                     at += n;
                 }
             }
-            io()?;
-            Ok(data)
+            io()
         })();
         let mut j = self.journal.lock();
         j.in_flight -= 1;
-        let data = recorded?;
+        if let Err(e) = recorded {
+            // The write did not happen: give back the memory its before-image held.
+            j.in_memory -= memory_of(&data);
+            return Err(e);
+        }
         // Recorded once the write is done, so a flush marks only completed writes; under the
         // range claim, so overlapping writes are recorded in the order they wrote.
         let seq = j.next_seq;
@@ -461,7 +514,8 @@ impl WriteCache {
     pub fn flushed(&self, mark: u64) {
         let mut j = self.journal.lock();
         let keep_from = j.entries.partition_point(|e| e.seq < mark);
-        j.entries.drain(..keep_from);
+        let freed: u64 = j.entries.drain(..keep_from).map(|e| e.memory()).sum();
+        j.in_memory -= freed;
         if j.entries.is_empty() && j.in_flight == 0 && j.end > 0 {
             // Nothing unsynced: the journal's space goes back to the filesystem.
             let _ = self.file.set_len(0);
@@ -551,6 +605,7 @@ impl WriteCache {
         image.sync_data()?;
         let _ = self.file.set_len(0);
         j.end = 0;
+        j.in_memory = 0;
         self.off.store(true, Ordering::Release);
         Ok(report)
     }
@@ -586,18 +641,39 @@ fn sector_units(offset: u64, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Puts the before-image of `e` back over `[s, s+l)` (inside `e`'s range): holes punched,
-/// data extents copied from the journal.
+/// Puts the before-image of `e` back over `[s, s+l)` (inside `e`'s range): data extents
+/// copied from the journal, the gaps between them punched. Data first, then the gaps, and
+/// never a byte punched that data goes to: a `kill -9` in the middle leaves every byte old
+/// or new, never zeroes that were neither.
 fn restore_range(image: &File, journal: &File, e: &Entry, s: u64, l: u64) -> io::Result<()> {
-    punch(image, s, l)?;
     let end = s + l;
-    for &(ds, dl, at) in &e.data {
-        let (a, b) = (ds.max(s), (ds + dl).min(end));
-        if a < b {
-            let mut buf = vec![0u8; (b - a) as usize];
-            journal.read_exact_at(&mut buf, at + (a - ds))?;
-            image.write_all_at(&buf, a)?;
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
+    let mut at = s;
+    for piece in &e.data {
+        let (a, b) = (piece.at.max(s), (piece.at + piece.len).min(end));
+        if a >= b {
+            continue;
         }
+        let from = (a - piece.at) as usize;
+        let n = (b - a) as usize;
+        match &piece.bytes {
+            Stored::Memory(bytes) => image.write_all_at(&bytes[from..from + n], a)?,
+            Stored::File(place) => {
+                let mut buf = vec![0u8; n];
+                journal.read_exact_at(&mut buf, place + from as u64)?;
+                image.write_all_at(&buf, a)?;
+            }
+        }
+        if at < a {
+            gaps.push((at, a - at));
+        }
+        at = b;
+    }
+    if at < end {
+        gaps.push((at, end - at));
+    }
+    for (g, n) in gaps {
+        punch(image, g, n)?;
     }
     Ok(())
 }
