@@ -252,6 +252,19 @@ fn power_cuts_need_the_write_cache() {
         err.contains("[power-cut]") && err.contains("--write-cache"),
         "{err}"
     );
+    // The page cache would serve what a cut lost: the two do not go together.
+    let (code, _, err) = run_cli(&[
+        "mount",
+        s.image.to_str().unwrap(),
+        s.mnt.to_str().unwrap(),
+        "--write-cache",
+        "--cache",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--write-cache needs every read to reach the daemon"),
+        "{err}"
+    );
     assert!(!is_mounted(&s.mnt));
 }
 
