@@ -71,7 +71,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::errno;
@@ -315,93 +315,13 @@ const INJECT_ERROR_KEYS: &[&str] = &[
     "count",
 ];
 const SET_STATE_KEYS: &[&str] = &["event", "state", "new_state"];
-const DELAY_KEYS: &[&str] = &[
-    "latency",
-    "jitter",
-    "errno",
-    "event",
-    "state",
-    "sector",
-    "sectors",
-    "iotype",
-    "probability",
-    "skip",
-    "every",
-    "count",
-    "once",
-];
-const CORRUPT_KEYS: &[&str] = &[
-    "mode",
-    "bits",
-    "bytes",
-    "event",
-    "state",
-    "sector",
-    "sectors",
-    "iotype",
-    "probability",
-    "skip",
-    "every",
-    "count",
-    "once",
-];
-const DROP_WRITE_KEYS: &[&str] = MATCH_KEYS;
-const TORN_WRITE_KEYS: &[&str] = &[
-    "keep",
-    "mode",
-    "unit",
-    "errno",
-    "event",
-    "state",
-    "sector",
-    "sectors",
-    "iotype",
-    "probability",
-    "skip",
-    "every",
-    "count",
-    "once",
-];
-const SHORT_IO_KEYS: &[&str] = &[
-    "length",
-    "event",
-    "state",
-    "sector",
-    "sectors",
-    "iotype",
-    "probability",
-    "skip",
-    "every",
-    "count",
-    "once",
-];
-const MISDIRECT_WRITE_KEYS: &[&str] = &[
-    "shift",
-    "event",
-    "state",
-    "sector",
-    "sectors",
-    "iotype",
-    "probability",
-    "skip",
-    "every",
-    "count",
-    "once",
-];
-const SUSPEND_KEYS: &[&str] = &[
-    "tag",
-    "event",
-    "state",
-    "sector",
-    "sectors",
-    "iotype",
-    "probability",
-    "skip",
-    "every",
-    "count",
-    "once",
-];
-
+// The own keys of each request-checked section; each also takes MATCH_KEYS (`Group::keys`).
+const DELAY_OWN: &[&str] = &["latency", "jitter", "errno"];
+const CORRUPT_OWN: &[&str] = &["mode", "bits", "bytes"];
+const TORN_WRITE_OWN: &[&str] = &["keep", "mode", "unit", "errno"];
+const SHORT_IO_OWN: &[&str] = &["length"];
+const MISDIRECT_WRITE_OWN: &[&str] = &["shift"];
+const SUSPEND_OWN: &[&str] = &["tag"];
 const POWER_CUT_KEYS: &[&str] = &[
     "event",
     "state",
@@ -467,19 +387,46 @@ impl Group {
         Group::ALL.iter().copied().find(|g| g.name() == name)
     }
 
+    /// Every key the group takes, for parsing and for the "this group takes" message: QEMU's
+    /// two groups, `[power-cut]` and `[bad-sectors]` have their own lists; the sections of
+    /// faults §3 take their own keys followed by the match keys of faults §1.
     pub fn keys(self) -> &'static [&'static str] {
         match self {
             Group::InjectError => INJECT_ERROR_KEYS,
             Group::SetState => SET_STATE_KEYS,
-            Group::Delay => DELAY_KEYS,
-            Group::Corrupt => CORRUPT_KEYS,
-            Group::DropWrite => DROP_WRITE_KEYS,
-            Group::TornWrite => TORN_WRITE_KEYS,
-            Group::ShortIo => SHORT_IO_KEYS,
-            Group::MisdirectWrite => MISDIRECT_WRITE_KEYS,
-            Group::Suspend => SUSPEND_KEYS,
             Group::PowerCut => POWER_CUT_KEYS,
             Group::BadSectors => BAD_SECTORS_KEYS,
+            _ => {
+                // Built once per section, then borrowed for the life of the process.
+                static BUILT: OnceLock<Vec<(Group, &'static [&'static str])>> = OnceLock::new();
+                let built = BUILT.get_or_init(|| {
+                    Group::ALL
+                        .iter()
+                        .map(|g| {
+                            let all: Vec<&'static str> =
+                                g.own_keys().iter().chain(MATCH_KEYS).copied().collect();
+                            (*g, &*Box::leak(all.into_boxed_slice()))
+                        })
+                        .collect()
+                });
+                built
+                    .iter()
+                    .find(|(g, _)| *g == self)
+                    .map_or(MATCH_KEYS, |(_, keys)| keys)
+            }
+        }
+    }
+
+    /// The keys of a faults §3 section's own action (its match keys apart).
+    fn own_keys(self) -> &'static [&'static str] {
+        match self {
+            Group::Delay => DELAY_OWN,
+            Group::Corrupt => CORRUPT_OWN,
+            Group::TornWrite => TORN_WRITE_OWN,
+            Group::ShortIo => SHORT_IO_OWN,
+            Group::MisdirectWrite => MISDIRECT_WRITE_OWN,
+            Group::Suspend => SUSPEND_OWN,
+            _ => &[],
         }
     }
 
@@ -1860,7 +1807,7 @@ mod tests {
             "latency",
             "1ms",
             Problem::UnknownKey {
-                allowed: SHORT_IO_KEYS,
+                allowed: Group::ShortIo.keys(),
             },
         );
         let e = parse("[delay]\njitter = 1ms\n").unwrap_err();

@@ -105,7 +105,9 @@ fn zero_aligned(file: &File, offset: u64, len: u64, punch: bool) -> io::Result<(
     }
 }
 
-fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
+/// Writes zeroes over `[offset, offset+len)`, a MiB at a time: the fallback where nothing
+/// can zero a range for us (a file or a device that refuses fallocate).
+pub(crate) fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
     const CHUNK: u64 = 1 << 20;
     if len == 0 {
         return Ok(());

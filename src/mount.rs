@@ -1622,13 +1622,5 @@ fn zero_range(file: &File, offset: u64, len: u64, punch: bool) -> io::Result<()>
         Err(e) if unsupported(&e) => {}
         other => return other,
     }
-    const CHUNK: u64 = 1 << 20;
-    let zeroes = vec![0u8; CHUNK.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(CHUNK) as usize;
-        file.write_all_at(&zeroes[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
+    crate::device::write_zeroes(file, offset, len)
 }
