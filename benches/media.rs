@@ -49,7 +49,9 @@ fn main() {
     for i in 0..plain_n {
         let at = i * 4096;
         cache
-            .write(&image, at, 4096, || image.write_all_at(&block, at))
+            .write(&image, at, 4096, cache.cycle(), || {
+                image.write_all_at(&block, at)
+            })
             .unwrap();
     }
     let journaled = t.elapsed().as_nanos() as f64 / plain_n as f64;
@@ -58,7 +60,8 @@ fn main() {
          {:.2}x)",
         journaled / plain
     );
-    cache.flushed(cache.flush_mark());
+    let ticket = cache.begin_flush(cache.cycle()).unwrap();
+    cache.end_flush(ticket).unwrap();
 
     // 1 GiB unsynced in 1 MiB writes spread over the terabyte (holes before each).
     let data = vec![0xa5u8; CHUNK as usize];
@@ -68,7 +71,9 @@ fn main() {
     for i in 0..writes {
         let at = i * stride;
         cache
-            .write(&image, at, CHUNK, || image.write_all_at(&data, at))
+            .write(&image, at, CHUNK, cache.cycle(), || {
+                image.write_all_at(&data, at)
+            })
             .unwrap();
     }
     let wrote = t.elapsed();

@@ -24,6 +24,15 @@
 //! write-zeroes) first ask for their data extents (`SEEK_DATA`), so a 1 TiB sparse image with
 //! 1 GiB unsynced journals at most 1 GiB, not a terabyte.
 //!
+//! # Flushes against cuts
+//! A cut is a point in time: the moment it takes the journal's lock, turns the device off
+//! and starts a new power cycle. A flush ends under that same lock ([`WriteCache::end_flush`]):
+//! if it got there first, its writes leave the journal before the cut can see them (durable
+//! in every mode); if the cut got there first, the flush fails with EIO, even when the
+//! power is back on by then. Requests carry the power cycle they began in, so a write or
+//! flush parked across a cut (and a power-on) is refused too. No second check anywhere
+//! else decides "before or after the cut".
+//!
 //! Lock rule: a journaled write claims its sectors for its three steps (read the
 //! before-image, keep it, write the data), because a before-image is only right if no other
 //! write to those bytes runs in between; writes to other sectors run in parallel. The
@@ -38,7 +47,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
@@ -278,8 +287,6 @@ struct Journal {
     in_flight: usize,
     /// Before-image bytes held in memory (at most [`MEMORY_BUDGET`]).
     in_memory: u64,
-    /// Cuts so far (each cut's draws are keyed by its number).
-    cuts: u64,
 }
 
 /// The largest piece of a before-image read at once (and the largest range journaled
@@ -299,10 +306,28 @@ pub struct WriteCache {
     /// so its before-image is what the write before it left.
     busy: Mutex<Vec<(u64, u64)>>,
     busy_done: Condvar,
-    /// The device is off (after a cut, until power-on). Changed only under the journal's
-    /// lock, so a journaled write that checks it there never races a cut; read without the
-    /// lock by everything else (reads must not wait behind a write's I/O).
+    /// The device is off (from the moment a cut starts until power-on). Changed only under
+    /// the journal's lock, together with `cycle`; read without the lock by everything else
+    /// (reads must not wait behind a write's I/O).
     off: AtomicBool,
+    /// Power cuts so far: the power cycle the device is in. A cut bumps it under the
+    /// journal's lock at the moment it starts (the cut's point in time), and each cut's
+    /// draws are keyed by its number.
+    cycle: AtomicU64,
+}
+
+/// A request's view of the power: the cycle it began in. A flush or write that began in one
+/// cycle and reaches the media in another was in flight at a cut, and fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PowerCycle(u64);
+
+/// A flush under way: the writes it covers (journaled before it began) and the power
+/// cycle it belongs to. See [`WriteCache::begin_flush`].
+#[derive(Debug)]
+#[must_use = "a flush makes nothing durable until end_flush says so"]
+pub struct FlushTicket {
+    mark: u64,
+    cycle: PowerCycle,
 }
 
 /// What a power cut did, for the reply and the trace.
@@ -391,13 +416,19 @@ impl WriteCache {
                 next_seq: 0,
                 in_flight: 0,
                 in_memory: 0,
-                cuts: 0,
             }),
             power: RwLock::new(()),
             busy: Mutex::new(Vec::new()),
             busy_done: Condvar::new(),
             off: AtomicBool::new(false),
+            cycle: AtomicU64::new(0),
         })
+    }
+
+    /// The power cycle a request that begins now belongs to (read without a lock: a cut
+    /// that starts right after is caught when the request reaches the media).
+    pub fn cycle(&self) -> PowerCycle {
+        PowerCycle(self.cycle.load(Ordering::Acquire))
     }
 
     pub fn is_off(&self) -> bool {
@@ -413,16 +444,28 @@ impl WriteCache {
     /// Journals the before-image of `[offset, offset+len)`, then runs `io` (the write), with
     /// no other journaled write to those sectors in between. Fails with EIO, doing nothing,
     /// while the power is off. Writes to other sectors run in parallel.
+    ///
+    /// `begun` is the power cycle the request began in: a write that began before a cut and
+    /// reaches the media after it (parked by a rule across the cut and a power-on) fails too,
+    /// as a command the disk lost with its power.
     pub fn write(
         &self,
         image: &File,
         offset: u64,
         len: u64,
+        begun: PowerCycle,
         io: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
-        let _powered = self.power.read();
+        // Fail fast while a cut runs, rather than wait for its power lock.
         if self.is_off() {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+            return Err(eio());
+        }
+        let _powered = self.power.read();
+        // A cut takes the power lock exclusively before it changes the flag and the cycle,
+        // so while this read side is held both are stable: no cut runs until the write is
+        // recorded, and the cut then resolves it.
+        if self.is_off() || self.cycle() != begun {
+            return Err(eio());
         }
         if len == 0 {
             return io();
@@ -505,15 +548,35 @@ impl WriteCache {
         RangeClaim { cache: self, range }
     }
 
-    /// The point a flush starting now covers: the writes journaled so far.
-    pub fn flush_mark(&self) -> u64 {
-        self.journal.lock().next_seq
+    /// Starts a flush of a request that began in power cycle `begun`: it covers the writes
+    /// journaled so far. `Err(EIO)` when the device is off or a cut came since the request
+    /// began.
+    ///
+    /// Run the flush's `fdatasync` between this and [`WriteCache::end_flush`], which alone
+    /// decides whether the flush succeeded.
+    pub fn begin_flush(&self, begun: PowerCycle) -> io::Result<FlushTicket> {
+        let j = self.journal.lock();
+        if self.is_off() || self.cycle() != begun {
+            return Err(eio());
+        }
+        Ok(FlushTicket {
+            mark: j.next_seq,
+            cycle: begun,
+        })
     }
 
-    /// A flush that started at `mark` succeeded: the writes before it are durable.
-    pub fn flushed(&self, mark: u64) {
+    /// Ends a flush whose `fdatasync` succeeded: the one place that orders a flush against
+    /// the power cuts (§5, "a cut is a point in time"). Under the journal's lock, which a cut
+    /// holds from its first moment to its last: if no cut started since the flush began, the
+    /// writes it covers become durable here, before any later cut can see them, and the
+    /// flush may report success; if one did (even one followed by a power-on), the cut has
+    /// resolved those writes and the flush fails with EIO.
+    pub fn end_flush(&self, ticket: FlushTicket) -> io::Result<()> {
         let mut j = self.journal.lock();
-        let keep_from = j.entries.partition_point(|e| e.seq < mark);
+        if self.is_off() || self.cycle() != ticket.cycle {
+            return Err(eio());
+        }
+        let keep_from = j.entries.partition_point(|e| e.seq < ticket.mark);
         let freed: u64 = j.entries.drain(..keep_from).map(|e| e.memory()).sum();
         j.in_memory -= freed;
         if j.entries.is_empty() && j.in_flight == 0 && j.end > 0 {
@@ -521,6 +584,7 @@ impl WriteCache {
             let _ = self.file.set_len(0);
             j.end = 0;
         }
+        Ok(())
     }
 
     pub fn unsynced(&self) -> Unsynced {
@@ -545,8 +609,11 @@ impl WriteCache {
         // No journaled write is half done from here on, and none starts.
         let _no_writes = self.power.write();
         let mut j = self.journal.lock();
-        let cut_number = j.cuts;
-        j.cuts += 1;
+        // The cut's point in time: from here the device is off and in a new power cycle, so
+        // every flush that has not ended yet fails (`end_flush` waits for this lock and then
+        // sees it), and every request that arrives fails at once.
+        let cut_number = self.cycle.fetch_add(1, Ordering::AcqRel);
+        self.off.store(true, Ordering::Release);
         let mut report = CutReport {
             mode: Some(mode),
             seed,
@@ -606,9 +673,31 @@ impl WriteCache {
         let _ = self.file.set_len(0);
         j.end = 0;
         j.in_memory = 0;
-        self.off.store(true, Ordering::Release);
         Ok(report)
     }
+}
+
+/// Why the media refused a write or flush: the power was cut before it reached them (the
+/// request fails with EIO, as on a disk that lost power mid-command). Carried inside an
+/// `io::Error`, so callers tell it from a real I/O error with [`is_power_lost`].
+#[derive(Debug)]
+struct PowerLost;
+
+impl std::fmt::Display for PowerLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the power was cut")
+    }
+}
+
+impl std::error::Error for PowerLost {}
+
+fn eio() -> io::Error {
+    io::Error::other(PowerLost)
+}
+
+/// Whether `e` is the media's refusal after a power cut (not an I/O error to log).
+pub fn is_power_lost(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<PowerLost>())
 }
 
 /// A journaled write's claim on its sectors (see [`WriteCache::claim`]).
@@ -769,10 +858,15 @@ mod tests {
     }
 
     fn write(c: &WriteCache, img: &File, offset: u64, bytes: &[u8]) {
-        c.write(img, offset, bytes.len() as u64, || {
+        c.write(img, offset, bytes.len() as u64, c.cycle(), || {
             img.write_all_at(bytes, offset)
         })
         .unwrap();
+    }
+
+    /// A flush that begins and ends now (its fdatasync is not this module's business).
+    fn flush(c: &WriteCache) -> io::Result<()> {
+        c.end_flush(c.begin_flush(c.cycle())?)
     }
 
     fn sector(img: &File, s: u64) -> Vec<u8> {
@@ -791,8 +885,7 @@ mod tests {
         let img = image(dir.path(), 8);
         let c = WriteCache::new(&dir.path().join("img")).unwrap();
         write(&c, &img, 0, &filled(0xaa, 2));
-        let mark = c.flush_mark();
-        c.flushed(mark); // sectors 0-1 are durable now
+        flush(&c).unwrap(); // sectors 0-1 are durable now
         write(&c, &img, 512, &filled(0xbb, 2)); // sectors 1-2
         write(&c, &img, 1024, &filled(0xcc, 1)); // sector 2 again
         let u = c.unsynced();
@@ -816,9 +909,9 @@ mod tests {
         assert_eq!(sector(&img, 2), filled(3, 1));
         assert!(c.is_off());
         let e = c
-            .write(&img, 0, 1, || panic!("no I/O while off"))
+            .write(&img, 0, 1, c.cycle(), || panic!("no I/O while off"))
             .unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(is_power_lost(&e), "{e}");
         assert!(c.power_on());
         assert_eq!(c.unsynced().writes, 0);
     }
@@ -829,14 +922,151 @@ mod tests {
         let img = image(dir.path(), 4);
         let c = WriteCache::new(&dir.path().join("img")).unwrap();
         write(&c, &img, 0, &filled(0x11, 1));
-        let mark = c.flush_mark();
+        let ticket = c.begin_flush(c.cycle()).unwrap();
         write(&c, &img, 512, &filled(0x22, 1)); // completes after the flush started
-        c.flushed(mark);
-        // (A flush failed by a rule never calls `flushed`.)
+        c.end_flush(ticket).unwrap();
+        // (A flush failed by a rule never ends: it makes nothing durable.)
+        let abandoned = c.begin_flush(c.cycle()).unwrap();
+        drop(abandoned);
         let report = c.cut(&img, CutMode::Lose, 0).unwrap();
         assert_eq!(report.lost, vec![(512, 512)]);
         assert_eq!(sector(&img, 0), filled(0x11, 1));
         assert_eq!(sector(&img, 1), filled(2, 1));
+    }
+
+    /// §5: a cut is a point in time. A flush that ended before it made its writes durable in
+    /// every mode; one in flight at the cut fails, even when it ends after a power-on; so
+    /// does a flush or a write of a request that began before the cut.
+    #[test]
+    fn flushes_and_writes_are_ordered_against_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), 4);
+        let c = WriteCache::new(&dir.path().join("img")).unwrap();
+        write(&c, &img, 0, &filled(0x11, 1));
+        let before = c.begin_flush(c.cycle()).unwrap();
+        c.end_flush(before).unwrap();
+        write(&c, &img, 512, &filled(0x22, 1));
+        let begun = c.cycle();
+        let in_flight = c.begin_flush(begun).unwrap();
+        let report = c.cut(&img, CutMode::Lose, 0).unwrap();
+        assert_eq!(report.lost, vec![(512, 512)], "the flush had not ended");
+        assert!(c.power_on());
+        let e = c.end_flush(in_flight).unwrap_err();
+        assert!(is_power_lost(&e), "a flush in flight at the cut fails: {e}");
+        assert_eq!(
+            sector(&img, 0),
+            filled(0x11, 1),
+            "the ended flush kept its write"
+        );
+        assert_eq!(sector(&img, 1), filled(2, 1));
+        // A request that began before the cut and reaches the media after the power-on
+        // (parked across both by a rule) was lost with the power.
+        let e = c.begin_flush(begun).unwrap_err();
+        assert!(is_power_lost(&e), "{e}");
+        let e = c
+            .write(&img, 1024, 512, begun, || {
+                panic!("no I/O for a lost command")
+            })
+            .unwrap_err();
+        assert!(is_power_lost(&e), "{e}");
+        // Requests of the new cycle work.
+        write(&c, &img, 1024, &filled(0x33, 1));
+        flush(&c).unwrap();
+        assert_eq!(c.unsynced().writes, 0);
+    }
+
+    /// The model of §5 under concurrency: threads write and flush while cuts come at random
+    /// moments, in every mode; a flush that ended well is never undone, and every sector is a
+    /// state the disk could have left. Many rounds, a seeded schedule of modes.
+    #[test]
+    fn concurrent_flushes_never_succeed_for_writes_a_cut_resolved() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let sectors = 64;
+        let img = Arc::new(image(dir.path(), sectors));
+        let c = Arc::new(WriteCache::new(&dir.path().join("img")).unwrap());
+        let modes = [
+            CutMode::Lose,
+            CutMode::Keep,
+            CutMode::Random,
+            CutMode::Sectors,
+        ];
+        // The first byte of each sector when the round began (durable then).
+        let mut round_start: Vec<u8> = (0..sectors).map(|s| sector(&img, s)[0]).collect();
+        for round in 0..200u64 {
+            let stop = Arc::new(AtomicBool::new(false));
+            // Each thread owns sectors t, t+4, ...: per sector, (value, flushed) history.
+            let workers: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let (c, img, stop) = (Arc::clone(&c), Arc::clone(&img), Arc::clone(&stop));
+                    std::thread::spawn(move || {
+                        let mut draw = Draw::new(round, t as u32, 0, 7);
+                        // Per owned sector: values written, and the index of the newest one
+                        // a successful flush covered.
+                        let mut written: Vec<(u64, Vec<u8>, Option<usize>)> = Vec::new();
+                        let mut value = 0x40u8 + t as u8;
+                        while !stop.load(Ordering::Acquire) {
+                            let s = t + 4 * draw.below(sectors / 4);
+                            value = value.wrapping_add(4).max(0x40);
+                            let bytes = filled(value, 1);
+                            let ok = c
+                                .write(&img, s * SECTOR, SECTOR, c.cycle(), || {
+                                    img.write_all_at(&bytes, s * SECTOR)
+                                })
+                                .is_ok();
+                            if ok {
+                                match written.iter_mut().find(|w| w.0 == s) {
+                                    Some(w) => w.1.push(value),
+                                    None => written.push((s, vec![value], None)),
+                                }
+                            }
+                            if draw.below(2) == 0 {
+                                let snapshot: Vec<(u64, usize)> =
+                                    written.iter().map(|w| (w.0, w.1.len() - 1)).collect();
+                                // The flush's fdatasync between its start and its end, as
+                                // the executor does: the window a cut can fall into.
+                                let synced = c.begin_flush(c.cycle()).and_then(|ticket| {
+                                    img.sync_data()?;
+                                    c.end_flush(ticket)
+                                });
+                                if synced.is_ok() {
+                                    for (s, newest) in snapshot {
+                                        let w = written.iter_mut().find(|w| w.0 == s).unwrap();
+                                        w.2 = Some(newest);
+                                    }
+                                }
+                            }
+                        }
+                        written
+                    })
+                })
+                .collect();
+            std::thread::sleep(std::time::Duration::from_micros(round * 37 % 500));
+            let mode = modes[(round % 4) as usize];
+            c.cut(&img, mode, round).unwrap();
+            stop.store(true, Ordering::Release);
+            for w in workers {
+                for (s, values, flushed) in w.join().unwrap() {
+                    let got = sector(&img, s)[0];
+                    // The newest flushed value or a later one; nothing older.
+                    let allowed = &values[flushed.unwrap_or(0)..];
+                    let original = flushed.is_none() && got == round_start[s as usize];
+                    assert!(
+                        allowed.contains(&got) || original,
+                        "round {round} ({mode:?}), sector {s}: holds {got:#x}, allowed \
+                         {allowed:x?} (flushed up to {flushed:?})"
+                    );
+                    if mode == CutMode::Keep {
+                        assert_eq!(got, *values.last().unwrap(), "keep lost a write");
+                    }
+                }
+            }
+            assert!(c.power_on());
+            // Settle: the next round starts from a durable image.
+            flush(&c).unwrap();
+            round_start = (0..sectors).map(|s| sector(&img, s)[0]).collect();
+        }
     }
 
     /// The §5 invariant under every mode and many seeds: each sector ends as its durable

@@ -36,7 +36,8 @@ use crate::errno;
 use crate::faults::{Edit, Effect};
 use crate::fields;
 use crate::media::{
-    BadSectors, BadSettings, CutMode, CutReport, Unsynced, WriteCache, WriteCheck, read_full,
+    self, BadSectors, BadSettings, CutMode, CutReport, PowerCycle, Unsynced, WriteCache,
+    WriteCheck, read_full,
 };
 use crate::ops::{Op, Step, plan};
 use crate::ranges::SectorSet;
@@ -189,6 +190,9 @@ pub struct Pending<'a> {
     short_end: Option<u64>,
     /// The events fired, for `--trace-all` (empty otherwise).
     events: Vec<Event>,
+    /// The power cycle the request began in (with `--write-cache`): the media fails its
+    /// writes and flushes if a cut comes before they reach it.
+    power: Option<PowerCycle>,
     done: Finish,
 }
 
@@ -209,6 +213,7 @@ impl Pending<'_> {
             effect: self.effect,
             short_end: self.short_end,
             events: self.events,
+            power: self.power,
             done: self.done,
         }
     }
@@ -879,6 +884,8 @@ impl Mount {
             op => op.range().1,
         };
         self.stats.request(op.kind(), bytes);
+        // Read before the power check: a cut that starts in between is then seen by both.
+        let power = self.cache.as_ref().map(|c| c.cycle());
         if self.powered_off() {
             // While off, every request fails and fires nothing.
             return done(Err(libc::EIO));
@@ -898,6 +905,7 @@ impl Mount {
             effect: None,
             short_end: None,
             events: Vec::new(),
+            power,
             done,
         };
         self.drive(pending);
@@ -1142,16 +1150,8 @@ impl Mount {
                     }
                 }
                 Step::Flush => {
-                    if self.powered_off() {
-                        return Advance::Finished(Err(libc::EIO));
-                    }
-                    // What this flush makes durable: the writes completed before it.
-                    let mark = self.cache.as_ref().map(|c| c.flush_mark());
-                    if let Err(e) = self.image.sync_data() {
-                        return Advance::Finished(Err(self.io_failed("fdatasync", 0, 0, e)));
-                    }
-                    if let (Some(cache), Some(mark)) = (&self.cache, mark) {
-                        cache.flushed(mark);
+                    if let Err(errno) = self.flush_media(p) {
+                        return Advance::Finished(Err(errno));
                     }
                 }
                 Step::FailWith { errno } => p.failed = Some(errno),
@@ -1162,6 +1162,24 @@ impl Mount {
                 }
                 Step::Done => return Advance::Finished(p.failed.map_or(Ok(()), Err)),
             }
+        }
+    }
+
+    /// The flush itself: `fdatasync` of the image, ordered against power cuts by the write
+    /// cache (which alone decides whether a flush that overlapped a cut succeeded).
+    fn flush_media(&self, p: &Pending<'_>) -> Result<(), i32> {
+        // The cache refuses only because of a cut: EIO, nothing to log.
+        let power_lost = |_| libc::EIO;
+        let ticket = match (&self.cache, p.power) {
+            (Some(cache), Some(begun)) => Some(cache.begin_flush(begun).map_err(power_lost)?),
+            _ => None,
+        };
+        if let Err(e) = self.image.sync_data() {
+            return Err(self.io_failed("fdatasync", 0, 0, e));
+        }
+        match (&self.cache, ticket) {
+            (Some(cache), Some(ticket)) => cache.end_flush(ticket).map_err(power_lost),
+            _ => Ok(()),
         }
     }
 
@@ -1223,16 +1241,14 @@ impl Mount {
             WriteCheck::Heal(ranges) => Some(ranges),
             WriteCheck::Clean | WriteCheck::StaysBad => None,
         };
-        let done = match &self.cache {
-            Some(cache) => {
-                if cache.is_off() {
-                    return Err(libc::EIO);
-                }
-                cache.write(&self.image, at, len, io)
-            }
-            None => io(),
+        let done = match (&self.cache, p.power) {
+            (Some(cache), Some(begun)) => cache.write(&self.image, at, len, begun, io),
+            _ => io(),
         };
         if let Err(e) = done {
+            if media::is_power_lost(&e) {
+                return Err(libc::EIO);
+            }
             return Err(self.io_failed(what, at, len, e));
         }
         self.note_extent(at + len);

@@ -10,6 +10,7 @@ mod faults;
 mod hardening;
 mod power;
 mod power_clients;
+mod power_race;
 mod util;
 
 use std::os::unix::fs::FileExt;

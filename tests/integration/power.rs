@@ -29,7 +29,7 @@ fn control(mnt: &Path, words: &[&str]) -> Result<String, String> {
 
 /// [`control`], which must succeed.
 #[track_caller]
-fn ctl(mnt: &Path, words: &[&str]) -> String {
+pub(crate) fn ctl(mnt: &Path, words: &[&str]) -> String {
     control(mnt, words).unwrap_or_else(|e| panic!("{words:?} failed: {e}"))
 }
 
