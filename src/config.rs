@@ -726,12 +726,10 @@ fn build_section(
     let section = Section::new(group, entries, at)?;
     let err = |e: Option<&Entry>, problem: Problem| section.err(e, problem);
     let get = |key: &str| section.get(key);
-    let mut sectors = SectorSet::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
     if let Some(e) = get("sectors") {
         let set = SectorSet::parse(&e.value).map_err(|r| err(Some(e), Problem::BadRange(r)))?;
-        for (a, b) in set.iter() {
-            sectors.insert(a, b);
-        }
+        ranges.extend(set.iter());
     }
     if let Some(e) = get("file") {
         let path = base.join(&e.value);
@@ -748,11 +746,14 @@ fn build_section(
                     Problem::BadListLine(format!("{}:{}", path.display(), i + 1), r),
                 )
             })?;
-            if let Some((a, b)) = range {
-                sectors.insert(a, b);
+            if let Some(range) = range {
+                ranges.push(range);
             }
         }
     }
+    // Built at once, not inserted line by line: a million lines load in O(n log n) into a
+    // compact set.
+    let sectors = SectorSet::from_ranges(ranges);
     if get("sectors").is_none() && get("file").is_none() {
         return Err(err(None, Problem::MissingKey("sectors")));
     }
@@ -1367,9 +1368,7 @@ fn merge_bad(specs: Vec<BadSpec>) -> Result<Option<(SectorSet, BadSettings)>, Co
                 problem: Problem::BadSettingsDiffer(first.at.to_string()),
             });
         }
-        for (a, b) in spec.sectors.iter() {
-            sectors.insert(a, b);
-        }
+        sectors.extend(&spec.sectors);
     }
     Ok(Some((sectors, first.settings)))
 }

@@ -203,10 +203,7 @@ impl BadSectors {
 
     pub fn add(&self, ranges: &SectorSet) {
         self.any.store(true, Ordering::Release);
-        let mut set = self.set.write();
-        for (a, b) in ranges.iter() {
-            set.insert(a, b);
-        }
+        self.set.write().extend(ranges);
     }
 
     pub fn remove(&self, ranges: &SectorSet) {
@@ -287,6 +284,38 @@ struct Journal {
     in_flight: usize,
     /// Before-image bytes held in memory (at most [`MEMORY_BUDGET`]).
     in_memory: u64,
+    /// Before-image bytes freed since the allocator was last asked to give memory back.
+    freed_since_trim: u64,
+}
+
+/// Freed before-images worth giving back to the system: the allocator keeps freed memory
+/// in per-thread arenas (a FUSE worker's), where other workers' writes do not reuse it, so
+/// without this the daemon's memory grew by up to the budget per worker thread over
+/// repeated runs (130-170 MB seen under fio).
+const TRIM_AFTER: u64 = 8 << 20;
+
+impl Journal {
+    /// Counts `freed` bytes; `true` when it is time to give memory back (outside the lock).
+    fn note_freed(&mut self, freed: u64) -> bool {
+        self.freed_since_trim += freed;
+        if self.freed_since_trim >= TRIM_AFTER {
+            self.freed_since_trim = 0;
+            return true;
+        }
+        false
+    }
+}
+
+/// Asks the allocator to return free memory of every arena to the system (glibc's
+/// `malloc_trim`, which also releases free pages inside a heap). Milliseconds at most, and
+/// only after [`TRIM_AFTER`] bytes were freed.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only reorganises the allocator's own free lists; no pointer of
+    // ours is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The largest piece of a before-image read at once (and the largest range journaled
@@ -416,6 +445,7 @@ impl WriteCache {
                 next_seq: 0,
                 in_flight: 0,
                 in_memory: 0,
+                freed_since_trim: 0,
             }),
             power: RwLock::new(()),
             busy: Mutex::new(Vec::new()),
@@ -577,12 +607,20 @@ impl WriteCache {
             return Err(eio());
         }
         let keep_from = j.entries.partition_point(|e| e.seq < ticket.mark);
-        let freed: u64 = j.entries.drain(..keep_from).map(|e| e.memory()).sum();
+        let durable: Vec<Entry> = j.entries.drain(..keep_from).collect();
+        let freed: u64 = durable.iter().map(Entry::memory).sum();
         j.in_memory -= freed;
         if j.entries.is_empty() && j.in_flight == 0 && j.end > 0 {
             // Nothing unsynced: the journal's space goes back to the filesystem.
             let _ = self.file.set_len(0);
             j.end = 0;
+        }
+        let trim = j.note_freed(freed);
+        drop(j);
+        // Freed outside the lock: thousands of before-images take a while to free.
+        drop(durable);
+        if trim {
+            release_freed_memory();
         }
         Ok(())
     }
@@ -672,7 +710,13 @@ impl WriteCache {
         image.sync_data()?;
         let _ = self.file.set_len(0);
         j.end = 0;
-        j.in_memory = 0;
+        let freed = std::mem::take(&mut j.in_memory);
+        j.freed_since_trim = 0;
+        drop(j);
+        drop(entries);
+        if freed > 0 {
+            release_freed_memory();
+        }
         Ok(report)
     }
 }

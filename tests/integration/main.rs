@@ -8,6 +8,7 @@ mod ecosystem;
 mod fault_clients;
 mod faults;
 mod hardening;
+mod memory;
 mod power;
 mod power_clients;
 mod power_race;
