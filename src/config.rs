@@ -80,7 +80,8 @@ use crate::media::{BadSettings, CutMode};
 pub use crate::ranges::MAX_SECTOR;
 use crate::ranges::{RangeError, SectorSet};
 use crate::rules::{
-    Action, Counting, Event, IoType, IoTypes, Origin, Range, RequestMatch, Rule, applicable_iotypes,
+    Action, Counting, Event, IoType, IoTypes, Origin, Placement, Range, RequestMatch, Rule, RuleId,
+    applicable_iotypes,
 };
 
 /// Where a piece of configuration came from.
@@ -171,6 +172,10 @@ pub enum Problem {
     BadSettingsDiffer(String),
     /// A `[power-cut]` rule on a mount without `--write-cache`.
     PowerCutNeedsWriteCache,
+    /// `before=` of a `ctl` rule is not a rule number.
+    BadPlacement,
+    /// Both `first` and `before=N` (or one twice); the one given first.
+    TwoPlacements(String),
 }
 
 impl fmt::Display for Problem {
@@ -242,6 +247,13 @@ impl fmt::Display for Problem {
             ),
             Problem::PowerCutNeedsWriteCache => {
                 f.write_str("a power cut needs the write-cache model: mount with --write-cache")
+            }
+            Problem::BadPlacement => f.write_str("'before' takes a rule number (see 'rules')"),
+            Problem::TwoPlacements(first) => {
+                write!(
+                    f,
+                    "the rule is placed by '{first}' already: give 'first' or one 'before=N'"
+                )
             }
             Problem::MissingSection => write!(
                 f,
@@ -1116,6 +1128,53 @@ pub fn parse_rule_option(
 ) -> Result<Rule, ConfigError> {
     let (entries, at) = option_entries(text, source);
     build_rule(group, &entries, &at, origin)
+}
+
+/// Parses a rule sent through the control channel: [`parse_rule_option`], plus where it goes
+/// in the order of checks: the word `first`, or `before=N` (rule N).
+pub fn parse_rule_command(
+    group: Group,
+    text: &str,
+    source: Source,
+    origin: Origin,
+) -> Result<(Rule, Placement), ConfigError> {
+    let (mut entries, at) = option_entries(text, source);
+    let mut placement = Placement::Last;
+    let mut placed_by: Option<String> = None;
+    let mut keep = Vec::with_capacity(entries.len());
+    for e in entries.drain(..) {
+        let here = match (e.key.as_str(), e.value.as_str()) {
+            ("first", "") => Placement::First,
+            ("before", n) => match n.trim().parse::<u32>() {
+                Ok(n) => Placement::Before(RuleId(n)),
+                Err(_) => {
+                    return Err(ConfigError {
+                        at,
+                        section: Some(group.name().to_string()),
+                        key: Some(e.key),
+                        value: Some(e.value),
+                        problem: Problem::BadPlacement,
+                    });
+                }
+            },
+            _ => {
+                keep.push(e);
+                continue;
+            }
+        };
+        if let Some(first) = placed_by.replace(e.key.clone()) {
+            return Err(ConfigError {
+                at,
+                section: Some(group.name().to_string()),
+                key: Some(e.key),
+                value: Some(e.value),
+                problem: Problem::TwoPlacements(first),
+            });
+        }
+        placement = here;
+    }
+    let rule = build_rule(group, &keep, &at, origin)?;
+    Ok((rule, placement))
 }
 
 fn option_entries(text: &str, source: Source) -> (Vec<Entry>, Location) {

@@ -8,6 +8,7 @@ mod ecosystem;
 mod fault_clients;
 mod faults;
 mod hardening;
+mod newuser;
 mod power;
 mod power_clients;
 mod util;
