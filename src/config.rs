@@ -45,8 +45,8 @@
 //! tag = "w"
 //!
 //! [power-cut]             # event (required), state, mode lose|keep|random|sectors,
-//! event = "flush_to_disk" # and the counting keys, counted over the event's firings
-//! skip = "199"
+//! event = "flush_to_disk" # and the counting keys, counted over the event's firings;
+//! skip = "199"            # cuts once unless `count` or `every` is given
 //!
 //! [bad-sectors]           # media, not a rule: sectors and/or file (badblocks output),
 //! sectors = "2048-2055"   # errno (EIO), heal-on-write (on), write-errno (0)
@@ -571,6 +571,15 @@ fn build_rule(
     if group == Group::PowerCut {
         let mode = opt(get("mode"), |t| parse_choice(t, CutMode::NAMES), &err)?;
         let mode = CutMode::from_name(CutMode::NAMES[mode.unwrap_or(0)]).unwrap_or(CutMode::Lose);
+        // A cut happens once unless `count` or `every` say otherwise (faults §5): a rule that
+        // cut again after `power-on` would cut at the remount's own flush.
+        let counting = Counting {
+            count: match (counting.count, get("every")) {
+                (None, None) => Some(1),
+                (count, _) => count,
+            },
+            ..counting
+        };
         return Ok(Rule {
             event,
             state,

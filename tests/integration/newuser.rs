@@ -96,3 +96,42 @@ fn ctl_places_a_rule_first_or_before_rule_n() {
     drop(f);
     assert!(d.stop().success());
 }
+
+#[test]
+fn a_power_cut_rule_cuts_once_unless_count_or_every_say_otherwise() {
+    let s = Scratch::new(MIB);
+    let d = mount(
+        &s,
+        &["--write-cache", "--rule", "power-cut:event=flush_to_disk,skip=1"],
+    );
+    let f = open_direct(&s.view());
+    let write_and_sync = |b: u8| {
+        assert_eq!(pwrite(&f, AlignedBuf::filled(512, b).as_ref(), 0), Ok(512));
+        fsync(&f)
+    };
+    assert_eq!(write_and_sync(1), Ok(0));
+    assert_eq!(write_and_sync(2), Err(libc::EIO), "the second flush cuts");
+    ctl(&s.mnt, &["power-on"]);
+    // After power-on the device stays on: the rule cut once and is gone.
+    for b in 3..6 {
+        assert_eq!(write_and_sync(b), Ok(0));
+    }
+    assert!(ctl(&s.mnt, &["rules"]).trim() == "no rules");
+    drop(f);
+    assert!(d.stop().success());
+    // `every` (or `count`) keeps it: it cuts at every second flush.
+    let d = mount(
+        &s,
+        &["--write-cache", "--rule", "power-cut:event=flush_to_disk,every=2"],
+    );
+    let f = open_direct(&s.view());
+    for round in 0..2 {
+        assert_eq!(pwrite(&f, AlignedBuf::filled(512, 7).as_ref(), 0), Ok(512));
+        assert_eq!(fsync(&f), Ok(0), "round {round}");
+        assert_eq!(pwrite(&f, AlignedBuf::filled(512, 8).as_ref(), 0), Ok(512));
+        assert_eq!(fsync(&f), Err(libc::EIO), "round {round}");
+        ctl(&s.mnt, &["power-on"]);
+    }
+    drop(f);
+    assert!(d.stop().success());
+}
