@@ -88,7 +88,7 @@ use crate::rules::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     File(PathBuf),
-    /// The n-th (1-based) `--inject-error` / `--set-state` option, with its text.
+    /// The n-th (1-based) `--inject-error`, `--set-state` or `--rule` option, with its text.
     Option {
         flag: &'static str,
         index: usize,
@@ -174,6 +174,10 @@ pub enum Problem {
     PowerCutNeedsWriteCache,
     /// `before=` of a `ctl` rule is not a rule number.
     BadPlacement,
+    /// An item of `range` that is not `START-END` in bytes.
+    BadByteRange(String),
+    /// Command-line or `ctl` text with a part that is not `KEY=VALUE`.
+    NotKeyValue,
     /// Both `first` and `before=N` (or one twice); the one given first.
     TwoPlacements(String),
 }
@@ -214,9 +218,10 @@ impl fmt::Display for Problem {
                 "no request can reach this sector (sector * 512 must be below 2^63; the \
                  largest is {MAX_SECTOR})"
             ),
-            Problem::SectorAndSectors => {
-                f.write_str("give either 'sector' (QEMU's) or 'sectors' (ranges), not both")
-            }
+            Problem::SectorAndSectors => f.write_str(
+                "give one of 'sector' (QEMU's), 'sectors' (sector ranges) or 'range' (byte \
+                 ranges), not two",
+            ),
             Problem::BadRange(e) => write!(f, "{e}"),
             Problem::MissingKey(key) => write!(f, "the rule has no '{key}' key (required here)"),
             Problem::BadDuration => f.write_str(
@@ -248,6 +253,15 @@ impl fmt::Display for Problem {
             Problem::PowerCutNeedsWriteCache => {
                 f.write_str("a power cut needs the write-cache model: mount with --write-cache")
             }
+            Problem::BadByteRange(item) => write!(
+                f,
+                "'{item}' is not a byte range (expected START-END, END exclusive, with sizes \
+                 like 0-64M; separated by ',' or '+')"
+            ),
+            Problem::NotKeyValue => f.write_str(
+                "not KEY=VALUE: ',' separates keys here, so a list of ranges is joined with \
+                 '+' (sectors=0-7+2048-2055, range=0-64M+1G-2G) or with ',,'",
+            ),
             Problem::BadPlacement => f.write_str("'before' takes a rule number (see 'rules')"),
             Problem::TwoPlacements(first) => {
                 write!(
@@ -303,6 +317,7 @@ const MATCH_KEYS: &[&str] = &[
     "state",
     "sector",
     "sectors",
+    "range",
     "iotype",
     "probability",
     "skip",
@@ -318,6 +333,7 @@ const INJECT_ERROR_KEYS: &[&str] = &[
     "errno",
     "sector",
     "sectors",
+    "range",
     "once",
     "immediately",
     "iotype",
@@ -457,6 +473,8 @@ struct Entry {
     key: String,
     value: String,
     line: Option<usize>,
+    /// Command-line or `ctl` text without `=`: a word, not a key (kept for `ctl ... first`).
+    bare: bool,
 }
 
 /// One section's entries and where they were: finds keys and builds errors that name the
@@ -472,6 +490,14 @@ impl<'a> Section<'a> {
     fn new(group: Group, entries: &'a [Entry], at: &'a Location) -> Result<Self, ConfigError> {
         let section = Section { group, entries, at };
         for e in entries {
+            if e.bare {
+                // Most often the second range of a list after a comma (`sectors=0-7,16`).
+                return Err(ConfigError {
+                    key: None,
+                    value: Some(e.key.clone()),
+                    ..section.err(Some(e), Problem::NotKeyValue)
+                });
+            }
             if !group.keys().contains(&e.key.as_str()) {
                 return Err(section.err(
                     Some(e),
@@ -545,14 +571,25 @@ fn build_rule(
     }
 
     // The match: range, iotype and the counting keys.
-    let range = match (get("sector"), get("sectors")) {
-        (Some(_), Some(e)) => return Err(err(Some(e), Problem::SectorAndSectors)),
-        (Some(e), None) if e.value.trim() == "-1" => Range::Any,
-        (Some(e), None) => Range::Sector(parse_sector(&e.value).map_err(|p| err(Some(e), p))?),
-        (None, Some(e)) => Range::Sectors(Arc::new(
+    let ranges: Vec<&Entry> = ["sector", "sectors", "range"]
+        .iter()
+        .filter_map(|k| get(k))
+        .collect();
+    if let [_, second, ..] = ranges[..] {
+        return Err(err(Some(second), Problem::SectorAndSectors));
+    }
+    let range = match ranges.first() {
+        Some(e) if e.key == "sector" && e.value.trim() == "-1" => Range::Any,
+        Some(e) if e.key == "sector" => {
+            Range::Sector(parse_sector(&e.value).map_err(|p| err(Some(e), p))?)
+        }
+        Some(e) if e.key == "sectors" => Range::Sectors(Arc::new(
             SectorSet::parse(&e.value).map_err(|r| err(Some(e), Problem::BadRange(r)))?,
         )),
-        (None, None) => Range::Any,
+        Some(e) => Range::Sectors(Arc::new(
+            parse_byte_ranges(&e.value).map_err(|p| err(Some(e), p))?,
+        )),
+        None => Range::Any,
     };
     let iotype_entry = get("iotype");
     let iotypes = opt(iotype_entry, parse_iotypes, &err)?.unwrap_or_default();
@@ -795,6 +832,34 @@ fn build_section(
         settings,
         at: at.clone(),
     }))
+}
+
+/// `range`: byte ranges `START-END` (END exclusive, sizes with k, M, G; `0-64M` is the first
+/// 64 MiB), separated by `,` or `+`, as the set of sectors they touch.
+fn parse_byte_ranges(text: &str) -> Result<SectorSet, Problem> {
+    let mut set = SectorSet::new();
+    for item in text
+        .split([',', '+'])
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+    {
+        let bad = || Problem::BadByteRange(item.to_string());
+        let (start, end) = item.split_once('-').ok_or_else(bad)?;
+        let start = parse_size(start).map_err(|_| bad())?;
+        let end = parse_size(end).map_err(|_| bad())?;
+        if end <= start {
+            return Err(Problem::BadRange(RangeError::Backwards(item.to_string())));
+        }
+        let last = (end - 1) / 512;
+        if last > MAX_SECTOR {
+            return Err(Problem::BadRange(RangeError::TooLarge(item.to_string())));
+        }
+        set.insert(start / 512, last);
+    }
+    if set.is_empty() {
+        return Err(Problem::BadRange(RangeError::Empty));
+    }
+    Ok(set)
 }
 
 fn at_least_one(n: u64) -> Result<u64, Problem> {
@@ -1068,6 +1133,7 @@ pub fn parse_config_sections(
             key,
             value,
             line: Some(lineno),
+            bare: false,
         });
     }
     let base = path.parent().unwrap_or(Path::new("."));
@@ -1100,8 +1166,9 @@ pub fn load_config_file(path: &Path) -> Result<(Vec<Rule>, Vec<BadSpec>), Config
     parse_config_sections(path, &bytes)
 }
 
-/// Splits QEMU option text `a=1,b=2` (`,,` is a literal comma) into key/value pairs.
-fn split_options(text: &str) -> Vec<(String, String)> {
+/// Splits QEMU option text `a=1,b=2` (`,,` is a literal comma) into key/value pairs; a part
+/// without `=` has no value.
+fn split_options(text: &str) -> Vec<(String, Option<String>)> {
     let mut parts = Vec::new();
     let mut current = String::new();
     let mut chars = text.chars().peekable();
@@ -1122,8 +1189,8 @@ fn split_options(text: &str) -> Vec<(String, String)> {
         .into_iter()
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.trim().to_string(), v.trim().to_string()),
-            None => (p.trim().to_string(), String::new()),
+            Some((k, v)) => (k.trim().to_string(), Some(v.trim().to_string())),
+            None => (p.trim().to_string(), None),
         })
         .collect()
 }
@@ -1191,7 +1258,8 @@ fn option_entries(text: &str, source: Source) -> (Vec<Entry>, Location) {
         .into_iter()
         .map(|(key, value)| Entry {
             key,
-            value,
+            bare: value.is_none(),
+            value: value.unwrap_or_default(),
             line: None,
         })
         .collect();
@@ -1325,12 +1393,17 @@ impl RuleSet {
             None => (Vec::new(), Vec::new()),
         };
         for (i, rule) in cli.iter().enumerate() {
+            // Numbered per flag: `--rule #2` is the second `--rule`, whatever came between.
+            let index = 1 + cli[..i].iter().filter(|r| r.flag == rule.flag).count();
             let source = Source::Option {
                 flag: rule.flag,
-                index: i + 1,
+                index,
                 text: rule.text.clone(),
             };
-            let origin = Origin::CommandLine { index: i + 1 };
+            let origin = Origin::CommandLine {
+                flag: rule.flag,
+                index,
+            };
             let (group, text) = match rule.flag {
                 "--inject-error" => (Group::InjectError, rule.text.as_str()),
                 "--set-state" => (Group::SetState, rule.text.as_str()),

@@ -403,8 +403,15 @@ pub enum Action {
 /// Where a rule came from, for messages (`rule 3 (rules.ini:12)`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
-    File { path: String, line: usize },
-    CommandLine { index: usize },
+    File {
+        path: String,
+        line: usize,
+    },
+    /// The `index`-th (1-based) rule given with `flag` (`--rule`, `--inject-error`, ...).
+    CommandLine {
+        flag: &'static str,
+        index: usize,
+    },
     Runtime,
 }
 
@@ -412,7 +419,7 @@ impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::File { path, line } => write!(f, "{path}:{line}"),
-            Origin::CommandLine { index } => write!(f, "command line rule #{index}"),
+            Origin::CommandLine { flag, index } => write!(f, "{flag} #{index}"),
             Origin::Runtime => f.write_str("added at run time"),
         }
     }

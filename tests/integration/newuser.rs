@@ -102,7 +102,11 @@ fn a_power_cut_rule_cuts_once_unless_count_or_every_say_otherwise() {
     let s = Scratch::new(MIB);
     let d = mount(
         &s,
-        &["--write-cache", "--rule", "power-cut:event=flush_to_disk,skip=1"],
+        &[
+            "--write-cache",
+            "--rule",
+            "power-cut:event=flush_to_disk,skip=1",
+        ],
     );
     let f = open_direct(&s.view());
     let write_and_sync = |b: u8| {
@@ -122,7 +126,11 @@ fn a_power_cut_rule_cuts_once_unless_count_or_every_say_otherwise() {
     // `every` (or `count`) keeps it: it cuts at every second flush.
     let d = mount(
         &s,
-        &["--write-cache", "--rule", "power-cut:event=flush_to_disk,every=2"],
+        &[
+            "--write-cache",
+            "--rule",
+            "power-cut:event=flush_to_disk,every=2",
+        ],
     );
     let f = open_direct(&s.view());
     for round in 0..2 {
@@ -132,6 +140,84 @@ fn a_power_cut_rule_cuts_once_unless_count_or_every_say_otherwise() {
         assert_eq!(fsync(&f), Err(libc::EIO), "round {round}");
         ctl(&s.mnt, &["power-on"]);
     }
+    drop(f);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn ranges_are_lists_with_plus_and_byte_ranges_with_sizes_on_the_command_line() {
+    let (code, out, err) = run_cli(&[
+        "check",
+        "--rule",
+        "delay:latency=5ms,sectors=2048-2055+10000",
+        "--rule",
+        "drop-write:range=0-64M",
+        "--rule",
+        "corrupt:range=1000-1025+4k-8k",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("range=sectors 2048-2055,10000 "), "{out}");
+    // The first 64 MiB, and exactly the sectors a byte range touches.
+    assert!(out.contains("range=sectors 0-131071 "), "{out}");
+    assert!(out.contains("range=sectors 1-2,8-15 "), "{out}");
+    // A comma between ranges: the error names the real problem and the rule.
+    let (code, _, err) = run_cli(&[
+        "check",
+        "--inject-error",
+        "event=read_aio",
+        "--rule",
+        "delay:latency=5ms,sectors=2048-2055,10000",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--rule #1 'delay:latency=5ms,sectors=2048-2055,10000': [delay] \"10000\": not KEY=VALUE")
+            && err.contains("joined with '+'"),
+        "{err}"
+    );
+    for (rule, needle) in [
+        ("delay:latency=5ms,range=64M", "'64M' is not a byte range"),
+        (
+            "delay:latency=5ms,range=8k-4k",
+            "'8k-4k' ends before it starts",
+        ),
+        (
+            "delay:latency=5ms,range=0-4k,sectors=8",
+            "give one of 'sector'",
+        ),
+    ] {
+        let (code, _, err) = run_cli(&["check", "--rule", rule]);
+        assert_eq!(code, 2, "{rule}");
+        assert!(err.contains(needle), "{rule}: {err}");
+    }
+}
+
+#[test]
+fn ctl_takes_range_lists_and_byte_ranges() {
+    let s = Scratch::new(MIB);
+    let d = mount(&s, &[]);
+    let added = ctl(
+        &s.mnt,
+        &[
+            "inject-error",
+            "errno=ENOSPC,iotype=read,range=4k-8k+12k-16k",
+        ],
+    );
+    assert!(added.contains("range=sectors 8-15,24-31 "), "{added}");
+    ctl(&s.mnt, &["drop-write", "sectors=0-0+100"]);
+    let f = open_direct(&s.view());
+    let mut b = AlignedBuf::new(4096);
+    for (off, want) in [(0, Ok(4096)), (4096, Err(libc::ENOSPC)), (8192, Ok(4096))] {
+        assert_eq!(pread(&f, b.as_mut(), off), want, "read at {off}");
+    }
+    assert_eq!(pread(&f, b.as_mut(), 12288), Err(libc::ENOSPC));
+    let (code, _, err) = run_cli(&[
+        "ctl",
+        s.mnt.to_str().unwrap(),
+        "drop-write",
+        "sectors=0-7,9",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("\"9\": not KEY=VALUE"), "{err}");
     drop(f);
     assert!(d.stop().success());
 }
