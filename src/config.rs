@@ -111,6 +111,9 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.source {
             Source::File(p) => write!(f, "{}", p.display())?,
+            Source::Option { flag, index, text } if text.is_empty() => {
+                write!(f, "{flag} #{index}")?
+            }
             Source::Option { flag, index, text } => write!(f, "{flag} #{index} '{text}'")?,
             Source::Command(text) => write!(f, "command '{text}'")?,
             Source::LimitOption => f.write_str("command line")?,
@@ -178,6 +181,10 @@ pub enum Problem {
     BadByteRange(String),
     /// Command-line or `ctl` text with a part that is not `KEY=VALUE`.
     NotKeyValue,
+    /// A key given twice in one of our sections (the line of the first, in a file).
+    DuplicateKey(Option<usize>),
+    /// A rule with a range whose iotypes are only `flush`: a flush has no range.
+    FlushHasNoRange,
     /// Both `first` and `before=N` (or one twice); the one given first.
     TwoPlacements(String),
 }
@@ -250,9 +257,10 @@ impl fmt::Display for Problem {
                 "every [bad-sectors] section must give the same errno, heal-on-write and \
                  write-errno (they differ from the section at {other})"
             ),
-            Problem::PowerCutNeedsWriteCache => {
-                f.write_str("a power cut needs the write-cache model: mount with --write-cache")
-            }
+            Problem::PowerCutNeedsWriteCache => f.write_str(
+                "a power cut needs the write-cache model: mount with --write-cache (and give \
+                 `check` --write-cache to check such rules)",
+            ),
             Problem::BadByteRange(item) => write!(
                 f,
                 "'{item}' is not a byte range (expected START-END, END exclusive, with sizes \
@@ -261,6 +269,17 @@ impl fmt::Display for Problem {
             Problem::NotKeyValue => f.write_str(
                 "not KEY=VALUE: ',' separates keys here, so a list of ranges is joined with \
                  '+' (sectors=0-7+2048-2055, range=0-64M+1G-2G) or with ',,'",
+            ),
+            Problem::DuplicateKey(Some(line)) => {
+                write!(
+                    f,
+                    "the key is given twice in this section (first on line {line})"
+                )
+            }
+            Problem::DuplicateKey(None) => f.write_str("the key is given twice in this rule"),
+            Problem::FlushHasNoRange => f.write_str(
+                "a flush has no range, so a rule with a range never acts on one: drop the \
+                 range, or add the iotypes it should act on",
             ),
             Problem::BadPlacement => f.write_str("'before' takes a rule number (see 'rules')"),
             Problem::TwoPlacements(first) => {
@@ -507,6 +526,15 @@ impl<'a> Section<'a> {
                 ));
             }
         }
+        // QEMU keeps the last value of a repeated key in its own sections (kept, see
+        // `get`); in ours a repeated key is a mistake, not a silent override.
+        if !matches!(group, Group::InjectError | Group::SetState) {
+            for (i, e) in entries.iter().enumerate() {
+                if let Some(first) = entries[..i].iter().find(|f| f.key == e.key) {
+                    return Err(section.err(Some(e), Problem::DuplicateKey(first.line)));
+                }
+            }
+        }
         Ok(section)
     }
 
@@ -726,6 +754,14 @@ fn build_rule(
             }
         }
     };
+    // A range on a rule that acts only on flushes never matches (QEMU's [inject-error]
+    // accepts it: a warning there, see `RuleSet::warnings`).
+    if let Some(e) = iotype_entry
+        && group != Group::InjectError
+        && flush_only_with_range(&range, iotypes, &fault)
+    {
+        return Err(err(Some(e), Problem::FlushHasNoRange));
+    }
     // An explicit iotype the action can never act on is a mistake, not a silent no-op.
     if let Some(e) = iotype_entry {
         let usable = applicable_iotypes(&fault);
@@ -832,6 +868,39 @@ fn build_section(
         settings,
         at: at.clone(),
     }))
+}
+
+/// Whether a rule with `range` acts only on flushes, which have no range: it never acts.
+fn flush_only_with_range(range: &Range, iotypes: IoTypes, fault: &Fault) -> bool {
+    let usable = applicable_iotypes(fault);
+    let acts_on = || {
+        IoType::ALL
+            .iter()
+            .filter(move |t| iotypes.contains(**t) && usable.contains(**t))
+    };
+    !matches!(range, Range::Any)
+        && acts_on().next().is_some()
+        && acts_on().all(|t| *t == IoType::Flush)
+}
+
+/// A warning for a rule whose whole range lies at or past `size` (the image's end): no
+/// request reaches it unless the image grows. `None` for any other rule.
+pub fn past_the_end(rule: &Rule, size: u64) -> Option<String> {
+    let Action::Request { matches, .. } = &rule.action else {
+        return None;
+    };
+    let first_byte = match &matches.range {
+        Range::Any => return None,
+        Range::Sector(s) => s.saturating_mul(512),
+        Range::Sectors(set) => set.iter().next()?.0.saturating_mul(512),
+    };
+    (first_byte >= size).then(|| {
+        format!(
+            "its range ({}) starts at byte {first_byte}, at or past the image's end ({size} \
+             bytes): no request reaches it unless the image grows",
+            matches.range
+        )
+    })
 }
 
 /// `range`: byte ranges `START-END` (END exclusive, sizes with k, M, G; `0-64M` is the first
@@ -1454,6 +1523,15 @@ impl RuleSet {
                     .iter()
                     .filter(|t| matches.iotypes.contains(**t))
                     .all(|t| *t == IoType::Discard);
+                if let Action::Request { fault, matches } = &rule.action
+                    && flush_only_with_range(&matches.range, matches.iotypes, fault)
+                {
+                    out.push(format!(
+                        "rule {n} ({}): iotype=flush with a range never matches: a flush has \
+                         no range",
+                        rule.origin
+                    ));
+                }
                 if discard_only {
                     out.push(format!(
                         "rule {n} ({}): iotype=discard never matches: no FUSE operation \
@@ -1480,7 +1558,15 @@ pub fn check_write_cache(rules: &[Rule], write_cache: bool) -> Result<(), Config
     };
     let (source, line) = match &rule.origin {
         Origin::File { path, line } => (Source::File(PathBuf::from(path)), Some(*line)),
-        _ => (Source::LimitOption, None),
+        Origin::CommandLine { flag, index } => (
+            Source::Option {
+                flag,
+                index: *index,
+                text: String::new(),
+            },
+            None,
+        ),
+        Origin::Runtime => (Source::LimitOption, None),
     };
     Err(ConfigError {
         at: Location { source, line },

@@ -451,6 +451,7 @@ impl Control {
         )
         .map_err(|e| CtlError::invalid(e.to_string()))?;
         let shown = rule.to_string();
+        let past_end = config::past_the_end(&rule, self.mount.size());
         let id = self.mount.add_rule_placed(rule, placement).map_err(|n| {
             CtlError::new(
                 libc::ENOENT,
@@ -462,7 +463,11 @@ impl Control {
             Placement::First => " (checked first)".to_string(),
             Placement::Before(n) => format!(" (checked before rule {n})"),
         };
-        Ok(format!("added rule {id}{place}: {shown}"))
+        let mut reply = format!("added rule {id}{place}: {shown}");
+        if let Some(why) = past_end {
+            let _ = write!(reply, "\nwarning: {why}");
+        }
+        Ok(reply)
     }
 
     fn cmd_unsynced(&self, _: &[&str], _: &str) -> Result<String, CtlError> {

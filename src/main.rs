@@ -234,6 +234,10 @@ struct CheckArgs {
     /// Also list the 48 event names and whether each can fire in a FUSE view.
     #[arg(long)]
     list_events: bool,
+    /// Check the rules for a mount with --write-cache ([power-cut] rules are refused
+    /// without it, as `mount` refuses them).
+    #[arg(long)]
+    write_cache: bool,
 }
 
 /// The rule flags of `sub` in the order they were given, whichever flag each used: rules
@@ -329,6 +333,7 @@ fn init_logging(verbose: u8) {
 fn check(args: CheckArgs) -> Result<(), Error> {
     args.rules.limits().validate()?;
     let (set, _) = args.rules.load(None)?;
+    set.check_write_cache(args.write_cache)?;
     if set.rules.is_empty() && set.bad.is_none() && !args.list_events {
         println!("no rules");
     }

@@ -221,3 +221,95 @@ fn ctl_takes_range_lists_and_byte_ranges() {
     drop(f);
     assert!(d.stop().success());
 }
+
+#[test]
+fn a_key_given_twice_in_our_sections_is_an_error_and_qemus_keep_the_last() {
+    let s = Scratch::new(4096);
+    let conf = s.config("[delay]\nlatency = 5ms\niotype = read\nlatency = 50ms\n");
+    let (code, _, err) = run_cli(&["check", "-c", conf.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(
+            "rules.ini:4: [delay] latency = \"50ms\": the key is given twice in this section \
+             (first on line 2)"
+        ),
+        "{err}"
+    );
+    let (code, _, err) = run_cli(&["check", "--rule", "corrupt:iotype=read,iotype=write"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--rule #1") && err.contains("given twice"),
+        "{err}"
+    );
+    // QEMU's [inject-error] keeps the last value, as QEMU does.
+    let conf = s.config("[inject-error]\nevent = read_aio\nerrno = 5\nerrno = 28\n");
+    let (code, out, err) = run_cli(&["check", "-c", conf.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("errno=ENOSPC (28)"), "{out}");
+}
+
+#[test]
+fn a_rule_that_can_never_act_is_refused_or_warned_about() {
+    // A flush has no range: refused in our sections, a warning on QEMU's [inject-error].
+    let (code, _, err) = run_cli(&[
+        "check",
+        "--rule",
+        "delay:latency=5ms,iotype=flush,sectors=0-7",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("[delay] iotype = \"flush\": a flush has no range"),
+        "{err}"
+    );
+    let (code, out, err) = run_cli(&[
+        "check",
+        "--inject-error",
+        "event=flush_to_disk,iotype=flush,sector=8",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "warning: rule 1 (--inject-error #1): iotype=flush with a range never matches"
+        ),
+        "{out}"
+    );
+    // A range past the image's end: a warning at mount, and in the reply to ctl.
+    let s = Scratch::new(MIB);
+    let d = mount(
+        &s,
+        &[
+            "--rule",
+            "drop-write:range=1M-2M",
+            "--rule",
+            "drop-write:sectors=0-7+4096",
+        ],
+    );
+    let warned = |d: &Daemon| {
+        d.stderr().contains("rule 1 (--rule #1): its range (sectors 2048-4095) starts at byte 1048576, at or past the image's end (1048576 bytes)")
+    };
+    assert!(wait_for(DEADLINE, || warned(&d)), "{}", d.stderr());
+    assert!(!d.stderr().contains("rule 2"), "{}", d.stderr());
+    let reply = ctl(&s.mnt, &["corrupt", "sector=2048"]);
+    assert!(
+        reply.contains("warning: its range (sector 2048 (byte 1048576)) starts at byte 1048576"),
+        "{reply}"
+    );
+    assert!(d.stop().success());
+}
+
+#[test]
+fn check_refuses_a_power_cut_rule_without_write_cache_like_mount() {
+    let rule = "power-cut:event=flush_to_disk,skip=150";
+    let (code, _, err) = run_cli(&["check", "--rule", rule]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--rule #1: [power-cut]: a power cut needs the write-cache model: mount with --write-cache"),
+        "{err}"
+    );
+    let (code, out, err) = run_cli(&["check", "--write-cache", "--rule", rule]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("power-cut mode=lose once=on skip=150"),
+        "{out}"
+    );
+}
