@@ -129,6 +129,10 @@ impl fmt::Display for Location {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Problem {
     Unreadable(String),
+    /// A `[bad-sectors]` `file` that cannot be read (path and why).
+    UnreadableList(String),
+    /// A `[bad-sectors]` section with neither `sectors` nor `file`.
+    NoBadSectors,
     Syntax,
     UnknownGroup,
     KeyOutsideGroup,
@@ -193,13 +197,22 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Unreadable(e) => write!(f, "cannot read the config file: {e}"),
-            Problem::Syntax => f.write_str(
-                "not a '[group]' header, a 'key = \"value\"' line, a '#' comment or blank",
+            Problem::UnreadableList(e) => write!(f, "cannot read the bad-sector list: {e}"),
+            Problem::NoBadSectors => f.write_str(
+                "the section names no sectors: give 'sectors' (a range list) or 'file' (a \
+                 badblocks list), or both",
             ),
-            Problem::UnknownGroup => write!(f, "unknown group (expected {})", Group::names()),
-            Problem::KeyOutsideGroup => f.write_str("key before any [group] header"),
+            Problem::Syntax => f.write_str(
+                "not a '[section]' header, a 'key = \"value\"' line, a '#' comment or blank",
+            ),
+            Problem::UnknownGroup => write!(f, "unknown section (expected {})", Group::names()),
+            Problem::KeyOutsideGroup => f.write_str("key before any [section] header"),
             Problem::UnknownKey { allowed } => {
-                write!(f, "unknown key (this group takes: {})", allowed.join(", "))
+                write!(
+                    f,
+                    "unknown key (this section takes: {})",
+                    allowed.join(", ")
+                )
             }
             Problem::MissingEvent => f.write_str("the rule has no 'event' key"),
             Problem::UnknownEvent => {
@@ -832,7 +845,7 @@ fn build_section(
         let text = std::fs::read_to_string(&path).map_err(|io| {
             err(
                 Some(e),
-                Problem::Unreadable(format!("{}: {io}", path.display())),
+                Problem::UnreadableList(format!("{}: {io}", path.display())),
             )
         })?;
         for (i, line) in text.lines().enumerate() {
@@ -848,7 +861,7 @@ fn build_section(
         }
     }
     if get("sectors").is_none() && get("file").is_none() {
-        return Err(err(None, Problem::MissingKey("sectors")));
+        return Err(err(None, Problem::NoBadSectors));
     }
     let mut settings = BadSettings::default();
     if let Some(e) = get("errno") {

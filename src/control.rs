@@ -493,6 +493,13 @@ impl Control {
                 );
             } else if *arg == "on" {
                 on = true;
+            } else if let Some((key, _)) = arg.split_once('=') {
+                // `event=`, `skip=`, ...: the user wants a rule, which this command is not.
+                return Err(CtlError::invalid(format!(
+                    "power-cut cuts now and takes [MODE] [seed=N] [on], not '{key}=': a cut at \
+                     an event is a rule, and rules go in a [power-cut] section (the config \
+                     file, or --rule power-cut:event=flush_to_disk,skip=N at mount)"
+                )));
             } else {
                 mode = CutMode::from_name(arg).ok_or_else(|| {
                     CtlError::invalid(format!(

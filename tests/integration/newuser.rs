@@ -313,3 +313,63 @@ fn check_refuses_a_power_cut_rule_without_write_cache_like_mount() {
         "{out}"
     );
 }
+
+#[test]
+fn messages_say_section_name_the_real_problem_and_end_with_the_errno_name() {
+    let s = Scratch::new(MIB);
+    for (text, needle) in [
+        ("[flaky]\n", "[flaky]: unknown section (expected"),
+        ("latency = 5ms\n", "key before any [section] header"),
+        (
+            "[delay]\nlatncy = 5ms\n",
+            "unknown key (this section takes: ",
+        ),
+        (
+            "[bad-sectors]\nerrno = EIO\n",
+            "give 'sectors' (a range list) or 'file' (a badblocks list)",
+        ),
+        (
+            "[bad-sectors]\nfile = missing.txt\n",
+            "[bad-sectors] file = \"missing.txt\": cannot read the bad-sector list: ",
+        ),
+    ] {
+        let conf = s.config(text);
+        let (code, _, err) = run_cli(&["check", "-c", conf.to_str().unwrap()]);
+        assert_eq!(code, 2, "{text}");
+        assert!(err.contains(needle), "{text}: {err}");
+        assert!(
+            !err.contains("group") && !err.contains("config file"),
+            "{text}: {err}"
+        );
+    }
+    // --rule errors name the rule by its flag and number, whatever came before it.
+    let (code, _, err) = run_cli(&[
+        "check",
+        "--inject-error",
+        "event=read_aio",
+        "--rule",
+        "bad-sectors:errno=EIO",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--rule #1 'bad-sectors:errno=EIO': [bad-sectors]"),
+        "{err}"
+    );
+
+    let d = mount(&s, &["--write-cache"]);
+    let mnt = s.mnt.to_str().unwrap();
+    let (code, _, err) = run_cli(&["ctl", mnt, "power-cut", "event=flush_to_disk"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("rules go in a [power-cut] section") && err.trim_end().ends_with("(EINVAL)"),
+        "{err}"
+    );
+    let (code, _, err) = run_cli(&["ctl", mnt, "remove", "7"]);
+    assert_eq!(code, 1);
+    assert!(err.trim_end().ends_with("no rule 7 (ENOENT)"), "{err}");
+    assert!(!err.contains("os error"), "{err}");
+    let help = ctl(&s.mnt, &["help"]);
+    let resume_all = help.lines().find(|l| l.starts_with("resume_all")).unwrap();
+    assert!(resume_all.contains("end every delay"), "{resume_all}");
+    assert!(d.stop().success());
+}
