@@ -26,8 +26,11 @@
 //!
 //! Every request-checked section (`[inject-error]` and the seven below) takes the match
 //! keys: `event` (optional: without it the rule is *standing*, armed from the start),
-//! `state`, `sector` or `sectors` (`"2048-2055, 10000"`: the request overlaps one), `iotype`,
-//! `probability` (`0.05` or `5%`), `skip`, `every`, `count` and `once` (`count = 1`).
+//! `state`, one of `sector`, `sectors` (`"2048-2055, 10000"`: the request overlaps one) or
+//! `range` (bytes, END exclusive: `"0-64M"`, the sectors the bytes touch), `iotype`,
+//! `probability` (`0.05` or `5%`), `skip`, `every`, `count` and `once` (`count = 1`). In
+//! these sections and `[power-cut]`/`[bad-sectors]` a repeated key is an error (QEMU's two
+//! sections keep the last value, as QEMU does).
 //!
 //! ```ini
 //! [delay]                 # latency (required), jitter (0), errno (0: then proceed)
@@ -57,8 +60,11 @@
 //! not; keys are case-sensitive. Dotted event names of QEMU 2.x are aliases.
 //!
 //! Command-line rules use the same keys: `--inject-error event=read_aio,errno=28,sector=8`,
-//! `--rule delay:latency=5ms,sectors=0-7` (`,,` is a literal comma). They come after the
-//! file's rules, in the order given.
+//! `--rule delay:latency=5ms,sectors=0-7` (`,,` is a literal comma). Range lists are joined
+//! with `+` there (`sectors=0-7+100`; `+` also works in the file), and a part that is not
+//! `KEY=VALUE` is an error that says so. They come after the file's rules, in the order
+//! given; errors name `--rule #N` (the Nth `--rule`). `ctl` takes the same text, plus
+//! `first` or `before=N` ([`parse_rule_command`]).
 //!
 //! Every error names where it was (file and line, or which command-line rule), the section,
 //! the key and the offending value; nothing is mounted when one is found.
