@@ -10,7 +10,10 @@
 //! the bytes stored, a dropped write skips its I/O, a torn write stores only what it keeps, a
 //! short transfer stops at its end and returns the count up to it, a misdirected write lands
 //! elsewhere. A delay parks the request with a deadline (the timer continues it) and a
-//! `[suspend]` rule parks it under a tag, exactly as a breakpoint does: no worker waits.
+//! `[suspend]` rule parks it under a tag, exactly as a breakpoint does: no worker waits. What
+//! a later rule decided after a delay (faults §1) is logged and counted with the delay and
+//! applied to the steps after the wait; a `[suspend]` after a delay parks the request once
+//! the timer continues it.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
