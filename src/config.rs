@@ -26,8 +26,11 @@
 //!
 //! Every request-checked section (`[inject-error]` and the seven below) takes the match
 //! keys: `event` (optional: without it the rule is *standing*, armed from the start),
-//! `state`, `sector` or `sectors` (`"2048-2055, 10000"`: the request overlaps one), `iotype`,
-//! `probability` (`0.05` or `5%`), `skip`, `every`, `count` and `once` (`count = 1`).
+//! `state`, one of `sector`, `sectors` (`"2048-2055, 10000"`: the request overlaps one) or
+//! `range` (bytes, END exclusive: `"0-64M"`, the sectors the bytes touch), `iotype`,
+//! `probability` (`0.05` or `5%`), `skip`, `every`, `count` and `once` (`count = 1`). In
+//! these sections and `[power-cut]`/`[bad-sectors]` a repeated key is an error (QEMU's two
+//! sections keep the last value, as QEMU does).
 //!
 //! ```ini
 //! [delay]                 # latency (required), jitter (0), errno (0: then proceed)
@@ -45,8 +48,8 @@
 //! tag = "w"
 //!
 //! [power-cut]             # event (required), state, mode lose|keep|random|sectors,
-//! event = "flush_to_disk" # and the counting keys, counted over the event's firings
-//! skip = "199"
+//! event = "flush_to_disk" # and the counting keys, counted over the event's firings;
+//! skip = "199"            # cuts once unless `count` or `every` is given
 //!
 //! [bad-sectors]           # media, not a rule: sectors and/or file (badblocks output),
 //! sectors = "2048-2055"   # errno (EIO), heal-on-write (on), write-errno (0)
@@ -57,8 +60,11 @@
 //! not; keys are case-sensitive. Dotted event names of QEMU 2.x are aliases.
 //!
 //! Command-line rules use the same keys: `--inject-error event=read_aio,errno=28,sector=8`,
-//! `--rule delay:latency=5ms,sectors=0-7` (`,,` is a literal comma). They come after the
-//! file's rules, in the order given.
+//! `--rule delay:latency=5ms,sectors=0-7` (`,,` is a literal comma). Range lists are joined
+//! with `+` there (`sectors=0-7+100`; `+` also works in the file), and a part that is not
+//! `KEY=VALUE` is an error that says so. They come after the file's rules, in the order
+//! given; errors name `--rule #N` (the Nth `--rule`). `ctl` takes the same text, plus
+//! `first` or `before=N` ([`parse_rule_command`]).
 //!
 //! Every error names where it was (file and line, or which command-line rule), the section,
 //! the key and the offending value; nothing is mounted when one is found.
@@ -80,14 +86,15 @@ use crate::media::{BadSettings, CutMode};
 pub use crate::ranges::MAX_SECTOR;
 use crate::ranges::{RangeError, SectorSet};
 use crate::rules::{
-    Action, Counting, Event, IoType, IoTypes, Origin, Range, RequestMatch, Rule, applicable_iotypes,
+    Action, Counting, Event, IoType, IoTypes, Origin, Placement, Range, RequestMatch, Rule, RuleId,
+    applicable_iotypes,
 };
 
 /// Where a piece of configuration came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     File(PathBuf),
-    /// The n-th (1-based) `--inject-error` / `--set-state` option, with its text.
+    /// The n-th (1-based) `--inject-error`, `--set-state` or `--rule` option, with its text.
     Option {
         flag: &'static str,
         index: usize,
@@ -110,6 +117,9 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.source {
             Source::File(p) => write!(f, "{}", p.display())?,
+            Source::Option { flag, index, text } if text.is_empty() => {
+                write!(f, "{flag} #{index}")?
+            }
             Source::Option { flag, index, text } => write!(f, "{flag} #{index} '{text}'")?,
             Source::Command(text) => write!(f, "command '{text}'")?,
             Source::LimitOption => f.write_str("command line")?,
@@ -125,6 +135,10 @@ impl fmt::Display for Location {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Problem {
     Unreadable(String),
+    /// A `[bad-sectors]` `file` that cannot be read (path and why).
+    UnreadableList(String),
+    /// A `[bad-sectors]` section with neither `sectors` nor `file`.
+    NoBadSectors,
     Syntax,
     UnknownGroup,
     KeyOutsideGroup,
@@ -171,19 +185,40 @@ pub enum Problem {
     BadSettingsDiffer(String),
     /// A `[power-cut]` rule on a mount without `--write-cache`.
     PowerCutNeedsWriteCache,
+    /// `before=` of a `ctl` rule is not a rule number.
+    BadPlacement,
+    /// An item of `range` that is not `START-END` in bytes.
+    BadByteRange(String),
+    /// Command-line or `ctl` text with a part that is not `KEY=VALUE`.
+    NotKeyValue,
+    /// A key given twice in one of our sections (the line of the first, in a file).
+    DuplicateKey(Option<usize>),
+    /// A rule with a range whose iotypes are only `flush`: a flush has no range.
+    FlushHasNoRange,
+    /// Both `first` and `before=N` (or one twice); the one given first.
+    TwoPlacements(String),
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Unreadable(e) => write!(f, "cannot read the config file: {e}"),
-            Problem::Syntax => f.write_str(
-                "not a '[group]' header, a 'key = \"value\"' line, a '#' comment or blank",
+            Problem::UnreadableList(e) => write!(f, "cannot read the bad-sector list: {e}"),
+            Problem::NoBadSectors => f.write_str(
+                "the section names no sectors: give 'sectors' (a range list) or 'file' (a \
+                 badblocks list), or both",
             ),
-            Problem::UnknownGroup => write!(f, "unknown group (expected {})", Group::names()),
-            Problem::KeyOutsideGroup => f.write_str("key before any [group] header"),
+            Problem::Syntax => f.write_str(
+                "not a '[section]' header, a 'key = \"value\"' line, a '#' comment or blank",
+            ),
+            Problem::UnknownGroup => write!(f, "unknown section (expected {})", Group::names()),
+            Problem::KeyOutsideGroup => f.write_str("key before any [section] header"),
             Problem::UnknownKey { allowed } => {
-                write!(f, "unknown key (this group takes: {})", allowed.join(", "))
+                write!(
+                    f,
+                    "unknown key (this section takes: {})",
+                    allowed.join(", ")
+                )
             }
             Problem::MissingEvent => f.write_str("the rule has no 'event' key"),
             Problem::UnknownEvent => {
@@ -209,9 +244,10 @@ impl fmt::Display for Problem {
                 "no request can reach this sector (sector * 512 must be below 2^63; the \
                  largest is {MAX_SECTOR})"
             ),
-            Problem::SectorAndSectors => {
-                f.write_str("give either 'sector' (QEMU's) or 'sectors' (ranges), not both")
-            }
+            Problem::SectorAndSectors => f.write_str(
+                "give one of 'sector' (QEMU's), 'sectors' (sector ranges) or 'range' (byte \
+                 ranges), not two",
+            ),
             Problem::BadRange(e) => write!(f, "{e}"),
             Problem::MissingKey(key) => write!(f, "the rule has no '{key}' key (required here)"),
             Problem::BadDuration => f.write_str(
@@ -240,8 +276,36 @@ impl fmt::Display for Problem {
                 "every [bad-sectors] section must give the same errno, heal-on-write and \
                  write-errno (they differ from the section at {other})"
             ),
-            Problem::PowerCutNeedsWriteCache => {
-                f.write_str("a power cut needs the write-cache model: mount with --write-cache")
+            Problem::PowerCutNeedsWriteCache => f.write_str(
+                "a power cut needs the write-cache model: mount with --write-cache (and give \
+                 `check` --write-cache to check such rules)",
+            ),
+            Problem::BadByteRange(item) => write!(
+                f,
+                "'{item}' is not a byte range (expected START-END, END exclusive, with sizes \
+                 like 0-64M; separated by ',' or '+')"
+            ),
+            Problem::NotKeyValue => f.write_str(
+                "not KEY=VALUE: ',' separates keys here, so a list of ranges is joined with \
+                 '+' (sectors=0-7+2048-2055, range=0-64M+1G-2G) or with ',,'",
+            ),
+            Problem::DuplicateKey(Some(line)) => {
+                write!(
+                    f,
+                    "the key is given twice in this section (first on line {line})"
+                )
+            }
+            Problem::DuplicateKey(None) => f.write_str("the key is given twice in this rule"),
+            Problem::FlushHasNoRange => f.write_str(
+                "a flush has no range, so a rule with a range never acts on one: drop the \
+                 range, or add the iotypes it should act on",
+            ),
+            Problem::BadPlacement => f.write_str("'before' takes a rule number (see 'rules')"),
+            Problem::TwoPlacements(first) => {
+                write!(
+                    f,
+                    "the rule is placed by '{first}' already: give 'first' or one 'before=N'"
+                )
             }
             Problem::MissingSection => write!(
                 f,
@@ -291,6 +355,7 @@ const MATCH_KEYS: &[&str] = &[
     "state",
     "sector",
     "sectors",
+    "range",
     "iotype",
     "probability",
     "skip",
@@ -306,6 +371,7 @@ const INJECT_ERROR_KEYS: &[&str] = &[
     "errno",
     "sector",
     "sectors",
+    "range",
     "once",
     "immediately",
     "iotype",
@@ -445,6 +511,8 @@ struct Entry {
     key: String,
     value: String,
     line: Option<usize>,
+    /// Command-line or `ctl` text without `=`: a word, not a key (kept for `ctl ... first`).
+    bare: bool,
 }
 
 /// One section's entries and where they were: finds keys and builds errors that name the
@@ -460,6 +528,14 @@ impl<'a> Section<'a> {
     fn new(group: Group, entries: &'a [Entry], at: &'a Location) -> Result<Self, ConfigError> {
         let section = Section { group, entries, at };
         for e in entries {
+            if e.bare {
+                // Most often the second range of a list after a comma (`sectors=0-7,16`).
+                return Err(ConfigError {
+                    key: None,
+                    value: Some(e.key.clone()),
+                    ..section.err(Some(e), Problem::NotKeyValue)
+                });
+            }
             if !group.keys().contains(&e.key.as_str()) {
                 return Err(section.err(
                     Some(e),
@@ -467,6 +543,15 @@ impl<'a> Section<'a> {
                         allowed: group.keys(),
                     },
                 ));
+            }
+        }
+        // QEMU keeps the last value of a repeated key in its own sections (kept, see
+        // `get`); in ours a repeated key is a mistake, not a silent override.
+        if !matches!(group, Group::InjectError | Group::SetState) {
+            for (i, e) in entries.iter().enumerate() {
+                if let Some(first) = entries[..i].iter().find(|f| f.key == e.key) {
+                    return Err(section.err(Some(e), Problem::DuplicateKey(first.line)));
+                }
             }
         }
         Ok(section)
@@ -533,14 +618,25 @@ fn build_rule(
     }
 
     // The match: range, iotype and the counting keys.
-    let range = match (get("sector"), get("sectors")) {
-        (Some(_), Some(e)) => return Err(err(Some(e), Problem::SectorAndSectors)),
-        (Some(e), None) if e.value.trim() == "-1" => Range::Any,
-        (Some(e), None) => Range::Sector(parse_sector(&e.value).map_err(|p| err(Some(e), p))?),
-        (None, Some(e)) => Range::Sectors(Arc::new(
+    let ranges: Vec<&Entry> = ["sector", "sectors", "range"]
+        .iter()
+        .filter_map(|k| get(k))
+        .collect();
+    if let [_, second, ..] = ranges[..] {
+        return Err(err(Some(second), Problem::SectorAndSectors));
+    }
+    let range = match ranges.first() {
+        Some(e) if e.key == "sector" && e.value.trim() == "-1" => Range::Any,
+        Some(e) if e.key == "sector" => {
+            Range::Sector(parse_sector(&e.value).map_err(|p| err(Some(e), p))?)
+        }
+        Some(e) if e.key == "sectors" => Range::Sectors(Arc::new(
             SectorSet::parse(&e.value).map_err(|r| err(Some(e), Problem::BadRange(r)))?,
         )),
-        (None, None) => Range::Any,
+        Some(e) => Range::Sectors(Arc::new(
+            parse_byte_ranges(&e.value).map_err(|p| err(Some(e), p))?,
+        )),
+        None => Range::Any,
     };
     let iotype_entry = get("iotype");
     let iotypes = opt(iotype_entry, parse_iotypes, &err)?.unwrap_or_default();
@@ -559,6 +655,15 @@ fn build_rule(
     if group == Group::PowerCut {
         let mode = opt(get("mode"), |t| parse_choice(t, CutMode::NAMES), &err)?;
         let mode = CutMode::from_name(CutMode::NAMES[mode.unwrap_or(0)]).unwrap_or(CutMode::Lose);
+        // A cut happens once unless `count` or `every` say otherwise (faults §5): a rule that
+        // cut again after `power-on` would cut at the remount's own flush.
+        let counting = Counting {
+            count: match (counting.count, get("every")) {
+                (None, None) => Some(1),
+                (count, _) => count,
+            },
+            ..counting
+        };
         return Ok(Rule {
             event,
             state,
@@ -668,6 +773,14 @@ fn build_rule(
             }
         }
     };
+    // A range on a rule that acts only on flushes never matches (QEMU's [inject-error]
+    // accepts it: a warning there, see `RuleSet::warnings`).
+    if let Some(e) = iotype_entry
+        && group != Group::InjectError
+        && flush_only_with_range(&range, iotypes, &fault)
+    {
+        return Err(err(Some(e), Problem::FlushHasNoRange));
+    }
     // An explicit iotype the action can never act on is a mistake, not a silent no-op.
     if let Some(e) = iotype_entry {
         let usable = applicable_iotypes(&fault);
@@ -736,7 +849,7 @@ fn build_section(
         let text = std::fs::read_to_string(&path).map_err(|io| {
             err(
                 Some(e),
-                Problem::Unreadable(format!("{}: {io}", path.display())),
+                Problem::UnreadableList(format!("{}: {io}", path.display())),
             )
         })?;
         for (i, line) in text.lines().enumerate() {
@@ -755,7 +868,7 @@ fn build_section(
     // compact set.
     let sectors = SectorSet::from_ranges(ranges);
     if get("sectors").is_none() && get("file").is_none() {
-        return Err(err(None, Problem::MissingKey("sectors")));
+        return Err(err(None, Problem::NoBadSectors));
     }
     let mut settings = BadSettings::default();
     if let Some(e) = get("errno") {
@@ -775,6 +888,67 @@ fn build_section(
         settings,
         at: at.clone(),
     }))
+}
+
+/// Whether a rule with `range` acts only on flushes, which have no range: it never acts.
+fn flush_only_with_range(range: &Range, iotypes: IoTypes, fault: &Fault) -> bool {
+    let usable = applicable_iotypes(fault);
+    let acts_on = || {
+        IoType::ALL
+            .iter()
+            .filter(move |t| iotypes.contains(**t) && usable.contains(**t))
+    };
+    !matches!(range, Range::Any)
+        && acts_on().next().is_some()
+        && acts_on().all(|t| *t == IoType::Flush)
+}
+
+/// A warning for a rule whose whole range lies at or past `size` (the image's end): no
+/// request reaches it unless the image grows. `None` for any other rule.
+pub fn past_the_end(rule: &Rule, size: u64) -> Option<String> {
+    let Action::Request { matches, .. } = &rule.action else {
+        return None;
+    };
+    let first_byte = match &matches.range {
+        Range::Any => return None,
+        Range::Sector(s) => s.saturating_mul(512),
+        Range::Sectors(set) => set.iter().next()?.0.saturating_mul(512),
+    };
+    (first_byte >= size).then(|| {
+        format!(
+            "its range ({}) starts at byte {first_byte}, at or past the image's end ({size} \
+             bytes): no request reaches it unless the image grows",
+            matches.range
+        )
+    })
+}
+
+/// `range`: byte ranges `START-END` (END exclusive, sizes with k, M, G; `0-64M` is the first
+/// 64 MiB), separated by `,` or `+`, as the set of sectors they touch.
+fn parse_byte_ranges(text: &str) -> Result<SectorSet, Problem> {
+    let mut set = SectorSet::new();
+    for item in text
+        .split([',', '+'])
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+    {
+        let bad = || Problem::BadByteRange(item.to_string());
+        let (start, end) = item.split_once('-').ok_or_else(bad)?;
+        let start = parse_size(start).map_err(|_| bad())?;
+        let end = parse_size(end).map_err(|_| bad())?;
+        if end <= start {
+            return Err(Problem::BadRange(RangeError::Backwards(item.to_string())));
+        }
+        let last = (end - 1) / 512;
+        if last > MAX_SECTOR {
+            return Err(Problem::BadRange(RangeError::TooLarge(item.to_string())));
+        }
+        set.insert(start / 512, last);
+    }
+    if set.is_empty() {
+        return Err(Problem::BadRange(RangeError::Empty));
+    }
+    Ok(set)
 }
 
 fn at_least_one(n: u64) -> Result<u64, Problem> {
@@ -1048,6 +1222,7 @@ pub fn parse_config_sections(
             key,
             value,
             line: Some(lineno),
+            bare: false,
         });
     }
     let base = path.parent().unwrap_or(Path::new("."));
@@ -1080,8 +1255,9 @@ pub fn load_config_file(path: &Path) -> Result<(Vec<Rule>, Vec<BadSpec>), Config
     parse_config_sections(path, &bytes)
 }
 
-/// Splits QEMU option text `a=1,b=2` (`,,` is a literal comma) into key/value pairs.
-fn split_options(text: &str) -> Vec<(String, String)> {
+/// Splits QEMU option text `a=1,b=2` (`,,` is a literal comma) into key/value pairs; a part
+/// without `=` has no value.
+fn split_options(text: &str) -> Vec<(String, Option<String>)> {
     let mut parts = Vec::new();
     let mut current = String::new();
     let mut chars = text.chars().peekable();
@@ -1102,8 +1278,8 @@ fn split_options(text: &str) -> Vec<(String, String)> {
         .into_iter()
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.trim().to_string(), v.trim().to_string()),
-            None => (p.trim().to_string(), String::new()),
+            Some((k, v)) => (k.trim().to_string(), Some(v.trim().to_string())),
+            None => (p.trim().to_string(), None),
         })
         .collect()
 }
@@ -1119,12 +1295,60 @@ pub fn parse_rule_option(
     build_rule(group, &entries, &at, origin)
 }
 
+/// Parses a rule sent through the control channel: [`parse_rule_option`], plus where it goes
+/// in the order of checks: the word `first`, or `before=N` (rule N).
+pub fn parse_rule_command(
+    group: Group,
+    text: &str,
+    source: Source,
+    origin: Origin,
+) -> Result<(Rule, Placement), ConfigError> {
+    let (mut entries, at) = option_entries(text, source);
+    let mut placement = Placement::Last;
+    let mut placed_by: Option<String> = None;
+    let mut keep = Vec::with_capacity(entries.len());
+    for e in entries.drain(..) {
+        let here = match (e.key.as_str(), e.value.as_str()) {
+            ("first", "") => Placement::First,
+            ("before", n) => match n.trim().parse::<u32>() {
+                Ok(n) => Placement::Before(RuleId(n)),
+                Err(_) => {
+                    return Err(ConfigError {
+                        at,
+                        section: Some(group.name().to_string()),
+                        key: Some(e.key),
+                        value: Some(e.value),
+                        problem: Problem::BadPlacement,
+                    });
+                }
+            },
+            _ => {
+                keep.push(e);
+                continue;
+            }
+        };
+        if let Some(first) = placed_by.replace(e.key.clone()) {
+            return Err(ConfigError {
+                at,
+                section: Some(group.name().to_string()),
+                key: Some(e.key),
+                value: Some(e.value),
+                problem: Problem::TwoPlacements(first),
+            });
+        }
+        placement = here;
+    }
+    let rule = build_rule(group, &keep, &at, origin)?;
+    Ok((rule, placement))
+}
+
 fn option_entries(text: &str, source: Source) -> (Vec<Entry>, Location) {
     let entries: Vec<Entry> = split_options(text)
         .into_iter()
         .map(|(key, value)| Entry {
             key,
-            value,
+            bare: value.is_none(),
+            value: value.unwrap_or_default(),
             line: None,
         })
         .collect();
@@ -1258,12 +1482,17 @@ impl RuleSet {
             None => (Vec::new(), Vec::new()),
         };
         for (i, rule) in cli.iter().enumerate() {
+            // Numbered per flag: `--rule #2` is the second `--rule`, whatever came between.
+            let index = 1 + cli[..i].iter().filter(|r| r.flag == rule.flag).count();
             let source = Source::Option {
                 flag: rule.flag,
-                index: i + 1,
+                index,
                 text: rule.text.clone(),
             };
-            let origin = Origin::CommandLine { index: i + 1 };
+            let origin = Origin::CommandLine {
+                flag: rule.flag,
+                index,
+            };
             let (group, text) = match rule.flag {
                 "--inject-error" => (Group::InjectError, rule.text.as_str()),
                 "--set-state" => (Group::SetState, rule.text.as_str()),
@@ -1314,6 +1543,15 @@ impl RuleSet {
                     .iter()
                     .filter(|t| matches.iotypes.contains(**t))
                     .all(|t| *t == IoType::Discard);
+                if let Action::Request { fault, matches } = &rule.action
+                    && flush_only_with_range(&matches.range, matches.iotypes, fault)
+                {
+                    out.push(format!(
+                        "rule {n} ({}): iotype=flush with a range never matches: a flush has \
+                         no range",
+                        rule.origin
+                    ));
+                }
                 if discard_only {
                     out.push(format!(
                         "rule {n} ({}): iotype=discard never matches: no FUSE operation \
@@ -1340,7 +1578,15 @@ pub fn check_write_cache(rules: &[Rule], write_cache: bool) -> Result<(), Config
     };
     let (source, line) = match &rule.origin {
         Origin::File { path, line } => (Source::File(PathBuf::from(path)), Some(*line)),
-        _ => (Source::LimitOption, None),
+        Origin::CommandLine { flag, index } => (
+            Source::Option {
+                flag,
+                index: *index,
+                text: String::new(),
+            },
+            None,
+        ),
+        Origin::Runtime => (Source::LimitOption, None),
     };
     Err(ConfigError {
         at: Location { source, line },

@@ -23,7 +23,7 @@ use crate::config::{self, CliRule, Group, RuleSet, Source};
 use crate::media::CutMode;
 use crate::mount::{Mount, WaiterId};
 use crate::ranges::SectorSet;
-use crate::rules::{Action, Event, Origin, Rule, RuleId};
+use crate::rules::{Action, Event, Origin, Placement, Rule, RuleId};
 
 /// A command that completes before it returns: `(control, args, whole line)`.
 type NowFn = fn(&Control, &[&str], &str) -> Result<String, CtlError>;
@@ -97,7 +97,7 @@ pub const COMMANDS: &[CommandSpec] = &[
         "resume_all",
         "",
         (0, 0),
-        "resume every suspended request",
+        "resume every suspended request and end every delay now (a request whose delay is followed by a [suspend] rule then parks under its tag)",
         Control::cmd_resume_all,
     ),
     CommandSpec {
@@ -148,63 +148,63 @@ pub const COMMANDS: &[CommandSpec] = &[
     ),
     cmd(
         "inject-error",
-        "K=V,...",
+        "K=V,... [first|before=N]",
         (1, MAX_KEYS),
         "add an inject-error rule (same keys as the config file)",
         |c, args, line| c.add_rule(Group::InjectError, args, line),
     ),
     cmd(
         "set-state",
-        "K=V,...",
+        "K=V,... [first|before=N]",
         (1, MAX_KEYS),
         "add a set-state rule (same keys as the config file)",
         |c, args, line| c.add_rule(Group::SetState, args, line),
     ),
     cmd(
         "delay",
-        "K=V,...",
+        "K=V,... [first|before=N]",
         (1, MAX_KEYS),
         "add a [delay] rule: latency=5ms[,jitter=1ms][,errno=ETIMEDOUT] + match keys",
         |c, args, line| c.add_rule(Group::Delay, args, line),
     ),
     cmd(
         "corrupt",
-        "[K=V,...]",
+        "[K=V,...] [first|before=N]",
         (0, MAX_KEYS),
         "add a [corrupt] rule: [mode=flip|zero|random][,bits=N][,bytes=N] + match keys",
         |c, args, line| c.add_rule(Group::Corrupt, args, line),
     ),
     cmd(
         "drop-write",
-        "[K=V,...]",
+        "[K=V,...] [first|before=N]",
         (0, MAX_KEYS),
         "add a [drop-write] rule: writes report success and store nothing (match keys)",
         |c, args, line| c.add_rule(Group::DropWrite, args, line),
     ),
     cmd(
         "torn-write",
-        "[K=V,...]",
+        "[K=V,...] [first|before=N]",
         (0, MAX_KEYS),
         "add a [torn-write] rule: [keep=N][,mode=prefix|sectors][,unit=N][,errno=E] + match keys",
         |c, args, line| c.add_rule(Group::TornWrite, args, line),
     ),
     cmd(
         "short-io",
-        "[K=V,...]",
+        "[K=V,...] [first|before=N]",
         (0, MAX_KEYS),
         "add a [short-io] rule: [length=N] + match keys",
         |c, args, line| c.add_rule(Group::ShortIo, args, line),
     ),
     cmd(
         "misdirect-write",
-        "K=V,...",
+        "K=V,... [first|before=N]",
         (1, MAX_KEYS),
         "add a [misdirect-write] rule: shift=N (may be negative) + match keys",
         |c, args, line| c.add_rule(Group::MisdirectWrite, args, line),
     ),
     cmd(
         "suspend",
-        "K=V,...",
+        "K=V,... [first|before=N]",
         (1, MAX_KEYS),
         "add a [suspend] rule: tag=T + match keys (parks matching requests; resume TAG)",
         |c, args, line| c.add_rule(Group::Suspend, args, line),
@@ -439,10 +439,11 @@ impl Control {
         Ok(format!("state {n}"))
     }
 
-    /// Adds a rule from its keys: one `K=V,...` word, or several words (joined by commas).
+    /// Adds a rule from its keys: one `K=V,...` word, or several words (joined by commas);
+    /// `first` or `before=N` place it in the order of checks (default: last).
     fn add_rule(&self, group: Group, args: &[&str], line: &str) -> Result<String, CtlError> {
         let text = args.join(",");
-        let rule = config::parse_rule_option(
+        let (rule, placement) = config::parse_rule_command(
             group,
             &text,
             Source::Command(line.trim().to_string()),
@@ -450,8 +451,23 @@ impl Control {
         )
         .map_err(|e| CtlError::invalid(e.to_string()))?;
         let shown = rule.to_string();
-        let id = self.mount.add_rule(rule);
-        Ok(format!("added rule {id}: {shown}"))
+        let past_end = config::past_the_end(&rule, self.mount.size());
+        let id = self.mount.add_rule_placed(rule, placement).map_err(|n| {
+            CtlError::new(
+                libc::ENOENT,
+                format!("no rule {n} to place the rule before"),
+            )
+        })?;
+        let place = match placement {
+            Placement::Last => String::new(),
+            Placement::First => " (checked first)".to_string(),
+            Placement::Before(n) => format!(" (checked before rule {n})"),
+        };
+        let mut reply = format!("added rule {id}{place}: {shown}");
+        if let Some(why) = past_end {
+            let _ = write!(reply, "\nwarning: {why}");
+        }
+        Ok(reply)
     }
 
     fn cmd_unsynced(&self, _: &[&str], _: &str) -> Result<String, CtlError> {
@@ -477,6 +493,13 @@ impl Control {
                 );
             } else if *arg == "on" {
                 on = true;
+            } else if let Some((key, _)) = arg.split_once('=') {
+                // `event=`, `skip=`, ...: the user wants a rule, which this command is not.
+                return Err(CtlError::invalid(format!(
+                    "power-cut cuts now and takes [MODE] [seed=N] [on], not '{key}=': a cut at \
+                     an event is a rule, and rules go in a [power-cut] section (the config \
+                     file, or --rule power-cut:event=flush_to_disk,skip=N at mount)"
+                )));
             } else {
                 mode = CutMode::from_name(arg).ok_or_else(|| {
                     CtlError::invalid(format!(

@@ -336,6 +336,15 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
         .write(!options.read_only)
         .open(&options.image)
         .map_err(|e| image_err(format!("cannot open: {e}")))?;
+    let size = match device {
+        true => device::size(&image).unwrap_or(u64::MAX),
+        false => md.len(),
+    };
+    for (i, rule) in options.rules.iter().enumerate() {
+        if let Some(why) = config::past_the_end(rule, size) {
+            warn!("rule {} ({}): {why}", i + 1, rule.origin);
+        }
+    }
 
     let mp_err = |why: String| Error::Mountpoint {
         path: options.mountpoint.clone(),

@@ -234,6 +234,10 @@ struct CheckArgs {
     /// Also list the 48 event names and whether each can fire in a FUSE view.
     #[arg(long)]
     list_events: bool,
+    /// Check the rules for a mount with --write-cache ([power-cut] rules are refused
+    /// without it, as `mount` refuses them).
+    #[arg(long)]
+    write_cache: bool,
 }
 
 /// The rule flags of `sub` in the order they were given, whichever flag each used: rules
@@ -345,6 +349,7 @@ fn use_one_malloc_arena() {
 fn check(args: CheckArgs) -> Result<(), Error> {
     args.rules.limits().validate()?;
     let (set, _) = args.rules.load(None)?;
+    set.check_write_cache(args.write_cache)?;
     if set.rules.is_empty() && set.bad.is_none() && !args.list_events {
         println!("no rules");
     }
@@ -497,7 +502,14 @@ fn ctl(args: CtlArgs) -> Result<(), Error> {
     } else {
         send_command(&args.target, &line)
     }
-    .map_err(|(_, message)| Error::Ctl(message))?;
+    .map_err(|(errno, message)| {
+        // The reply's errno by name, as the control protocol names it (not Rust's
+        // "(os error 22)").
+        Error::Ctl(match errno.and_then(errno::name) {
+            Some(name) => format!("{message} ({name})"),
+            None => message,
+        })
+    })?;
     if !text.is_empty() {
         println!("{text}");
     }
@@ -543,11 +555,25 @@ fn wait_break_in_slices(
     }
 }
 
+/// An I/O error's text without Rust's " (os error N)": the caller names the errno.
+fn text(e: &std::io::Error) -> String {
+    let full = e.to_string();
+    match full.rfind(" (os error ") {
+        Some(at) => full[..at].to_string(),
+        None => full,
+    }
+}
+
 /// Sends one command; its reply text, or the errno (when known) and the message.
 fn send_command(target: &Path, line: &str) -> Result<String, (Option<i32>, String)> {
     use std::io::{BufRead, Read};
     use std::os::unix::fs::FileTypeExt;
-    let at = |e: std::io::Error| (e.raw_os_error(), format!("{}: {e}", target.display()));
+    let at = |e: std::io::Error| {
+        (
+            e.raw_os_error(),
+            format!("{}: {}", target.display(), text(&e)),
+        )
+    };
     let md = std::fs::metadata(target).map_err(at)?;
     if md.file_type().is_socket() {
         let mut conn = std::os::unix::net::UnixStream::connect(target).map_err(at)?;
@@ -564,7 +590,12 @@ fn send_command(target: &Path, line: &str) -> Result<String, (Option<i32>, Strin
         blkdebugfs::control::decode_reply(&answer).map_err(|e| (Some(e.errno), e.message))
     } else if md.is_dir() {
         let path = target.join(blkdebugfs::fs::CONTROL_NAME);
-        let at = |e: std::io::Error| (e.raw_os_error(), format!("{}: {e}", path.display()));
+        let at = |e: std::io::Error| {
+            (
+                e.raw_os_error(),
+                format!("{}: {}", path.display(), text(&e)),
+            )
+        };
         let mut f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -577,7 +608,7 @@ fn send_command(target: &Path, line: &str) -> Result<String, (Option<i32>, Strin
             Ok(_) => Ok(text.trim_end().to_string()),
             Err(e) => Err((
                 e.raw_os_error(),
-                format!("{} ({e})", text.trim_end().trim_start_matches("error: ")),
+                text.trim_end().trim_start_matches("error: ").to_string(),
             )),
         }
     } else {

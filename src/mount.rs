@@ -10,7 +10,10 @@
 //! the bytes stored, a dropped write skips its I/O, a torn write stores only what it keeps, a
 //! short transfer stops at its end and returns the count up to it, a misdirected write lands
 //! elsewhere. A delay parks the request with a deadline (the timer continues it) and a
-//! `[suspend]` rule parks it under a tag, exactly as a breakpoint does: no worker waits.
+//! `[suspend]` rule parks it under a tag, exactly as a breakpoint does: no worker waits. What
+//! a later rule decided after a delay (faults §1) is logged and counted with the delay and
+//! applied to the steps after the wait; a `[suspend]` after a delay parks the request once
+//! the timer continues it.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -41,7 +44,9 @@ use crate::media::{
 };
 use crate::ops::{Op, Step, plan};
 use crate::ranges::SectorSet;
-use crate::rules::{Decision, Engine, Event, Fired, IoType, Rule, RuleId, RuleStats, Verdict};
+use crate::rules::{
+    Decision, Engine, Event, Fired, IoType, Placement, Rule, RuleId, RuleStats, Verdict,
+};
 use crate::stats::{Snapshot, Stats};
 use crate::trace::Trace;
 
@@ -193,6 +198,8 @@ pub struct Pending<'a> {
     /// The power cycle the request began in (with `--write-cache`): the media fails its
     /// writes and flushes if a cut comes before they reach it.
     power: Option<PowerCycle>,
+    /// A `[suspend]` rule that acted after a delay: park under its tag once the wait is over.
+    suspend_after_delay: Option<(String, RuleId)>,
     done: Finish,
 }
 
@@ -214,6 +221,7 @@ impl Pending<'_> {
             short_end: self.short_end,
             events: self.events,
             power: self.power,
+            suspend_after_delay: self.suspend_after_delay,
             done: self.done,
         }
     }
@@ -244,9 +252,12 @@ impl Advance {
 enum Checked {
     Pass,
     Fail(i32),
+    /// Wait this long, then apply `then` (a delay with `errno` is followed by `Fail`; a
+    /// delay composes with the first later rule that acted: faults §1). `then` is never a
+    /// `Delay`.
     Delay {
         wait: Duration,
-        errno: i32,
+        then: Box<Checked>,
     },
     Suspend {
         tag: String,
@@ -595,6 +606,11 @@ impl Mount {
         self.engine.lock().add(rule)
     }
 
+    /// Adds a rule at `at` in the order of checks; `Err(n)`: no rule `n`.
+    pub fn add_rule_placed(&self, rule: Rule, at: Placement) -> Result<RuleId, RuleId> {
+        self.engine.lock().add_placed(rule, at)
+    }
+
     pub fn remove_rule(&self, id: RuleId) -> Option<Rule> {
         self.engine.lock().remove(id)
     }
@@ -906,6 +922,7 @@ impl Mount {
             short_end: None,
             events: Vec::new(),
             power,
+            suspend_after_delay: None,
             done,
         };
         self.drive(pending);
@@ -970,6 +987,10 @@ impl Mount {
 
     /// Runs steps until the plan ends or a breakpoint, `[suspend]` rule or delay parks it.
     fn advance(&self, p: &mut Pending<'_>) -> Advance {
+        if let Some((tag, rule)) = p.suspend_after_delay.take() {
+            // The delay is over; the `[suspend]` that acted after it parks the request now.
+            return Advance::suspended(tag, rule);
+        }
         loop {
             let step = p.steps[p.pc];
             p.pc += 1;
@@ -1002,22 +1023,20 @@ impl Mount {
                     on_fail,
                 } => {
                     p.effect = None;
-                    match self.check(p, iotype, offset, len, "") {
-                        Checked::Pass => {}
+                    // What follows a delay is applied now and takes effect after the wait
+                    // (the steps after this one run once the timer continues the request).
+                    let (wait, checked) = after_delay(self.check(p, iotype, offset, len, ""));
+                    match checked {
+                        Checked::Pass | Checked::Delay { .. } => {}
                         Checked::Fail(errno) => {
                             p.failed = Some(errno);
                             p.pc = on_fail;
                         }
-                        Checked::Delay { wait, errno } => {
-                            if errno != 0 {
-                                // A timeout: the request fails once the delay is over.
-                                p.failed = Some(errno);
-                                p.pc = on_fail;
-                            }
-                            return Advance::Delayed(wait);
-                        }
-                        Checked::Suspend { tag, rule } => return Advance::suspended(tag, rule),
+                        Checked::Suspend { tag, rule } => return p.suspend(wait, tag, rule),
                         Checked::Effect(effect) => p.take_effect(effect),
+                    }
+                    if let Some(wait) = wait {
+                        return Advance::Delayed(wait);
                     }
                 }
                 Step::RmwCheck {
@@ -1026,14 +1045,18 @@ impl Mount {
                     on_fail,
                 } => {
                     let note = "; ignored, as QEMU ignores read-modify-write read errors";
-                    match self.check(p, IoType::Read, offset, len, note) {
+                    let (wait, checked) =
+                        after_delay(self.check(p, IoType::Read, offset, len, note));
+                    match checked {
                         Checked::Fail(_) => p.pc = on_fail,
                         // The padding read's bytes are never used (see ops.rs), so only the
                         // parking actions change anything here; an error after a delay is
                         // ignored like any padding read error.
-                        Checked::Delay { wait, .. } => return Advance::Delayed(wait),
-                        Checked::Suspend { tag, rule } => return Advance::suspended(tag, rule),
-                        Checked::Pass | Checked::Effect(_) => {}
+                        Checked::Suspend { tag, rule } => return p.suspend(wait, tag, rule),
+                        Checked::Pass | Checked::Effect(_) | Checked::Delay { .. } => {}
+                    }
+                    if let Some(wait) = wait {
+                        return Advance::Delayed(wait);
                     }
                 }
                 Step::ZeroesCheck {
@@ -1050,17 +1073,16 @@ impl Mount {
                             p.pc = on_fail;
                         }
                     };
-                    match self.check(p, IoType::WriteZeroes, offset, len, "") {
-                        Checked::Pass => {}
+                    let (wait, checked) =
+                        after_delay(self.check(p, IoType::WriteZeroes, offset, len, ""));
+                    match checked {
+                        Checked::Pass | Checked::Delay { .. } => {}
                         Checked::Fail(errno) => fail(p, errno),
-                        Checked::Delay { wait, errno } => {
-                            if errno != 0 {
-                                fail(p, errno);
-                            }
-                            return Advance::Delayed(wait);
-                        }
-                        Checked::Suspend { tag, rule } => return Advance::suspended(tag, rule),
+                        Checked::Suspend { tag, rule } => return p.suspend(wait, tag, rule),
                         Checked::Effect(effect) => p.take_effect(effect),
+                    }
+                    if let Some(wait) = wait {
+                        return Advance::Delayed(wait);
                     }
                 }
                 Step::Jump { to } => p.pc = to,
@@ -1449,6 +1471,21 @@ impl Mount {
         let Verdict::Act(decision) = verdict else {
             return Checked::Pass;
         };
+        self.decided(p, decision, state, iotype, offset, len, note)
+    }
+
+    /// Logs, counts and traces one rule's decision, and what follows it after a delay.
+    #[allow(clippy::too_many_arguments)]
+    fn decided(
+        &self,
+        p: &Pending<'_>,
+        decision: Decision,
+        state: i64,
+        iotype: IoType,
+        offset: u64,
+        len: u64,
+        note: &str,
+    ) -> Checked {
         self.stats.fault(decision.action);
         let range = if len == 0 {
             String::new()
@@ -1467,6 +1504,7 @@ impl Mount {
             armed_by,
             action,
             effect,
+            then,
         } = decision;
         let by = match armed_by {
             Some(event) => format!("armed by {event}"),
@@ -1479,7 +1517,8 @@ impl Mount {
         f.insert("armed_by".into(), armed_by.map(|e| e.name()).into());
         f.insert("state".into(), state.into());
         let mut errno_of_effect = None;
-        let checked = match effect {
+        let mut follow = None;
+        let mut checked = match effect {
             Effect::Fail { errno } => {
                 info!(
                     "injecting {} into {what} for rule {rule} {by}{note}",
@@ -1500,7 +1539,16 @@ impl Mount {
                 );
                 f.insert("delay_us".into(), (wait.as_micros() as u64).into());
                 errno_of_effect = (errno != 0).then_some(errno);
-                Checked::Delay { wait, errno }
+                // What a later rule decided is logged and traced after the delay's line,
+                // below, and applied when the wait is over.
+                follow = then;
+                Checked::Delay {
+                    wait,
+                    then: Box::new(match errno {
+                        0 => Checked::Pass,
+                        errno => Checked::Fail(errno),
+                    }),
+                }
             }
             Effect::Suspend { tag } => {
                 f.insert("tag".into(), tag.clone().into());
@@ -1550,6 +1598,9 @@ impl Mount {
         if let Some(trace) = &self.trace {
             trace.record(f);
         }
+        if let (Checked::Delay { then, .. }, Some(next)) = (&mut checked, follow) {
+            **then = self.decided(p, *next, state, iotype, offset, len, note);
+        }
         checked
     }
 
@@ -1562,7 +1613,26 @@ impl Mount {
     }
 }
 
+/// Splits a check's delay from what follows it: the wait (if any) and the decision to apply.
+fn after_delay(checked: Checked) -> (Option<Duration>, Checked) {
+    match checked {
+        Checked::Delay { wait, then } => (Some(wait), *then),
+        other => (None, other),
+    }
+}
+
 impl Pending<'_> {
+    /// Parks the request under a `[suspend]` rule's tag: now, or once `wait` is over.
+    fn suspend(&mut self, wait: Option<Duration>, tag: String, rule: RuleId) -> Advance {
+        match wait {
+            None => Advance::suspended(tag, rule),
+            Some(wait) => {
+                self.suspend_after_delay = Some((tag, rule));
+                Advance::Delayed(wait)
+            }
+        }
+    }
+
     /// Takes a check's effect for the I/O steps up to the next check.
     fn take_effect(&mut self, effect: Effect) {
         if let Effect::Short { end } = effect {

@@ -71,7 +71,7 @@ impl fmt::Display for RangeError {
         match self {
             RangeError::Syntax(item) => write!(
                 f,
-                "'{item}' is not a sector or a range (expected N or A-B, comma-separated)"
+                "'{item}' is not a sector or a range (expected N or A-B, separated by ',' or '+')"
             ),
             RangeError::Backwards(item) => write!(f, "'{item}' ends before it starts"),
             RangeError::TooLarge(item) => write!(
@@ -91,7 +91,13 @@ impl SectorSet {
     /// Parses `A-B, C, ...` (inclusive sectors; decimal, `0x` hex or leading-`0` octal).
     pub fn parse(text: &str) -> Result<SectorSet, RangeError> {
         let mut ranges = Vec::new();
-        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        // `+` also separates, so that a list needs no comma on a command line, where the
+        // comma separates keys (`sectors=0-7+2048-2055`).
+        for item in text
+            .split([',', '+'])
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
             ranges.push(parse_item(item)?);
         }
         let set = SectorSet::from_ranges(ranges);

@@ -13,7 +13,15 @@
 //! `probability` and `count` in that order; the first rule that *acts* decides the request,
 //! and a rule that matches but does not act lets later rules decide. `errno = 0` that acts
 //! exempts the request and hides later rules (QEMU; it consumes no `count`, as QEMU's `once`
-//! survives an exemption).
+//! survives an exemption). A delay composes (faults §1): a `[delay]` without `errno` that
+//! acts delays the request and the check goes on; the first later rule that acts decides
+//! what follows the wait ([`Decision::then`]). One delay per check: once one applies, later
+//! `[delay]` rules do not see the request (and do not count it). Every rule sees a request
+//! at most once, so counts stay exact.
+//!
+//! Order: rules are checked in written order, except that a rule added at run time may be
+//! placed first or before rule N ([`Placement`]). Rule numbers name rules and never change;
+//! a rank per rule orders them.
 //!
 //! Randomness: every draw is keyed by (seed, rule number, that rule's match count) (see
 //! `faults.rs`), so the same seed and the same requests give the same decisions.
@@ -395,8 +403,15 @@ pub enum Action {
 /// Where a rule came from, for messages (`rule 3 (rules.ini:12)`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
-    File { path: String, line: usize },
-    CommandLine { index: usize },
+    File {
+        path: String,
+        line: usize,
+    },
+    /// The `index`-th (1-based) rule given with `flag` (`--rule`, `--inject-error`, ...).
+    CommandLine {
+        flag: &'static str,
+        index: usize,
+    },
     Runtime,
 }
 
@@ -404,7 +419,7 @@ impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::File { path, line } => write!(f, "{path}:{line}"),
-            Origin::CommandLine { index } => write!(f, "command line rule #{index}"),
+            Origin::CommandLine { flag, index } => write!(f, "{flag} #{index}"),
             Origin::Runtime => f.write_str("added at run time"),
         }
     }
@@ -539,6 +554,22 @@ pub struct Decision {
     pub action: &'static str,
     /// The fault made concrete for this request.
     pub effect: Effect,
+    /// For a `[delay]` that acted (without `errno`): what the first later rule that acted
+    /// decided, to apply after the wait (faults §1, "a delay composes"); `None`: no later
+    /// rule acted, the request goes on untouched after the wait.
+    pub then: Option<Box<Decision>>,
+}
+
+/// Where a rule added at run time goes in the order of checks (`ctl ... first`,
+/// `before=N`); rules go last by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    #[default]
+    Last,
+    /// Before every rule.
+    First,
+    /// Just before rule N.
+    Before(RuleId),
 }
 
 /// The outcome of checking a request.
@@ -587,6 +618,9 @@ impl Slots {
 
 struct Slot {
     rule: Rule,
+    /// The rule's place in the order of checks: rules are taken by increasing rank. Written
+    /// order gives increasing ranks; `ctl ... first` / `before=N` give one in between.
+    rank: u64,
     /// Requests this rule acted on (see [`RuleStats::hits`]).
     hits: u64,
     /// Requests that matched it (see [`RuleStats::matched`]).
@@ -826,7 +860,16 @@ pub struct Engine {
     seed: u64,
     /// The candidates buffer of [`Engine::check`], reused.
     scratch: Vec<RuleId>,
+    /// The rank the next rule added last gets.
+    next_rank: u64,
+    /// Some rule was placed out of written order: number order is no longer check order,
+    /// so checks sort candidates by rank (a lookup each) instead of by number.
+    placed: bool,
 }
+
+/// Gap between the ranks of rules added last: room for 32 placements between two
+/// neighbours before the ranks are renumbered.
+const RANK_STEP: u64 = 1 << 32;
 
 impl Default for Engine {
     fn default() -> Self {
@@ -859,6 +902,8 @@ impl Engine {
             next_id: 1,
             seed,
             scratch: Vec::new(),
+            next_rank: RANK_STEP,
+            placed: false,
         };
         for rule in rules {
             engine.add(rule);
@@ -872,6 +917,75 @@ impl Engine {
 
     /// Adds a rule after all existing ones and returns its number.
     pub fn add(&mut self, rule: Rule) -> RuleId {
+        let rank = self.next_rank;
+        self.next_rank += RANK_STEP;
+        self.insert(rule, rank)
+    }
+
+    /// Adds a rule at `at` in the order of checks and returns its number (always a new,
+    /// larger one: numbers name rules, ranks order them). `Err(n)`: there is no rule `n` to
+    /// place it before.
+    pub fn add_placed(&mut self, rule: Rule, at: Placement) -> Result<RuleId, RuleId> {
+        let rank = match at {
+            Placement::Last => return Ok(self.add(rule)),
+            Placement::First => {
+                let first = self.rules.iter().map(|(_, s)| s.rank).min();
+                match first {
+                    None => return Ok(self.add(rule)),
+                    Some(r) if r >= 2 => r / 2,
+                    Some(_) => {
+                        self.renumber_ranks();
+                        RANK_STEP / 2
+                    }
+                }
+            }
+            Placement::Before(n) => {
+                let mut rank = self.rules.get(&n).ok_or(n)?.rank;
+                let mut below = self.rank_below(rank);
+                if rank - below < 2 {
+                    self.renumber_ranks();
+                    rank = self.rules.get(&n).ok_or(n)?.rank;
+                    below = self.rank_below(rank);
+                }
+                below + (rank - below) / 2
+            }
+        };
+        self.placed = true;
+        let id = self.insert(rule, rank);
+        // The per-event lists whose order decides (first set-state, first power cut).
+        if let Some(event) = self.rules.get(&id).and_then(|s| s.rule.event) {
+            let rules = &mut self.by_event[event.index()];
+            let slots = &self.rules;
+            let rank_of = |id: &RuleId| slots.get(id).map_or(u64::MAX, |s| s.rank);
+            rules.set_state.sort_by_key(|e| rank_of(&e.0));
+            rules.power_cut.sort_by_key(rank_of);
+        }
+        Ok(id)
+    }
+
+    /// The largest rank below `rank` among the live rules (0 when none).
+    fn rank_below(&self, rank: u64) -> u64 {
+        self.rules
+            .iter()
+            .map(|(_, s)| s.rank)
+            .filter(|r| *r < rank)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Spreads the ranks out again, keeping their order (placements used up a gap).
+    fn renumber_ranks(&mut self) {
+        let mut order: Vec<(u64, RuleId)> = self.rules.iter().map(|(id, s)| (s.rank, id)).collect();
+        order.sort_unstable();
+        for (k, (_, id)) in order.iter().enumerate() {
+            if let Some(s) = self.rules.get_mut(id) {
+                s.rank = (k as u64 + 1) * RANK_STEP;
+            }
+        }
+        self.next_rank = (order.len() as u64 + 1) * RANK_STEP;
+    }
+
+    fn insert(&mut self, rule: Rule, rank: u64) -> RuleId {
         let id = RuleId(self.next_id);
         self.next_id += 1;
         let mut fires_at_add = 0;
@@ -901,6 +1015,7 @@ impl Engine {
             id,
             Slot {
                 rule,
+                rank,
                 hits: 0,
                 matched: 0,
                 fires_at_add,
@@ -996,9 +1111,15 @@ impl Engine {
         self.state = state;
     }
 
-    /// The live rules in written order, with their counters.
+    /// The live rules in the order of checks (written order unless `ctl` placed one), with
+    /// their counters.
     pub fn rules(&self) -> impl Iterator<Item = (RuleId, &Rule, RuleStats)> {
-        self.rules.iter().map(|(id, s)| {
+        let mut order: Vec<(u64, RuleId, &Slot)> =
+            self.rules.iter().map(|(id, s)| (s.rank, id, s)).collect();
+        if self.placed {
+            order.sort_unstable_by_key(|e| e.0);
+        }
+        order.into_iter().map(|(_, id, s)| {
             let armed = match (&s.rule.action, s.rule.event) {
                 // Every fire of its event in a state its gate passes re-armed it.
                 (Action::Request { .. }, Some(event)) => {
@@ -1142,35 +1263,54 @@ impl Engine {
         None
     }
 
-    /// Checks one request: the active list, then the standing rules, each in written order;
-    /// the first rule that acts decides (see the module doc).
+    /// Checks one request: the active list, then the standing rules, each in the order of
+    /// checks; the first rule that acts decides, except that a `[delay]` without `errno`
+    /// that acts lets the check go on and carries what the first later rule that acts
+    /// decided in [`Decision::then`] (see the module doc).
     pub fn check(&mut self, iotype: IoType, offset: u64, len: u64) -> Verdict {
         // One buffer for the candidates, kept between checks: no allocation per request.
         let mut candidates = std::mem::take(&mut self.scratch);
+        let mut delay = None;
         candidates.clear();
         self.active
             .candidates(iotype, offset, len, None, &mut candidates);
-        let mut verdict = self.first_to_act(&mut candidates, offset, len, true);
+        let mut verdict = self.first_to_act(&mut candidates, offset, len, true, &mut delay);
         if verdict.is_none() {
             candidates.clear();
             self.standing
                 .candidates(iotype, offset, len, Some(self.state), &mut candidates);
-            verdict = self.first_to_act(&mut candidates, offset, len, false);
+            verdict = self.first_to_act(&mut candidates, offset, len, false, &mut delay);
         }
         self.scratch = candidates;
-        verdict.unwrap_or(Verdict::Pass)
+        let verdict = verdict.unwrap_or(Verdict::Pass);
+        match delay {
+            None => verdict,
+            Some(mut d) => {
+                if let Verdict::Act(then) = verdict {
+                    d.then = Some(Box::new(then));
+                }
+                Verdict::Act(d)
+            }
+        }
     }
 
-    /// Offers the request to `candidates` in written order; the first that acts decides.
+    /// Offers the request to `candidates` in the order of checks; the first that acts
+    /// decides. A delay that acts (without `errno`) goes to `delay` and the offer goes on;
+    /// once a delay applies, later `[delay]` rules do not see the request.
     fn first_to_act(
         &mut self,
         candidates: &mut [RuleId],
         offset: u64,
         len: u64,
         from_active_list: bool,
+        delay: &mut Option<Decision>,
     ) -> Option<Verdict> {
-        // Range-less rules come in written order already; rules found by range may not.
-        if !candidates.is_sorted() {
+        if self.placed {
+            // Some rule is out of number order: order by rank (one lookup per candidate).
+            let slots = &self.rules;
+            candidates.sort_unstable_by_key(|id| slots.get(id).map_or(u64::MAX, |s| s.rank));
+        } else if !candidates.is_sorted() {
+            // Range-less rules come in written order already; rules found by range may not.
             candidates.sort_unstable();
         }
         let mut last = None;
@@ -1179,8 +1319,14 @@ impl Engine {
                 continue; // a rule whose several intervals meet the request
             }
             last = Some(id);
-            if let Some(v) = self.offer(id, offset, len, from_active_list) {
-                return Some(v);
+            match self.offer(id, offset, len, from_active_list, delay.is_some()) {
+                Some(Verdict::Act(d))
+                    if delay.is_none() && matches!(d.effect, Effect::Delay { errno: 0, .. }) =>
+                {
+                    *delay = Some(d);
+                }
+                Some(v) => return Some(v),
+                None => {}
             }
         }
         None
@@ -1188,12 +1334,23 @@ impl Engine {
 
     /// One matching rule sees the request: counts the match, applies the counting keys and,
     /// if it acts, makes its fault concrete. `None`: it does not act (later rules decide).
-    fn offer(&mut self, id: RuleId, offset: u64, len: u64, armed: bool) -> Option<Verdict> {
+    /// `delayed`: a delay applies already, so a `[delay]` rule does not see the request.
+    fn offer(
+        &mut self,
+        id: RuleId,
+        offset: u64,
+        len: u64,
+        armed: bool,
+        delayed: bool,
+    ) -> Option<Verdict> {
         let seed = self.seed;
         let slot = self.rules.get_mut(&id)?;
         let Action::Request { fault, matches } = &slot.rule.action else {
             return None;
         };
+        if delayed && matches!(fault, Fault::Delay { .. }) {
+            return None;
+        }
         slot.matched += 1;
         let nth = slot.matched;
         let c = matches.counting;
@@ -1222,6 +1379,7 @@ impl Engine {
             armed_by: if armed { slot.rule.event } else { None },
             action: fault.section(),
             effect,
+            then: None,
         };
         if c.count.is_some_and(|n| slot.hits >= n) {
             self.remove(id);
@@ -1264,6 +1422,7 @@ mod tests {
             armed_by: Some(event),
             action: "inject-error",
             effect: Effect::Fail { errno },
+            then: None,
         })
     }
 
@@ -1674,6 +1833,7 @@ mod tests {
             armed_by: Option::None,
             action: "inject-error",
             effect: Effect::Fail { errno },
+            then: None,
         })
     }
 
@@ -1916,6 +2076,148 @@ mod tests {
             };
             assert!(ok, "{name}: {:?}", d.effect);
         }
+    }
+
+    fn delay(ms: u64, errno: i32) -> Fault {
+        Fault::Delay {
+            latency: std::time::Duration::from_millis(ms),
+            jitter: std::time::Duration::ZERO,
+            errno,
+        }
+    }
+
+    fn hits(e: &Engine) -> Vec<(u32, u64, u64)> {
+        e.rules()
+            .map(|(id, _, s)| (id.0, s.hits, s.matched))
+            .collect()
+    }
+
+    #[test]
+    fn a_delay_composes_with_the_first_later_rule_that_acts() {
+        let m = || counted(0, 1, 1.0, Option::None);
+        let mut e = Engine::new(vec![rule(Option::None, 0, delay(5, 0), m())]);
+        // A suspend added later is not hidden by the standing delay.
+        e.add(rule(
+            Option::None,
+            0,
+            Fault::Suspend { tag: "S".into() },
+            counted(0, 1, 1.0, Some(1)),
+        ));
+        let Verdict::Act(d) = e.check(IoType::Write, 0, 4096) else {
+            panic!("the delay acts")
+        };
+        assert_eq!(d.action, "delay");
+        let then = d.then.expect("the suspend decides what follows the wait");
+        assert_eq!(then.rule, RuleId(2));
+        assert_eq!(then.effect, Effect::Suspend { tag: "S".into() });
+        // Each rule saw the request once; the suspend (count = 1) is gone.
+        assert_eq!(hits(&e), vec![(1, 1, 1)]);
+        let Verdict::Act(d) = e.check(IoType::Write, 0, 4096) else {
+            panic!("the delay acts")
+        };
+        assert_eq!(
+            d.then,
+            Option::None,
+            "nothing after the delay acts: untouched"
+        );
+    }
+
+    #[test]
+    fn one_delay_per_check_and_a_delay_with_errno_ends_the_check() {
+        let m = || counted(0, 1, 1.0, Option::None);
+        let mut e = Engine::new(vec![
+            rule(Option::None, 0, delay(5, 0), m()),
+            rule(Option::None, 0, delay(7, 110), m()),
+            rule(Option::None, 0, eio(), m()),
+        ]);
+        let Verdict::Act(d) = e.check(IoType::Read, 0, 512) else {
+            panic!("the delay acts")
+        };
+        assert_eq!(d.rule, RuleId(1));
+        // The second delay does not see the request; the error decides after the wait.
+        assert_eq!(d.then.as_ref().map(|t| t.rule), Some(RuleId(3)));
+        assert_eq!(hits(&e), vec![(1, 1, 1), (2, 0, 0), (3, 1, 1)]);
+        // Without the first delay, the timeout ends the check: the error is hidden.
+        e.remove(RuleId(1));
+        let Verdict::Act(d) = e.check(IoType::Read, 0, 512) else {
+            panic!("the timeout acts")
+        };
+        assert_eq!(d.rule, RuleId(2));
+        assert_eq!(d.then, Option::None);
+        assert_eq!(hits(&e), vec![(2, 1, 1), (3, 1, 1)]);
+    }
+
+    #[test]
+    fn an_exemption_after_a_delay_lets_the_request_go_on_after_the_wait() {
+        let m = || counted(0, 1, 1.0, Option::None);
+        let mut e = Engine::new(vec![
+            rule(Option::None, 0, delay(5, 0), m()),
+            rule(
+                Option::None,
+                0,
+                Fault::Error {
+                    errno: 0,
+                    immediately: false,
+                },
+                m(),
+            ),
+            rule(Option::None, 0, eio(), m()),
+        ]);
+        let Verdict::Act(d) = e.check(IoType::Read, 0, 512) else {
+            panic!("the delay acts")
+        };
+        assert_eq!((d.rule, d.then), (RuleId(1), Option::None));
+        assert_eq!(hits(&e)[2], (3, 0, 0), "hidden by the exemption");
+    }
+
+    #[test]
+    fn a_rule_placed_first_or_before_n_is_checked_there_and_keeps_a_new_number() {
+        let m = || counted(0, 1, 1.0, Option::None);
+        let errno = |n: i32| Fault::Error {
+            errno: n,
+            immediately: false,
+        };
+        let mut e = Engine::new(vec![
+            rule(Option::None, 0, errno(5), m()),
+            rule(Option::None, 0, errno(28), m()),
+        ]);
+        assert_eq!(e.check(IoType::Read, 0, 512), standing_fail(5, 1));
+        let r3 = e
+            .add_placed(rule(Option::None, 0, errno(61), m()), Placement::First)
+            .unwrap();
+        assert_eq!(r3, RuleId(3));
+        assert_eq!(e.check(IoType::Read, 0, 512), standing_fail(61, 3));
+        e.remove(r3);
+        let r4 = e
+            .add_placed(
+                rule(Option::None, 0, errno(22), m()),
+                Placement::Before(RuleId(2)),
+            )
+            .unwrap();
+        assert_eq!(r4, RuleId(4));
+        e.remove(RuleId(1));
+        assert_eq!(e.check(IoType::Read, 0, 512), standing_fail(22, 4));
+        let order: Vec<u32> = e.rules().map(|(id, _, _)| id.0).collect();
+        assert_eq!(order, vec![4, 2], "listed in the order of checks");
+        assert_eq!(
+            e.add_placed(
+                rule(Option::None, 0, eio(), m()),
+                Placement::Before(RuleId(9))
+            ),
+            Err(RuleId(9))
+        );
+        // Many placements at one spot outrun the gap between ranks: renumbered, in order.
+        for _ in 0..100 {
+            e.add_placed(
+                rule(Option::None, 0, eio(), m()),
+                Placement::Before(RuleId(2)),
+            )
+            .unwrap();
+        }
+        let order: Vec<u32> = e.rules().map(|(id, _, _)| id.0).collect();
+        assert_eq!(order.first(), Some(&4));
+        assert_eq!(order.last(), Some(&2));
+        assert!(order[1..order.len() - 1].is_sorted(), "{order:?}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod fault_clients;
 mod faults;
 mod hardening;
 mod memory;
+mod newuser;
 mod power;
 mod power_clients;
 mod power_race;
