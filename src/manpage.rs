@@ -431,8 +431,11 @@ pub fn render_rules_page() -> io::Result<Vec<u8>> {
     )?;
     writeln!(o, ".SH SYNOPSIS")?;
     for line in [
-        "\\fBblkdebugfs mount\\fR [\\fB\\-c\\fR \\fIFILE\\fR] [\\fB\\-\\-rule\\fR \\fISECTION\\fR:\\fIK\\fR=\\fIV\\fR,...]... \\fIIMAGE\\fR \\fIMOUNTPOINT\\fR",
-        "\\fBblkdebugfs check\\fR [\\fB\\-c\\fR \\fIFILE\\fR] [\\fB\\-\\-rule\\fR \\fISECTION\\fR:\\fIK\\fR=\\fIV\\fR,...]...",
+        "\\fBblkdebugfs mount\\fR [\\fB\\-c\\fR \\fIFILE\\fR] \
+         [\\fB\\-\\-rule\\fR \\fISECTION\\fR:\\fIK\\fR=\\fIV\\fR,...]... \
+         \\fIIMAGE\\fR \\fIMOUNTPOINT\\fR",
+        "\\fBblkdebugfs check\\fR [\\fB\\-c\\fR \\fIFILE\\fR] \
+         [\\fB\\-\\-rule\\fR \\fISECTION\\fR:\\fIK\\fR=\\fIV\\fR,...]...",
         "\\fBblkdebugfs ctl\\fR \\fIMOUNTPOINT\\fR \\fICOMMAND\\fR [\\fIARGS\\fR]...",
     ] {
         writeln!(o, "{line}\n.br")?;
