@@ -620,7 +620,7 @@ pub fn render_rules_page() -> io::Result<Vec<u8>> {
         o,
         ".nf\n{}\n.fi",
         roff(
-            "[inject-error]          # reads of sector 2048 fail with ENOSPC, once armed
+            "[inject-error]          # reads covering sector 2048 fail with ENOSPC
 event = \"read_aio\"
 sector = \"2048\"
 errno = \"ENOSPC\"
