@@ -49,8 +49,13 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) to stdout, as committed in blkdebugfs.1.
-    Manpage,
+    /// Print a man page (roff) to stdout: blkdebugfs.1, or with --section 5 blkdebugfs.ini.5
+    /// (rule sections and keys, control commands, power cuts, the trace), as committed.
+    Manpage {
+        /// Which page: 1 (the command) or 5 (the rules and the trace).
+        #[arg(long, value_name = "N", default_value = "1", value_parser = ["1", "5"])]
+        section: String,
+    },
 }
 
 #[derive(Args)]
@@ -74,10 +79,9 @@ struct RuleArgs {
     /// Add a set-state rule, e.g. event=write_aio,state=1,new_state=2 (repeatable).
     #[arg(long = "set-state", value_name = "K=V,...")]
     set_state: Vec<String>,
-    /// Add a rule of any section, e.g. delay:latency=5ms,sectors=0-2047 or
-    /// corrupt:iotype=read,probability=1% (repeatable; sections: inject-error, set-state,
-    /// delay, corrupt, drop-write, torn-write, short-io, misdirect-write, suspend).
-    #[arg(long = "rule", value_name = "SECTION:K=V,...")]
+    // The help is built from the parser's own list of sections (`rule_help`), so a section
+    // added there is named here.
+    #[arg(long = "rule", value_name = "SECTION:K=V,...", help = rule_help())]
     rule: Vec<String>,
     /// The command-line rules in the order given (filled from the matches after parsing).
     #[arg(skip)]
@@ -100,6 +104,16 @@ struct RuleArgs {
     /// Largest discard (accepted and validated; no FUSE operation discards).
     #[arg(long = "max-discard", value_name = "BYTES", value_parser = size)]
     max_discard: Option<u64>,
+}
+
+/// `--rule`'s help: every section `config::split_section` accepts, from `Group::ALL`.
+fn rule_help() -> String {
+    let sections: Vec<&str> = config::Group::ALL.iter().map(|g| g.name()).collect();
+    format!(
+        "Add a rule of any section, e.g. delay:latency=5ms,sectors=0-2047 or \
+         corrupt:iotype=read,probability=1% (repeatable; sections: {}; keys in blkdebugfs.ini(5)).",
+        sections.join(", ")
+    )
 }
 
 /// Longest duration a command-line option takes: ten years, far past any test, and far
@@ -297,9 +311,12 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
-        Command::Manpage => blkdebugfs::manpage::render(Cli::command())
-            .and_then(|page| std::io::stdout().write_all(&page))
-            .map_err(|e| Error::Usage(format!("writing the man page: {e}"))),
+        Command::Manpage { section } => match section.as_str() {
+            "5" => blkdebugfs::manpage::render_rules_page(),
+            _ => blkdebugfs::manpage::render(Cli::command()),
+        }
+        .and_then(|page| std::io::stdout().write_all(&page))
+        .map_err(|e| Error::Usage(format!("writing the man page: {e}"))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

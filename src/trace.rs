@@ -23,6 +23,86 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 
+/// Every field a trace line can carry, with what it means: the reference the section-5 man
+/// page prints (`manpage.rs`). The integration tests check that each field of the lines they
+/// read is listed here, so a new field cannot go undocumented.
+pub const FIELDS: &[(&str, &str)] = &[
+    (
+        "t",
+        "seconds since the mount started (always the first field)",
+    ),
+    ("req", "the request's id, the same in every line about it"),
+    ("pid", "the process (thread) that sent the request"),
+    (
+        "op",
+        "the client operation: read, write, zero-range, punch-hole, flush or lseek",
+    ),
+    ("offset", "the request's byte offset"),
+    ("len", "the request's length in bytes"),
+    (
+        "iotype",
+        "what the rule checked the request as (a write's read-modify-write padding is a read)",
+    ),
+    (
+        "rule",
+        "the number of the rule that acted (null: a ctl command, for a power cut)",
+    ),
+    (
+        "action",
+        "what happened: a rule's section (inject-error, delay, corrupt, drop-write, torn-write, \
+         short-io, misdirect-write, suspend), set-state, break, power-cut, power-on or \
+         bad-sector; absent on a --trace-all request line",
+    ),
+    (
+        "armed_by",
+        "the event that armed the rule (null: a standing rule)",
+    ),
+    ("state", "the state (after the change, for set-state)"),
+    (
+        "errno",
+        "the errno name the request gets (\"EIO\"), or null",
+    ),
+    ("delay_us", "[delay]: the wait, in microseconds"),
+    (
+        "corrupted",
+        "[corrupt]: the image offsets of the bytes changed",
+    ),
+    (
+        "kept",
+        "[torn-write]: the [start, end) byte ranges stored; power-cut: the [offset, length] of \
+         each unsynced write kept",
+    ),
+    ("kept_bytes", "[torn-write]: the number of bytes stored"),
+    ("transferred", "[short-io]: the count the request returned"),
+    (
+        "landed",
+        "[misdirect-write]: the offset the data was stored at",
+    ),
+    ("tag", "[suspend]: the tag the request was parked under"),
+    ("event", "set-state and break: the event that fired"),
+    ("from", "set-state: the state before the change"),
+    ("tags", "break: the tags of the breakpoints hit"),
+    ("mode", "power-cut: lose, keep, random or sectors"),
+    ("seed", "power-cut: the seed of its draws"),
+    (
+        "lost",
+        "power-cut: the [offset, length] of each unsynced write lost",
+    ),
+    (
+        "torn",
+        "power-cut: the [offset, length, bytes kept] of each unsynced write torn",
+    ),
+    ("sector", "bad-sector: the first bad sector the request met"),
+    (
+        "events",
+        "--trace-all: the events the request fired, in order",
+    ),
+    (
+        "result",
+        "--trace-all: the request's errno name, or null for success",
+    ),
+];
+
 /// The trace of one mount. See the module doc.
 pub struct Trace {
     sender: Mutex<Option<Sender<String>>>,

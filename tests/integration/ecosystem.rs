@@ -472,6 +472,78 @@ fn the_committed_man_page_is_what_the_cli_generates() {
     }
 }
 
+/// The section-5 page (rule sections and keys, control commands, power cuts, the trace) is
+/// committed as `manpage --section 5` writes it, and `man -l` renders it without a warning.
+#[test]
+fn the_committed_rules_page_is_what_the_cli_generates_and_man_renders_it() {
+    let (code, now, err) = run_cli(&["manpage", "--section", "5"]);
+    assert_eq!(code, 0, "{err}");
+    let committed =
+        std::fs::read_to_string(manifest_dir().join("blkdebugfs.ini.5")).unwrap_or_default();
+    assert!(
+        committed == now,
+        "blkdebugfs.ini.5 is missing or out of date with the code's tables: regenerate it with\n\
+         \x20   cargo run -q -- manpage --section 5 > blkdebugfs.ini.5"
+    );
+    let out = output(
+        Command::new("man")
+            .args(["-l", "./blkdebugfs.ini.5"])
+            .current_dir(manifest_dir())
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100"),
+        "man (apt-get install man-db)",
+    );
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    // troff's warnings (a bad escape, an unknown request) go to stderr.
+    assert!(out.stderr.is_empty(), "{}", text(&out));
+    let mut wanted: Vec<String> = [
+        "SECTIONS",
+        "MATCH KEYS",
+        "EVENTS",
+        "CONTROL COMMANDS",
+        "POWER CUTS",
+        "TRACE",
+        "wait_break TAG [TIMEOUT_MS]",
+        "heal-on-write",
+        "kept_bytes",
+    ]
+    .map(String::from)
+    .to_vec();
+    wanted.extend(
+        blkdebugfs::config::Group::ALL
+            .iter()
+            .map(|g| format!("[{}]", g.name())),
+    );
+    for w in &wanted {
+        assert!(page.contains(w.as_str()), "{w} missing:\n{page}");
+    }
+}
+
+/// `--rule` takes every section the parser accepts (`Group::ALL`), so its help names each one,
+/// in `mount --help` and `check --help` alike (it once listed 9 of the 11).
+#[test]
+fn rule_help_names_every_section_the_parser_accepts() {
+    for sub in ["mount", "check"] {
+        let (code, help, err) = run_cli(&[sub, "--help"]);
+        assert_eq!(code, 0, "{err}");
+        let rule = help
+            .split("\n  ")
+            .find(|entry| entry.trim_start().starts_with("--rule"))
+            .unwrap_or_else(|| panic!("no --rule in `{sub} --help`:\n{help}"));
+        let listed: Vec<&str> = rule
+            .split_once("sections: ")
+            .and_then(|(_, rest)| rest.split_once([';', ')']))
+            .map(|(list, _)| list.split(',').map(str::trim).collect())
+            .unwrap_or_default();
+        let accepted: Vec<&str> = blkdebugfs::config::Group::ALL
+            .iter()
+            .map(|g| g.name())
+            .collect();
+        assert_eq!(listed, accepted, "`{sub} --help`, --rule:\n{rule}");
+    }
+}
+
 #[test]
 fn man_opens_the_page_with_every_subcommand() {
     let out = output(
@@ -490,6 +562,8 @@ fn man_opens_the_page_with_every_subcommand() {
         "blkdebugfs completions",
         "--force-share",
         "EXIT STATUS",
+        "SEE ALSO",
+        "blkdebugfs.ini(5)",
     ] {
         assert!(page.contains(wanted), "{wanted} missing:\n{page}");
     }

@@ -454,6 +454,7 @@ fn the_trace_is_json_lines_with_the_fields_of_the_spec() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
+    assert_trace_fields_documented(&lines);
     let find = |action: &str| {
         lines
             .iter()

@@ -104,6 +104,7 @@ fn a_power_cut_loses_exactly_the_writes_since_the_last_successful_flush() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    assert_trace_fields_documented(&lines);
     let cut = lines
         .iter()
         .find(|v| v["action"] == "power-cut")

@@ -534,3 +534,16 @@ pub fn same_bytes(got: &[u8], want: &[u8], what: &str) {
         );
     }
 }
+
+/// Every field of every trace line is one `blkdebugfs::trace::FIELDS` documents (the table
+/// the section-5 man page prints): a field added to the trace must be described there.
+pub fn assert_trace_fields_documented(lines: &[serde_json::Value]) {
+    for line in lines {
+        for key in line.as_object().expect("a trace line is an object").keys() {
+            assert!(
+                blkdebugfs::trace::FIELDS.iter().any(|(f, _)| f == key),
+                "trace field {key:?} is not in trace::FIELDS (add what it means there):\n{line}"
+            );
+        }
+    }
+}
