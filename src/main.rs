@@ -110,8 +110,9 @@ struct RuleArgs {
 fn rule_help() -> String {
     let sections: Vec<&str> = config::Group::ALL.iter().map(|g| g.name()).collect();
     format!(
-        "Add a rule of any section, e.g. delay:latency=5ms,sectors=0-2047 or \
-         corrupt:iotype=read,probability=1% (repeatable; sections: {}; keys in blkdebugfs.ini(5)).",
+        "Add a rule of any section, e.g. delay:latency=5ms,range=0-64M or \
+         corrupt:iotype=read,sectors=0-7+2048-2055,probability=1% (repeatable; ranges joined \
+         with +; sections: {}; keys in blkdebugfs.ini(5)).",
         sections.join(", ")
     )
 }

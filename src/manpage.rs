@@ -155,8 +155,16 @@ pub const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "*",
         "sectors",
-        "Inclusive 512-byte sector ranges, \"2048-2055, 10000\": the request overlaps one. \
-         Not with sector.",
+        "Inclusive 512-byte sector ranges, \"2048-2055, 10000\" (or joined with +, as on a \
+         command line where the comma separates keys: 2048-2055+10000): the request overlaps \
+         one. Not with sector or range.",
+    ),
+    (
+        "*",
+        "range",
+        "Byte ranges START-END with sizes (k, M, G: powers of 1024), END exclusive, several \
+         joined with + or commas: 0-64M is the first 64 MiB; the rule means the sectors the \
+         ranges touch. Not with sector or sectors.",
     ),
     (
         "*",
