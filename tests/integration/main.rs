@@ -1,6 +1,7 @@
 //! Integration tests: every test mounts the real `blkdebugfs` binary on a temporary image
 //! and drives real I/O through the kernel. One scenario per test.
 
+mod bounded;
 mod clients;
 mod control;
 mod differential;

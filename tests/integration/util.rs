@@ -186,6 +186,11 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
     }
 
+    /// The daemon's stderr pipe, when `start_with` made it one (`Stdio::piped()`).
+    pub fn take_stderr_pipe(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.as_mut().and_then(|c| c.stderr.take())
+    }
+
     /// The daemon's stderr so far (its log).
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
