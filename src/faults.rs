@@ -412,7 +412,70 @@ pub fn resolve(
     }
 }
 
-/// Picks the places `[corrupt]` damages, inside `covered` (image byte ranges).
+/// `k` distinct positions below `n`, in increasing order, drawn from `draw` in time linear
+/// in `k` (`k` is clamped to `n`: asking for every position gets every position).
+///
+/// Up to half of the positions: each is drawn uniformly and redrawn when already taken,
+/// checked in a hash set. This is the draw sequence blkdebugfs always used (a seed
+/// printed by an older version replays the same positions), and since at least half of the
+/// positions are free at every draw it takes fewer than `2k` draws on average. Beyond
+/// half, the positions *left out* are drawn the same way (fewer than `n - k < k` of them)
+/// and the others returned: still linear, where redrawing into a nearly full set would
+/// take `n log n` draws (and the old `Vec::contains` check made that quadratic).
+pub fn distinct_below(k: u64, n: u64, draw: &mut Draw) -> Vec<u64> {
+    let k = k.min(n);
+    // Redraws until `m` distinct positions are found; `m <= n / 2`.
+    let pick = |m: u64, draw: &mut Draw| -> std::collections::HashSet<u64> {
+        let mut taken = std::collections::HashSet::with_capacity(m as usize);
+        while (taken.len() as u64) < m {
+            taken.insert(draw.below(n));
+        }
+        taken
+    };
+    if k <= n / 2 {
+        let mut picked: Vec<u64> = pick(k, draw).into_iter().collect();
+        picked.sort_unstable();
+        picked
+    } else {
+        let left_out = pick(n - k, draw);
+        (0..n).filter(|i| !left_out.contains(i)).collect()
+    }
+}
+
+/// Maps positions in the covered bytes taken in order (position 0 is the first covered byte)
+/// to image offsets. Positions must come in increasing order: each call walks on from the
+/// piece the last one was in, so mapping `k` positions costs `k` plus the number of pieces.
+struct Covered<'a> {
+    pieces: &'a [(u64, u64)],
+    /// The piece the last position was in, and the position its first byte has.
+    piece: usize,
+    first: u64,
+}
+
+impl<'a> Covered<'a> {
+    fn new(pieces: &'a [(u64, u64)]) -> Self {
+        Covered {
+            pieces,
+            piece: 0,
+            first: 0,
+        }
+    }
+
+    fn offset(&mut self, i: u64) -> u64 {
+        loop {
+            let (s, e) = self.pieces[self.piece];
+            if i < self.first + (e - s) {
+                return s + (i - self.first);
+            }
+            self.first += e - s;
+            self.piece += 1;
+        }
+    }
+}
+
+/// Picks the places `[corrupt]` damages, inside `covered` (image byte ranges), in time
+/// linear in what it damages (at most the covered bytes: `bits` and `bytes` are clamped to
+/// what the request holds).
 fn corrupt_edits(
     mode: CorruptMode,
     bits: u32,
@@ -424,32 +487,13 @@ fn corrupt_edits(
     if total == 0 {
         return Vec::new();
     }
-    // The image byte at position `i` of the covered bytes taken in order.
-    let byte_at = |mut i: u64| {
-        for (s, e) in covered {
-            if i < e - s {
-                return s + i;
-            }
-            i -= e - s;
-        }
-        unreachable!("position inside the covered total")
-    };
+    let mut at = Covered::new(covered);
     match mode {
         CorruptMode::Flip => {
-            let want = u64::from(bits).min(total.saturating_mul(8));
-            let mut picked: Vec<u64> = Vec::with_capacity(want as usize);
-            // Distinct bit positions; `want` is small next to `total * 8` in practice, and
-            // when it is not, the retries still end because `want <= total * 8`.
-            while (picked.len() as u64) < want {
-                let bit = draw.below(total.saturating_mul(8));
-                if !picked.contains(&bit) {
-                    picked.push(bit);
-                }
-            }
-            picked.sort_unstable();
+            let picked = distinct_below(u64::from(bits), total.saturating_mul(8), draw);
             let mut edits: Vec<Edit> = Vec::new();
             for bit in picked {
-                let offset = byte_at(bit / 8);
+                let offset = at.offset(bit / 8);
                 let mask = 1u8 << (bit % 8);
                 match edits.last_mut() {
                     Some(Edit::Xor { offset: o, mask: m }) if *o == offset => *m |= mask,
@@ -463,7 +507,7 @@ fn corrupt_edits(
             let start = draw.below(total - n + 1);
             (start..start + n)
                 .map(|i| Edit::Set {
-                    offset: byte_at(i),
+                    offset: at.offset(i),
                     byte: match mode {
                         CorruptMode::Zero => 0,
                         _ => draw.next_u64() as u8,
@@ -575,6 +619,77 @@ mod tests {
                 mask: 0xff
             }]
         );
+    }
+
+    #[test]
+    fn distinct_positions_are_exact_distinct_sorted_and_keyed_by_the_seed() {
+        for (k, n) in [(0, 10), (1, 1), (3, 10), (5, 10), (6, 10), (9, 10), (10, 10)] {
+            for nth in 0..20 {
+                let got = distinct_below(k, n, &mut draw(nth));
+                assert_eq!(got.len() as u64, k, "k {k} of n {n}");
+                assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+                assert!(got.iter().all(|p| *p < n), "{got:?}");
+                assert_eq!(got, distinct_below(k, n, &mut draw(nth)), "same key, same draw");
+            }
+        }
+        // More than there are: every position, once.
+        assert_eq!(distinct_below(50, 4, &mut draw(0)), vec![0, 1, 2, 3]);
+        // The seed decides: another match count or another seed draws another set.
+        let a = distinct_below(100, 32_768, &mut draw(1));
+        assert_ne!(a, distinct_below(100, 32_768, &mut draw(2)));
+        assert_ne!(a, distinct_below(100, 32_768, &mut Draw::new(43, 1, 1, 0)));
+        // Every bit of a 1 MiB request, and all but one: the draws near `n` end (a quadratic
+        // or coupon-collector draw here took hours under the engine's lock).
+        let n = 8 << 20;
+        assert_eq!(distinct_below(n, n, &mut draw(3)).len() as u64, n);
+        let all_but_one = distinct_below(n - 1, n, &mut draw(3));
+        assert_eq!(all_but_one.len() as u64, n - 1);
+        assert!(all_but_one.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn small_draws_replay_the_positions_of_earlier_versions() {
+        // The rejection draw with `Vec::contains` that blkdebugfs used before: a seed printed
+        // then must replay the same bits now.
+        let old = |k: u64, n: u64, d: &mut Draw| {
+            let mut picked: Vec<u64> = Vec::new();
+            while (picked.len() as u64) < k {
+                let p = d.below(n);
+                if !picked.contains(&p) {
+                    picked.push(p);
+                }
+            }
+            picked.sort_unstable();
+            picked
+        };
+        for nth in 0..50 {
+            for (k, n) in [(1, 4096), (8, 4096), (64, 512), (256, 512)] {
+                assert_eq!(
+                    distinct_below(k, n, &mut draw(nth)),
+                    old(k, n, &mut draw(nth))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn flips_across_many_pieces_land_in_them() {
+        // Every other sector of 64 KiB: 64 pieces, every bit of them flipped.
+        let covered: Vec<(u64, u64)> = (0..64).map(|i| (i * 1024, i * 1024 + 512)).collect();
+        let f = Fault::Corrupt {
+            mode: CorruptMode::Flip,
+            bits: u32::MAX,
+            bytes: 0,
+        };
+        let Effect::Corrupt { edits } = resolve(&f, 0, 65536, &covered, &mut draw(0)) else {
+            panic!()
+        };
+        let want: Vec<Edit> = covered
+            .iter()
+            .flat_map(|(s, e)| *s..*e)
+            .map(|offset| Edit::Xor { offset, mask: 0xff })
+            .collect();
+        assert_eq!(edits, want);
     }
 
     #[test]

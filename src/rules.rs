@@ -529,24 +529,72 @@ pub struct RuleStats {
     pub armed: u64,
 }
 
-/// What a rule decided for a request.
+/// What a rule decided for a request: with [`Engine::decide`] the [`Plan`] of its effect,
+/// with [`Engine::check`] the effect itself.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Decision {
+pub struct Decision<E = Effect> {
     pub rule: RuleId,
     /// The event that armed the rule (`None`: a standing rule).
     pub armed_by: Option<Event>,
     /// The rule's section (`inject-error`, `delay`, ...): the action's name.
     pub action: &'static str,
-    /// The fault made concrete for this request.
-    pub effect: Effect,
+    /// The fault made concrete for this request (or its plan).
+    pub effect: E,
 }
 
 /// The outcome of checking a request.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Verdict {
+pub enum Verdict<E = Effect> {
     /// No rule acted (or an `errno = 0` rule exempted the request).
     Pass,
-    Act(Decision),
+    Act(Decision<E>),
+}
+
+impl Verdict<Plan> {
+    /// Makes the acting rule's fault concrete (see [`Plan::effect`]).
+    pub fn resolved(self) -> Verdict {
+        match self {
+            Verdict::Pass => Verdict::Pass,
+            Verdict::Act(d) => Verdict::Act(Decision {
+                rule: d.rule,
+                armed_by: d.armed_by,
+                action: d.action,
+                effect: d.effect.effect(),
+            }),
+        }
+    }
+}
+
+/// A fault that a rule decided to apply to one request, not yet made concrete: the fault,
+/// the request, the rule's range and the key of its seeded draw. Deciding is cheap (a clone
+/// of the fault and of the range's `Arc`) and happens under the engine's lock; making it
+/// concrete ([`Plan::effect`]) costs up to the request's size or the rule's own numbers
+/// (`bits`, `bytes`, sectors of a torn write), so the caller does it after the lock is
+/// released. The effect is a pure function of the plan: where it is computed changes
+/// nothing a seed replays.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    fault: Fault,
+    range: Range,
+    offset: u64,
+    len: u64,
+    seed: u64,
+    rule: u32,
+    nth: u64,
+}
+
+impl Plan {
+    /// The fault made concrete for the request (`faults::resolve`, on the part of the
+    /// request that the rule's range covers).
+    pub fn effect(&self) -> Effect {
+        resolve(
+            &self.fault,
+            self.offset,
+            self.len,
+            &self.range.covered(self.offset, self.len),
+            &mut Draw::new(self.seed, self.rule, self.nth, 1),
+        )
+    }
 }
 
 /// The live rules by number. Numbers are dense and never reused, so a vector indexed by
@@ -1143,8 +1191,15 @@ impl Engine {
     }
 
     /// Checks one request: the active list, then the standing rules, each in written order;
-    /// the first rule that acts decides (see the module doc).
+    /// the first rule that acts decides (see the module doc). The effect is made concrete
+    /// here: a caller that holds the engine under a lock uses [`Engine::decide`] instead.
     pub fn check(&mut self, iotype: IoType, offset: u64, len: u64) -> Verdict {
+        self.decide(iotype, offset, len).resolved()
+    }
+
+    /// [`Engine::check`] without making the effect concrete: the decision, in time that does
+    /// not grow with the request or with the acting rule's numbers (see [`Plan`]).
+    pub fn decide(&mut self, iotype: IoType, offset: u64, len: u64) -> Verdict<Plan> {
         // One buffer for the candidates, kept between checks: no allocation per request.
         let mut candidates = std::mem::take(&mut self.scratch);
         candidates.clear();
@@ -1168,7 +1223,7 @@ impl Engine {
         offset: u64,
         len: u64,
         from_active_list: bool,
-    ) -> Option<Verdict> {
+    ) -> Option<Verdict<Plan>> {
         // Range-less rules come in written order already; rules found by range may not.
         if !candidates.is_sorted() {
             candidates.sort_unstable();
@@ -1188,7 +1243,7 @@ impl Engine {
 
     /// One matching rule sees the request: counts the match, applies the counting keys and,
     /// if it acts, makes its fault concrete. `None`: it does not act (later rules decide).
-    fn offer(&mut self, id: RuleId, offset: u64, len: u64, armed: bool) -> Option<Verdict> {
+    fn offer(&mut self, id: RuleId, offset: u64, len: u64, armed: bool) -> Option<Verdict<Plan>> {
         let seed = self.seed;
         let slot = self.rules.get_mut(&id)?;
         let Action::Request { fault, matches } = &slot.rule.action else {
@@ -1209,14 +1264,15 @@ impl Engine {
             return Some(Verdict::Pass);
         }
         slot.hits += 1;
-        let covered = matches.range.covered(offset, len);
-        let effect = resolve(
-            fault,
+        let effect = Plan {
+            fault: fault.clone(),
+            range: matches.range.clone(),
             offset,
             len,
-            &covered,
-            &mut Draw::new(seed, id.0, nth, 1),
-        );
+            seed,
+            rule: id.0,
+            nth,
+        };
         let decision = Decision {
             rule: id,
             armed_by: if armed { slot.rule.event } else { None },

@@ -79,7 +79,7 @@ fn a_corruption_as_large_as_the_request_ends_and_leaves_the_mount_serving() {
         &flipped(2 * MIB, 4096),
         "other read",
     );
-    assert!(rules.contains("rule   1: [corrupt]"), "{rules}");
+    assert!(rules.contains("corrupt mode=flip bits=1048576"), "{rules}");
     // The image is untouched: only the bytes returned were corrupted.
     same_bytes(&s.image_bytes(), &pattern(4 * MIB), "image");
     assert!(d.stop().success());
