@@ -173,7 +173,10 @@ pub enum Problem {
     PowerCutNeedsWriteCache,
     /// `[corrupt] bits` (`bits: true`) or `bytes` beyond what the rule's range holds (its
     /// size in bytes): no request could ever be corrupted as written.
-    BeyondRange { bytes: u64, bits: bool },
+    BeyondRange {
+        bytes: u64,
+        bits: bool,
+    },
     /// A `[torn-write] unit` that is not a whole number of sectors.
     UnitNotSectors,
     /// A value longer than its limit (in bytes).
@@ -649,10 +652,9 @@ fn build_rule(
             };
             if let Some(held) = range_bytes {
                 let beyond = |key: &str, n: Option<u64>, most: u64, bits: bool| match n {
-                    Some(n) if n > most => Err(err(
-                        get(key),
-                        Problem::BeyondRange { bytes: held, bits },
-                    )),
+                    Some(n) if n > most => {
+                        Err(err(get(key), Problem::BeyondRange { bytes: held, bits }))
+                    }
                     _ => Ok(()),
                 };
                 beyond("bits", bits, held.saturating_mul(8), true)?;
@@ -1835,7 +1837,11 @@ mod tests {
         );
         for unit in ["1", "1000", "4095"] {
             let text = format!("[torn-write]\nunit = {unit}\n");
-            assert_eq!(problem(&text), Err((Problem::UnitNotSectors, Some(2))), "{unit}");
+            assert_eq!(
+                problem(&text),
+                Err((Problem::UnitNotSectors, Some(2))),
+                "{unit}"
+            );
         }
         assert_eq!(problem("[torn-write]\nmode = sectors\nunit = 4k\n"), Ok(()));
         let long = "t".repeat(MAX_TAG + 1);

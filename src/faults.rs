@@ -412,33 +412,89 @@ pub fn resolve(
     }
 }
 
-/// `k` distinct positions below `n`, in increasing order, drawn from `draw` in time linear
-/// in `k` (`k` is clamped to `n`: asking for every position gets every position).
+/// `k` distinct positions below `n` (`k` is clamped to `n`: asking for every position
+/// gets every position), drawn from `draw` in time and memory linear in `k`.
 ///
-/// Up to half of the positions: each is drawn uniformly and redrawn when already taken,
-/// checked in a hash set. This is the draw sequence blkdebugfs always used (a seed
-/// printed by an older version replays the same positions), and since at least half of the
-/// positions are free at every draw it takes fewer than `2k` draws on average. Beyond
-/// half, the positions *left out* are drawn the same way (fewer than `n - k < k` of them)
-/// and the others returned: still linear, where redrawing into a nearly full set would
-/// take `n log n` draws (and the old `Vec::contains` check made that quadratic).
-pub fn distinct_below(k: u64, n: u64, draw: &mut Draw) -> Vec<u64> {
+/// Up to half of the positions, each is drawn uniformly and redrawn when already taken:
+/// the draw sequence blkdebugfs always used, so a seed printed by an older version replays
+/// the same positions; since at least half of the positions are free at every draw, it
+/// takes fewer than `2k` draws on average. Beyond half, the positions *left out* are drawn
+/// the same way (`n - k < k` of them) and the others taken: redrawing into a nearly full
+/// set would take `n log n` draws (and the old `Vec::contains` check made each draw cost
+/// `k`: minutes, or forever, under the engine's lock). Few positions are kept in a hash set;
+/// many (at least one in 64) in a bitmap of `n` bits, which costs no more than `k` words.
+pub fn distinct_below(k: u64, n: u64, draw: &mut Draw) -> Distinct {
     let k = k.min(n);
-    // Redraws until `m` distinct positions are found; `m <= n / 2`.
-    let pick = |m: u64, draw: &mut Draw| -> std::collections::HashSet<u64> {
-        let mut taken = std::collections::HashSet::with_capacity(m as usize);
-        while (taken.len() as u64) < m {
+    if k.saturating_mul(64) <= n {
+        let mut taken = std::collections::HashSet::with_capacity(k as usize);
+        while (taken.len() as u64) < k {
             taken.insert(draw.below(n));
         }
-        taken
-    };
-    if k <= n / 2 {
-        let mut picked: Vec<u64> = pick(k, draw).into_iter().collect();
+        let mut picked: Vec<u64> = taken.into_iter().collect();
         picked.sort_unstable();
-        picked
+        return Distinct::Few(picked);
+    }
+    let words = n.div_ceil(64) as usize;
+    let mut bits = vec![0u64; words];
+    if k <= n / 2 {
+        let mut set = 0;
+        while set < k {
+            let p = draw.below(n);
+            let (w, b) = ((p / 64) as usize, p % 64);
+            if bits[w] & (1 << b) == 0 {
+                bits[w] |= 1 << b;
+                set += 1;
+            }
+        }
     } else {
-        let left_out = pick(n - k, draw);
-        (0..n).filter(|i| !left_out.contains(i)).collect()
+        bits.fill(u64::MAX);
+        if !n.is_multiple_of(64) {
+            bits[words - 1] = (1 << (n % 64)) - 1;
+        }
+        let mut cleared = 0;
+        while cleared < n - k {
+            let p = draw.below(n);
+            let (w, b) = ((p / 64) as usize, p % 64);
+            if bits[w] & (1 << b) != 0 {
+                bits[w] &= !(1 << b);
+                cleared += 1;
+            }
+        }
+    }
+    Distinct::Many(bits)
+}
+
+/// Distinct positions drawn by [`distinct_below`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Distinct {
+    /// In increasing order.
+    Few(Vec<u64>),
+    /// Bit `p % 64` of word `p / 64` is set for each position `p`.
+    Many(Vec<u64>),
+}
+
+impl Distinct {
+    /// Calls `f` with each position, in increasing order.
+    pub fn for_each(&self, mut f: impl FnMut(u64)) {
+        match self {
+            Distinct::Few(v) => v.iter().for_each(|p| f(*p)),
+            Distinct::Many(bits) => {
+                for (w, word) in bits.iter().enumerate() {
+                    let mut word = *word;
+                    while word != 0 {
+                        f(w as u64 * 64 + u64::from(word.trailing_zeros()));
+                        word &= word - 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The positions, in increasing order.
+    pub fn positions(&self) -> Vec<u64> {
+        let mut v = Vec::new();
+        self.for_each(|p| v.push(p));
+        v
     }
 }
 
@@ -492,14 +548,14 @@ fn corrupt_edits(
         CorruptMode::Flip => {
             let picked = distinct_below(u64::from(bits), total.saturating_mul(8), draw);
             let mut edits: Vec<Edit> = Vec::new();
-            for bit in picked {
+            picked.for_each(|bit| {
                 let offset = at.offset(bit / 8);
                 let mask = 1u8 << (bit % 8);
                 match edits.last_mut() {
                     Some(Edit::Xor { offset: o, mask: m }) if *o == offset => *m |= mask,
                     _ => edits.push(Edit::Xor { offset, mask }),
                 }
-            }
+            });
             edits
         }
         CorruptMode::Zero | CorruptMode::Random => {
@@ -623,26 +679,46 @@ mod tests {
 
     #[test]
     fn distinct_positions_are_exact_distinct_sorted_and_keyed_by_the_seed() {
-        for (k, n) in [(0, 10), (1, 1), (3, 10), (5, 10), (6, 10), (9, 10), (10, 10)] {
+        for (k, n) in [
+            (0, 10),
+            (1, 1),
+            (3, 10),
+            (5, 10),
+            (6, 10),
+            (9, 10),
+            (10, 10),
+            (2, 1000),
+            (700, 1000),
+            (999, 1000),
+        ] {
             for nth in 0..20 {
-                let got = distinct_below(k, n, &mut draw(nth));
+                let got = distinct_below(k, n, &mut draw(nth)).positions();
                 assert_eq!(got.len() as u64, k, "k {k} of n {n}");
                 assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
                 assert!(got.iter().all(|p| *p < n), "{got:?}");
-                assert_eq!(got, distinct_below(k, n, &mut draw(nth)), "same key, same draw");
+                let again = distinct_below(k, n, &mut draw(nth)).positions();
+                assert_eq!(got, again, "same key, same draw");
             }
         }
         // More than there are: every position, once.
-        assert_eq!(distinct_below(50, 4, &mut draw(0)), vec![0, 1, 2, 3]);
+        assert_eq!(
+            distinct_below(50, 4, &mut draw(0)).positions(),
+            vec![0, 1, 2, 3]
+        );
         // The seed decides: another match count or another seed draws another set.
-        let a = distinct_below(100, 32_768, &mut draw(1));
-        assert_ne!(a, distinct_below(100, 32_768, &mut draw(2)));
-        assert_ne!(a, distinct_below(100, 32_768, &mut Draw::new(43, 1, 1, 0)));
+        for k in [100, 10_000, 30_000] {
+            let a = distinct_below(k, 32_768, &mut draw(1));
+            assert_ne!(a, distinct_below(k, 32_768, &mut draw(2)));
+            assert_ne!(a, distinct_below(k, 32_768, &mut Draw::new(43, 1, 1, 0)));
+        }
         // Every bit of a 1 MiB request, and all but one: the draws near `n` end (a quadratic
         // or coupon-collector draw here took hours under the engine's lock).
         let n = 8 << 20;
-        assert_eq!(distinct_below(n, n, &mut draw(3)).len() as u64, n);
-        let all_but_one = distinct_below(n - 1, n, &mut draw(3));
+        assert_eq!(
+            distinct_below(n, n, &mut draw(3)).positions().len() as u64,
+            n
+        );
+        let all_but_one = distinct_below(n - 1, n, &mut draw(3)).positions();
         assert_eq!(all_but_one.len() as u64, n - 1);
         assert!(all_but_one.windows(2).all(|w| w[0] < w[1]));
     }
@@ -663,9 +739,10 @@ mod tests {
             picked
         };
         for nth in 0..50 {
-            for (k, n) in [(1, 4096), (8, 4096), (64, 512), (256, 512)] {
+            // Few (a hash set) and many (a bitmap), up to half of the positions.
+            for (k, n) in [(1, 4096), (8, 4096), (64, 4096), (100, 512), (256, 512)] {
                 assert_eq!(
-                    distinct_below(k, n, &mut draw(nth)),
+                    distinct_below(k, n, &mut draw(nth)).positions(),
                     old(k, n, &mut draw(nth))
                 );
             }

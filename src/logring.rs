@@ -455,7 +455,12 @@ mod tests {
             .sum();
         assert_eq!(dropped, n - 1 - QUEUE_LINES, "the first, then a full queue");
         assert_eq!(written + dropped, n, "every line written or counted");
-        assert!(text.lines().last().unwrap().ends_with("the log sink was full"));
+        assert!(
+            text.lines()
+                .last()
+                .unwrap()
+                .ends_with("the log sink was full")
+        );
     }
 
     #[test]
@@ -467,7 +472,11 @@ mod tests {
             .map(|i| l.admit(1, ms(i), || "x".into()))
             .collect();
         assert!(says[..ONE_BY_ONE as usize].iter().all(|s| *s == Say::Line));
-        assert!(says[ONE_BY_ONE as usize..].iter().all(|s| *s == Say::Nothing));
+        assert!(
+            says[ONE_BY_ONE as usize..]
+                .iter()
+                .all(|s| *s == Say::Nothing)
+        );
         // Another key has its own count.
         assert_eq!(l.admit(2, ms(20), || "y".into()), Say::Line);
         // A second after the last line: one summary for the 3 quiet ones and this one.

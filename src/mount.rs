@@ -1604,12 +1604,7 @@ impl Mount {
     /// own `line` for the first few of `key`, then a summary a second, `KEY: DONE N more
     /// request(s) in the last 1.0 s` (`done` says what was done to them). Only what is
     /// logged is formatted.
-    fn log_limited(
-        &self,
-        key: LogKey,
-        line: impl FnOnce() -> String,
-        done: impl Fn() -> String,
-    ) {
+    fn log_limited(&self, key: LogKey, line: impl FnOnce() -> String, done: impl Fn() -> String) {
         if !log::log_enabled!(log::Level::Info) {
             return;
         }

@@ -112,7 +112,10 @@ fn numbers_no_request_can_hold_are_refused_at_load() {
     ] {
         let (code, _, err) = run_cli(&["check", "--rule", rule]);
         assert_eq!(code, 2, "{rule}: {err}");
-        assert!(err.contains("--rule #1") && err.contains(what), "{rule}: {err}");
+        assert!(
+            err.contains("--rule #1") && err.contains(what),
+            "{rule}: {err}"
+        );
     }
     let (code, _, err) = run_cli(&["check", "--rule", "torn-write:mode=sectors,unit=4k"]);
     assert_eq!(code, 0, "{err}");
@@ -232,7 +235,11 @@ fn a_busy_rule_logs_a_summary_and_an_unread_log_pipe_stops_nothing() {
         .filter(|l| l.contains("delaying read at offset"))
         .count() as u64;
     let summaries: Vec<u64> = log.iter().filter_map(|l| summarised(l)).collect();
-    assert!(one_by_one >= 1, "the first injection is logged:\n{}", log.join("\n"));
+    assert!(
+        one_by_one >= 1,
+        "the first injection is logged:\n{}",
+        log.join("\n")
+    );
     assert!(!summaries.is_empty(), "{}", log.join("\n"));
     assert_eq!(
         one_by_one + summaries.iter().sum::<u64>(),

@@ -66,7 +66,8 @@ fn read_error_at_a_sector_with_direct_and_buffered_io() {
     assert_eq!(v, pattern(MIB)[8704..9216]);
     drop((direct, buffered));
     assert!(
-        d.stderr().contains("injecting ENOSPC (28) into read"),
+        d.stderr_with("injecting ENOSPC (28) into read")
+            .contains("injecting ENOSPC (28) into read"),
         "{}",
         d.stderr()
     );
@@ -214,7 +215,8 @@ fn unaligned_writes_read_modify_write_with_align() {
     // never write back bytes we failed to read.
     assert_eq!(pwrite(&f, b"abc", 4096 + 100), Ok(3));
     assert!(
-        d.stderr().contains("ignored, as QEMU ignores"),
+        d.stderr_with("ignored, as QEMU ignores")
+            .contains("ignored, as QEMU ignores"),
         "{}",
         d.stderr()
     );

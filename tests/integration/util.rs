@@ -196,6 +196,18 @@ impl Daemon {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The daemon's stderr once it contains `needle`, or after [`DEADLINE`] without it (for
+    /// the caller's assert to show): lines reach stderr through the daemon's log writer
+    /// thread, a moment after the request they are about has been answered.
+    pub fn stderr_with(&self, needle: &str) -> String {
+        let mut log = String::new();
+        wait_for(DEADLINE, || {
+            log = self.stderr();
+            log.contains(needle)
+        });
+        log
+    }
+
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
             // SAFETY: kill on the PID of the child we spawned and have not reaped.
