@@ -18,6 +18,13 @@
 //! [`acts`], a keyed 64-bit mix (SplitMix64's finaliser, three rounds: a few nanoseconds)
 //! instead of a ChaCha block (about 150 ns). Everything an effect draws (which bits, how
 //! long, which sectors) still comes from [`Draw`].
+//!
+//! Cost: [`resolve`] takes time and memory linear in what it produces (the bits or bytes it
+//! damages, the pieces a torn write keeps), never more than the request holds: `bits` and
+//! `bytes` are clamped to the covered bytes, and distinct positions are drawn by
+//! [`distinct_below`], linear even when every bit of the request is asked for. It may still
+//! cost as much as the request, so the engine never calls it under its lock: the engine
+//! decides a `rules::Plan`, and the executor resolves it after the lock is released.
 
 use std::fmt;
 use std::time::Duration;

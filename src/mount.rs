@@ -1,9 +1,16 @@
 //! The one owned state object of a mount, and the executor that walks a plan (`ops.rs`)
 //! against it.
 //!
-//! Lock rule: the engine's mutex is taken for one `fire` or `check` call at a time and never
-//! held across I/O. Image I/O is positional (`pread`/`pwrite`/`fallocate`/`fdatasync` on one
-//! shared descriptor), so requests run in parallel on any number of FUSE workers.
+//! Lock rule: the engine's mutex is taken for one `fire` or `decide` call at a time and never
+//! held across I/O, nor across work that grows with the request or with a rule's numbers:
+//! a check decides under it (`Engine::decide`) and draws the effect (which bits, bytes or
+//! sectors) after releasing it. Image I/O is positional (`pread`/`pwrite`/`fallocate`/
+//! `fdatasync` on one shared descriptor), so requests run in parallel on any number of FUSE
+//! workers.
+//!
+//! Logging: the request path never waits on the log (`logring.rs` queues lines for a writer
+//! thread), and a rule that acts on every request logs its first few injections, then one
+//! summary a second (`Mount::log_limited`); the trace and stats count every request.
 //!
 //! Faults (`spec/faults.md` §3): a check's decision applies to the I/O steps after it, up to
 //! the next check (one chunk of the request): a corruption edits the bytes read or a copy of
