@@ -25,7 +25,7 @@
 //! released. [`Engine::check`] does both, for callers that hold no lock.
 //!
 //! The engine is plain data: no FUSE, no I/O, no locks. The caller (see `mount.rs`) holds it
-//! under one mutex for the duration of a single `fire` or `check` call only.
+//! under one mutex for the duration of a single `fire` or `decide` call only.
 //!
 //! Cost: neither call walks the rules. What a fire does in a given state (the new active
 //! list, the new state) is computed once per (event, state) and cached until the rules change
@@ -590,6 +590,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The rule's fault, as written.
+    pub fn fault(&self) -> &Fault {
+        &self.fault
+    }
+
     /// The fault made concrete for the request (`faults::resolve`, on the part of the
     /// request that the rule's range covers).
     pub fn effect(&self) -> Effect {
@@ -1248,7 +1253,8 @@ impl Engine {
     }
 
     /// One matching rule sees the request: counts the match, applies the counting keys and,
-    /// if it acts, makes its fault concrete. `None`: it does not act (later rules decide).
+    /// if it acts, plans its fault (see [`Plan`]). `None`: it does not act (later rules
+    /// decide).
     fn offer(&mut self, id: RuleId, offset: u64, len: u64, armed: bool) -> Option<Verdict<Plan>> {
         let seed = self.seed;
         let slot = self.rules.get_mut(&id)?;
