@@ -119,6 +119,17 @@ fn numbers_no_request_can_hold_are_refused_at_load() {
     }
     let (code, _, err) = run_cli(&["check", "--rule", "torn-write:mode=sectors,unit=4k"]);
     assert_eq!(code, 0, "{err}");
+    // `mount` refuses it before mounting anything.
+    let (code, _, err) = run_cli(&[
+        "mount",
+        s.image.to_str().unwrap(),
+        s.mnt.to_str().unwrap(),
+        "--rule",
+        "corrupt:bits=4097,sector=8",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the rule's range holds 512 bytes"), "{err}");
+    assert!(!is_mounted(&s.mnt));
     // Through `ctl`: an error reply, and the mount goes on.
     let d = mount(&s, &[]);
     let (code, out, err) = run_cli(&[
