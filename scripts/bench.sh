@@ -481,13 +481,16 @@ done
 
 # Anything the daemons logged beyond their start and stop lines (blkdebugfs logs every
 # injected error and every warning; there should be none) is shown, so that a problem
-# does not hide behind a good-looking table. The delay target logs each request it delays:
-# those lines are counted (every request of its jobs, ramp included, should be one).
+# does not hide behind a good-looking table. The delay target logs the first requests it
+# delays one by one, then one summary a second (`rule 1: delayed N more request(s) ...`):
+# both are counted (every request of its jobs, ramp included, should be one).
 delay_log=$work/bdfs-delay.log
 delay_line="INFO \\] delaying .* by $delay_latency for rule 1 \\(standing\\)"
-delayed=$(grep -Ec "$delay_line" "$delay_log" || true)
+summary_line="INFO \\] rule 1: delayed [0-9]+ more request"
+delayed=$(( $(grep -Ec "$delay_line" "$delay_log" || true) + $(sed -nE \
+  's/.*rule 1: delayed ([0-9]+) more request.*/\1/p' "$delay_log" | awk '{n += $1} END {print n + 0}') ))
 for f in "$work"/*.log; do
-  extra=$(grep -Ev "INFO \\] (serving .* at |signal 15: shutting down|unmounted )|$delay_line" "$f" || true)
+  extra=$(grep -Ev "INFO \\] (serving .* at |signal 15: shutting down|unmounted )|$delay_line|$summary_line" "$f" || true)
   if [ -n "$extra" ]; then
     log "--- $(basename "$f") says:"
     printf '%s\n' "$extra" | tail -n 20 >&2

@@ -84,7 +84,7 @@ use crate::errno;
 use crate::faults::{CorruptMode, Fault, TornMode};
 use crate::media::{BadSettings, CutMode};
 pub use crate::ranges::MAX_SECTOR;
-use crate::ranges::{RangeError, SectorSet};
+use crate::ranges::{RangeError, SECTOR, SectorSet};
 use crate::rules::{
     Action, Counting, Event, IoType, IoTypes, Origin, Placement, Range, RequestMatch, Rule, RuleId,
     applicable_iotypes,
@@ -197,6 +197,16 @@ pub enum Problem {
     FlushHasNoRange,
     /// Both `first` and `before=N` (or one twice); the one given first.
     TwoPlacements(String),
+    /// `[corrupt] bits` (`bits: true`) or `bytes` beyond what the rule's range holds (its
+    /// size in bytes): no request could ever be corrupted as written.
+    BeyondRange {
+        bytes: u64,
+        bits: bool,
+    },
+    /// A `[torn-write] unit` that is not a whole number of sectors.
+    UnitNotSectors,
+    /// A value longer than its limit (in bytes).
+    TooLong(usize),
 }
 
 impl fmt::Display for Problem {
@@ -307,6 +317,20 @@ impl fmt::Display for Problem {
                     "the rule is placed by '{first}' already: give 'first' or one 'before=N'"
                 )
             }
+            Problem::BeyondRange { bytes, bits: true } => write!(
+                f,
+                "more bits than the rule's range can hold: the rule's range holds {bytes} \
+                 bytes ({} bits)",
+                bytes.saturating_mul(8)
+            ),
+            Problem::BeyondRange { bytes, bits: false } => write!(
+                f,
+                "more bytes than the rule's range can hold: the rule's range holds {bytes} bytes"
+            ),
+            Problem::UnitNotSectors => f.write_str(
+                "a unit must be a multiple of 512 (a disk keeps or loses whole sectors)",
+            ),
+            Problem::TooLong(max) => write!(f, "longer than {max} bytes"),
             Problem::MissingSection => write!(
                 f,
                 "expected SECTION:KEY=VALUE,... with SECTION one of {}",
@@ -348,6 +372,9 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// The longest `[suspend] tag` (bytes).
+pub const MAX_TAG: usize = 256;
 
 /// Keys of every request-checked section (faults §1).
 const MATCH_KEYS: &[&str] = &[
@@ -721,6 +748,23 @@ fn build_rule(
                 }
                 _ => {}
             }
+            // A number the rule's own range cannot hold can never act as written. Without a
+            // range each request bounds it (clamped when the effect is drawn).
+            let range_bytes = match &range {
+                Range::Any => None,
+                Range::Sector(_) => Some(SECTOR),
+                Range::Sectors(set) => Some(set.sectors().saturating_mul(SECTOR)),
+            };
+            if let Some(held) = range_bytes {
+                let beyond = |key: &str, n: Option<u64>, most: u64, bits: bool| match n {
+                    Some(n) if n > most => {
+                        Err(err(get(key), Problem::BeyondRange { bytes: held, bits }))
+                    }
+                    _ => Ok(()),
+                };
+                beyond("bits", bits, held.saturating_mul(8), true)?;
+                beyond("bytes", bytes, held, false)?;
+            }
             Fault::Corrupt {
                 mode,
                 bits: u32::try_from(bits.unwrap_or(1)).unwrap_or(u32::MAX),
@@ -742,9 +786,19 @@ fn build_rule(
             {
                 return Err(err(Some(e), Problem::KeyNotForMode("keep", "prefix")));
             }
+            // Whole sectors: a disk tears at sector boundaries, and a unit of one byte made
+            // a journal entry per byte written.
             let unit = opt(
                 get("unit"),
-                |t| parse_size_value(t).and_then(at_least_one),
+                |t| {
+                    parse_size_value(t).and_then(at_least_one).and_then(|n| {
+                        if !n.is_multiple_of(SECTOR) {
+                            Err(Problem::UnitNotSectors)
+                        } else {
+                            Ok(n)
+                        }
+                    })
+                },
                 &err,
             )?;
             Fault::TornWrite {
@@ -767,6 +821,10 @@ fn build_rule(
             let tag = required("tag")?;
             if tag.value.is_empty() || tag.value.contains(char::is_whitespace) {
                 return Err(err(Some(tag), Problem::BadTag));
+            }
+            // Copied into every request the rule parks, under the engine's lock.
+            if tag.value.len() > MAX_TAG {
+                return Err(err(Some(tag), Problem::TooLong(MAX_TAG)));
             }
             Fault::Suspend {
                 tag: tag.value.clone(),
@@ -1985,6 +2043,61 @@ mod tests {
         );
         // QEMU's [inject-error] without an event is a standing rule here (QEMU refuses it).
         assert_eq!(parse("[inject-error]\nerrno = 5\n").unwrap()[0].event, None);
+    }
+
+    #[test]
+    fn numbers_the_range_cannot_hold_and_units_of_part_sectors_are_refused() {
+        let problem = |text: &str| parse(text).map(|_| ()).map_err(|e| (e.problem, e.at.line));
+        let beyond = |bytes, bits| Err((Problem::BeyondRange { bytes, bits }, Some(3)));
+        // A range of 8 sectors holds 4096 bytes, 32768 bits; a QEMU `sector` 512 bytes.
+        assert_eq!(
+            problem("[corrupt]\nsectors = 0-7\nbits = 32769\n"),
+            beyond(4096, true)
+        );
+        assert_eq!(problem("[corrupt]\nsectors = 0-7\nbits = 32768\n"), Ok(()));
+        assert_eq!(
+            problem("[corrupt]\nsectors = 0, 9\nbits = 8193\n"),
+            beyond(1024, true)
+        );
+        assert_eq!(
+            problem("[corrupt]\nsector = 8\nbytes = 513\nmode = zero\n"),
+            beyond(512, false)
+        );
+        assert_eq!(
+            problem("[corrupt]\nsector = -1\nbytes = 1G\nmode = random\n"),
+            Ok(()),
+            "no range: each request bounds it"
+        );
+        assert_eq!(problem("[corrupt]\nbits = 4000000000\n"), Ok(()));
+        // A range too large to count in bytes holds any number.
+        assert_eq!(
+            problem("[corrupt]\nsectors = 0-18014398509481983\nbits = 4000000000\n"),
+            Ok(())
+        );
+        let e = parse("[corrupt]\nsector = 8\nbits = 4097\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.ini:3: [corrupt] bits = \"4097\": more bits than the rule's range can hold: \
+             the rule's range holds 512 bytes (4096 bits)"
+        );
+        for unit in ["1", "1000", "4095"] {
+            let text = format!("[torn-write]\nunit = {unit}\n");
+            assert_eq!(
+                problem(&text),
+                Err((Problem::UnitNotSectors, Some(2))),
+                "{unit}"
+            );
+        }
+        assert_eq!(problem("[torn-write]\nmode = sectors\nunit = 4k\n"), Ok(()));
+        let long = "t".repeat(MAX_TAG + 1);
+        assert_eq!(
+            problem(&format!("[suspend]\ntag = {long}\n")),
+            Err((Problem::TooLong(MAX_TAG), Some(2)))
+        );
+        assert_eq!(
+            problem(&format!("[suspend]\ntag = {}\n", &long[1..])),
+            Ok(())
+        );
     }
 
     #[test]

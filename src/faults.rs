@@ -18,6 +18,13 @@
 //! [`acts`], a keyed 64-bit mix (SplitMix64's finaliser, three rounds: a few nanoseconds)
 //! instead of a ChaCha block (about 150 ns). Everything an effect draws (which bits, how
 //! long, which sectors) still comes from [`Draw`].
+//!
+//! Cost: [`resolve`] takes time and memory linear in what it produces (the bits or bytes it
+//! damages, the pieces a torn write keeps), never more than the request holds: `bits` and
+//! `bytes` are clamped to the covered bytes, and distinct positions are drawn by
+//! [`distinct_below`], linear even when every bit of the request is asked for. It may still
+//! cost as much as the request, so the engine never calls it under its lock: the engine
+//! decides a `rules::Plan`, and the executor resolves it after the lock is released.
 
 use std::fmt;
 use std::time::Duration;
@@ -412,7 +419,126 @@ pub fn resolve(
     }
 }
 
-/// Picks the places `[corrupt]` damages, inside `covered` (image byte ranges).
+/// `k` distinct positions below `n` (`k` is clamped to `n`: asking for every position
+/// gets every position), drawn from `draw` in time and memory linear in `k`.
+///
+/// Up to half of the positions, each is drawn uniformly and redrawn when already taken:
+/// the draw sequence blkdebugfs always used, so a seed printed by an older version replays
+/// the same positions; since at least half of the positions are free at every draw, it
+/// takes fewer than `2k` draws on average. Beyond half, the positions *left out* are drawn
+/// the same way (`n - k < k` of them) and the others taken: redrawing into a nearly full
+/// set would take `n log n` draws (and the old `Vec::contains` check made each draw cost
+/// `k`: minutes, or forever, under the engine's lock). Few positions are kept in a hash set;
+/// many (at least one in 64) in a bitmap of `n` bits, which costs no more than `k` words.
+pub fn distinct_below(k: u64, n: u64, draw: &mut Draw) -> Distinct {
+    let k = k.min(n);
+    if k.saturating_mul(64) <= n {
+        let mut taken = std::collections::HashSet::with_capacity(k as usize);
+        while (taken.len() as u64) < k {
+            taken.insert(draw.below(n));
+        }
+        let mut picked: Vec<u64> = taken.into_iter().collect();
+        picked.sort_unstable();
+        return Distinct::Few(picked);
+    }
+    let words = n.div_ceil(64) as usize;
+    let mut bits = vec![0u64; words];
+    if k <= n / 2 {
+        let mut set = 0;
+        while set < k {
+            let p = draw.below(n);
+            let (w, b) = ((p / 64) as usize, p % 64);
+            if bits[w] & (1 << b) == 0 {
+                bits[w] |= 1 << b;
+                set += 1;
+            }
+        }
+    } else {
+        bits.fill(u64::MAX);
+        if !n.is_multiple_of(64) {
+            bits[words - 1] = (1 << (n % 64)) - 1;
+        }
+        let mut cleared = 0;
+        while cleared < n - k {
+            let p = draw.below(n);
+            let (w, b) = ((p / 64) as usize, p % 64);
+            if bits[w] & (1 << b) != 0 {
+                bits[w] &= !(1 << b);
+                cleared += 1;
+            }
+        }
+    }
+    Distinct::Many(bits)
+}
+
+/// Distinct positions drawn by [`distinct_below`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Distinct {
+    /// In increasing order.
+    Few(Vec<u64>),
+    /// Bit `p % 64` of word `p / 64` is set for each position `p`.
+    Many(Vec<u64>),
+}
+
+impl Distinct {
+    /// Calls `f` with each position, in increasing order.
+    pub fn for_each(&self, mut f: impl FnMut(u64)) {
+        match self {
+            Distinct::Few(v) => v.iter().for_each(|p| f(*p)),
+            Distinct::Many(bits) => {
+                for (w, word) in bits.iter().enumerate() {
+                    let mut word = *word;
+                    while word != 0 {
+                        f(w as u64 * 64 + u64::from(word.trailing_zeros()));
+                        word &= word - 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The positions, in increasing order.
+    pub fn positions(&self) -> Vec<u64> {
+        let mut v = Vec::new();
+        self.for_each(|p| v.push(p));
+        v
+    }
+}
+
+/// Maps positions in the covered bytes taken in order (position 0 is the first covered byte)
+/// to image offsets. Positions must come in increasing order: each call walks on from the
+/// piece the last one was in, so mapping `k` positions costs `k` plus the number of pieces.
+struct Covered<'a> {
+    pieces: &'a [(u64, u64)],
+    /// The piece the last position was in, and the position its first byte has.
+    piece: usize,
+    first: u64,
+}
+
+impl<'a> Covered<'a> {
+    fn new(pieces: &'a [(u64, u64)]) -> Self {
+        Covered {
+            pieces,
+            piece: 0,
+            first: 0,
+        }
+    }
+
+    fn offset(&mut self, i: u64) -> u64 {
+        loop {
+            let (s, e) = self.pieces[self.piece];
+            if i < self.first + (e - s) {
+                return s + (i - self.first);
+            }
+            self.first += e - s;
+            self.piece += 1;
+        }
+    }
+}
+
+/// Picks the places `[corrupt]` damages, inside `covered` (image byte ranges), in time
+/// linear in what it damages (at most the covered bytes: `bits` and `bytes` are clamped to
+/// what the request holds).
 fn corrupt_edits(
     mode: CorruptMode,
     bits: u32,
@@ -424,38 +550,19 @@ fn corrupt_edits(
     if total == 0 {
         return Vec::new();
     }
-    // The image byte at position `i` of the covered bytes taken in order.
-    let byte_at = |mut i: u64| {
-        for (s, e) in covered {
-            if i < e - s {
-                return s + i;
-            }
-            i -= e - s;
-        }
-        unreachable!("position inside the covered total")
-    };
+    let mut at = Covered::new(covered);
     match mode {
         CorruptMode::Flip => {
-            let want = u64::from(bits).min(total.saturating_mul(8));
-            let mut picked: Vec<u64> = Vec::with_capacity(want as usize);
-            // Distinct bit positions; `want` is small next to `total * 8` in practice, and
-            // when it is not, the retries still end because `want <= total * 8`.
-            while (picked.len() as u64) < want {
-                let bit = draw.below(total.saturating_mul(8));
-                if !picked.contains(&bit) {
-                    picked.push(bit);
-                }
-            }
-            picked.sort_unstable();
+            let picked = distinct_below(u64::from(bits), total.saturating_mul(8), draw);
             let mut edits: Vec<Edit> = Vec::new();
-            for bit in picked {
-                let offset = byte_at(bit / 8);
+            picked.for_each(|bit| {
+                let offset = at.offset(bit / 8);
                 let mask = 1u8 << (bit % 8);
                 match edits.last_mut() {
                     Some(Edit::Xor { offset: o, mask: m }) if *o == offset => *m |= mask,
                     _ => edits.push(Edit::Xor { offset, mask }),
                 }
-            }
+            });
             edits
         }
         CorruptMode::Zero | CorruptMode::Random => {
@@ -463,7 +570,7 @@ fn corrupt_edits(
             let start = draw.below(total - n + 1);
             (start..start + n)
                 .map(|i| Edit::Set {
-                    offset: byte_at(i),
+                    offset: at.offset(i),
                     byte: match mode {
                         CorruptMode::Zero => 0,
                         _ => draw.next_u64() as u8,
@@ -575,6 +682,98 @@ mod tests {
                 mask: 0xff
             }]
         );
+    }
+
+    #[test]
+    fn distinct_positions_are_exact_distinct_sorted_and_keyed_by_the_seed() {
+        for (k, n) in [
+            (0, 10),
+            (1, 1),
+            (3, 10),
+            (5, 10),
+            (6, 10),
+            (9, 10),
+            (10, 10),
+            (2, 1000),
+            (700, 1000),
+            (999, 1000),
+        ] {
+            for nth in 0..20 {
+                let got = distinct_below(k, n, &mut draw(nth)).positions();
+                assert_eq!(got.len() as u64, k, "k {k} of n {n}");
+                assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+                assert!(got.iter().all(|p| *p < n), "{got:?}");
+                let again = distinct_below(k, n, &mut draw(nth)).positions();
+                assert_eq!(got, again, "same key, same draw");
+            }
+        }
+        // More than there are: every position, once.
+        assert_eq!(
+            distinct_below(50, 4, &mut draw(0)).positions(),
+            vec![0, 1, 2, 3]
+        );
+        // The seed decides: another match count or another seed draws another set.
+        for k in [100, 10_000, 30_000] {
+            let a = distinct_below(k, 32_768, &mut draw(1));
+            assert_ne!(a, distinct_below(k, 32_768, &mut draw(2)));
+            assert_ne!(a, distinct_below(k, 32_768, &mut Draw::new(43, 1, 1, 0)));
+        }
+        // Every bit of a 1 MiB request, and all but one: the draws near `n` end (a quadratic
+        // or coupon-collector draw here took hours under the engine's lock).
+        let n = 8 << 20;
+        assert_eq!(
+            distinct_below(n, n, &mut draw(3)).positions().len() as u64,
+            n
+        );
+        let all_but_one = distinct_below(n - 1, n, &mut draw(3)).positions();
+        assert_eq!(all_but_one.len() as u64, n - 1);
+        assert!(all_but_one.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn small_draws_replay_the_positions_of_earlier_versions() {
+        // The rejection draw with `Vec::contains` that blkdebugfs used before: a seed printed
+        // then must replay the same bits now.
+        let old = |k: u64, n: u64, d: &mut Draw| {
+            let mut picked: Vec<u64> = Vec::new();
+            while (picked.len() as u64) < k {
+                let p = d.below(n);
+                if !picked.contains(&p) {
+                    picked.push(p);
+                }
+            }
+            picked.sort_unstable();
+            picked
+        };
+        for nth in 0..50 {
+            // Few (a hash set) and many (a bitmap), up to half of the positions.
+            for (k, n) in [(1, 4096), (8, 4096), (64, 4096), (100, 512), (256, 512)] {
+                assert_eq!(
+                    distinct_below(k, n, &mut draw(nth)).positions(),
+                    old(k, n, &mut draw(nth))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn flips_across_many_pieces_land_in_them() {
+        // Every other sector of 64 KiB: 64 pieces, every bit of them flipped.
+        let covered: Vec<(u64, u64)> = (0..64).map(|i| (i * 1024, i * 1024 + 512)).collect();
+        let f = Fault::Corrupt {
+            mode: CorruptMode::Flip,
+            bits: u32::MAX,
+            bytes: 0,
+        };
+        let Effect::Corrupt { edits } = resolve(&f, 0, 65536, &covered, &mut draw(0)) else {
+            panic!()
+        };
+        let want: Vec<Edit> = covered
+            .iter()
+            .flat_map(|(s, e)| *s..*e)
+            .map(|offset| Edit::Xor { offset, mask: 0xff })
+            .collect();
+        assert_eq!(edits, want);
     }
 
     #[test]

@@ -1,16 +1,31 @@
-//! The process's logger: `env_logger` on stderr, plus the last [`CAPACITY`] lines kept in
-//! memory for the control command `log`, so that the one line per injection stays reachable
-//! when `--daemonize` sends stderr to /dev/null and no `--log-file` was given.
+//! The process's logger: `env_logger`'s lines on stderr, plus the last [`CAPACITY`] lines
+//! kept in memory for the control command `log`, so that the one line per injection stays
+//! reachable when `--daemonize` sends stderr to /dev/null and no `--log-file` was given.
 //!
 //! The log is process-wide by nature (the `log` crate has one logger), so the ring is too;
 //! it exists only once [`install`] ran (the `blkdebugfs` binary does; a test or the demo
 //! that mounts in-process has none, and `log` says so).
+//!
+//! **The request path never waits on the log.** A thread that logs formats its line and
+//! queues it (at most [`QUEUE_LINES`] lines); a dedicated writer thread writes the queue to
+//! stderr, and only that thread waits when stderr is slow or a full pipe nobody reads (a
+//! test harness, `| head`). When the queue is full, new lines are dropped and counted, and
+//! the writer says so as soon as it can write again: `N log lines dropped: the log sink was
+//! full`. The ring always gets every line. Before [`start_writer`] (the daemon starts it
+//! once it has forked: a thread does not survive `fork`) and in the commands that only print,
+//! lines are written directly, as no request is served yet. [`finish`] lets the writer empty
+//! the queue before the process exits, for a bounded time.
+//!
+//! **A busy source is summarised**: [`Limiter`] keeps a rule that acts thousands of times a
+//! second to its first [`ONE_BY_ONE`] lines, then to one summary line a second.
 
-use std::collections::VecDeque;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::io::Write;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{Log, Metadata, Record};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 /// Lines kept.
 pub const CAPACITY: usize = 1000;
@@ -24,6 +39,155 @@ static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new
 /// Keeps log lines off stderr (`true`) or sends them there again (`false`).
 pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Lines waiting for the writer, at most. A line per request at 10,000 requests a second
+/// fills it in under half a second; a summarised log never comes close.
+pub const QUEUE_LINES: usize = 4096;
+
+/// The queue between the threads that log and the writer thread (see the module doc).
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Signalled when a line is queued.
+    queued: Condvar,
+    /// Signalled when the writer has written all it took.
+    written: Condvar,
+}
+
+struct QueueState {
+    lines: VecDeque<Vec<u8>>,
+    /// Lines dropped since the writer last reported.
+    dropped: u64,
+    /// A writer thread runs: lines are queued (otherwise written directly).
+    started: bool,
+    /// The writer holds lines it took and has not written yet.
+    writing: bool,
+}
+
+/// The process's queue, written to stderr.
+static QUEUE: Queue = Queue::new();
+
+impl Queue {
+    const fn new() -> Queue {
+        Queue {
+            state: Mutex::new(QueueState {
+                lines: VecDeque::new(),
+                dropped: 0,
+                started: false,
+                writing: false,
+            }),
+            queued: Condvar::new(),
+            written: Condvar::new(),
+        }
+    }
+
+    /// Queues one formatted line, or drops and counts it when the queue is full. Never waits
+    /// for the writer. `false` when no writer runs yet (the caller writes it itself).
+    fn push(&self, line: &[u8]) -> bool {
+        let mut q = self.state.lock();
+        if !q.started {
+            return false;
+        }
+        if q.lines.len() >= QUEUE_LINES {
+            q.dropped += 1;
+        } else {
+            q.lines.push_back(line.to_vec());
+            drop(q);
+            self.queued.notify_one();
+        }
+        true
+    }
+
+    /// Marks the writer as running (see [`start_writer`]); `false` if it already was.
+    fn mark_started(&self) -> bool {
+        !std::mem::replace(&mut self.state.lock().started, true)
+    }
+
+    /// The writer thread's loop: takes what is queued and writes it to `out`, then reports
+    /// the lines dropped meanwhile (after the lines queued before them). Only this thread
+    /// ever waits on `out`.
+    fn write_to(&self, out: &mut impl Write) -> ! {
+        loop {
+            let (lines, dropped) = {
+                let mut q = self.state.lock();
+                while q.lines.is_empty() && q.dropped == 0 {
+                    self.queued.wait(&mut q);
+                }
+                q.writing = true;
+                (std::mem::take(&mut q.lines), std::mem::take(&mut q.dropped))
+            };
+            for line in &lines {
+                // A write error (stderr closed) loses the line: there is nowhere to say so.
+                let _ = out.write_all(line);
+            }
+            if dropped > 0 {
+                let _ = out.write_all(dropped_line(dropped).as_bytes());
+            }
+            let _ = out.flush();
+            self.state.lock().writing = false;
+            self.written.notify_all();
+        }
+    }
+
+    /// Waits until the writer has written everything queued, for at most `limit`. Returns
+    /// whether it all went out.
+    fn finish(&self, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        let mut q = self.state.lock();
+        while q.started && (!q.lines.is_empty() || q.dropped > 0 || q.writing) {
+            if self.written.wait_until(&mut q, end).timed_out() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// What `env_logger` writes its formatted records to: one `write` per record, which queues
+/// it (or, before [`start_writer`], writes it to stderr directly).
+struct Sink;
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !QUEUE.push(buf) {
+            // No writer yet, so nothing is served yet: this thread may wait for stderr.
+            let _ = std::io::stderr().lock().write_all(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Starts the writer thread: from now on log lines are queued, never written by the thread
+/// that logs. Call once the process will not fork any more (after daemonizing). Idempotent.
+pub fn start_writer() -> std::io::Result<()> {
+    if !QUEUE.mark_started() {
+        return Ok(());
+    }
+    let spawned = std::thread::Builder::new()
+        .name("blkdebugfs-log".into())
+        .spawn(|| QUEUE.write_to(&mut std::io::stderr()));
+    if spawned.is_err() {
+        QUEUE.state.lock().started = false;
+    }
+    spawned.map(drop)
+}
+
+/// The line that reports `n` dropped lines, in the log's own format.
+fn dropped_line(n: u64) -> String {
+    format!(
+        "[{} WARN ] {n} log lines dropped: the log sink was full\n",
+        utc_now()
+    )
+}
+
+/// Waits until the writer has written everything queued, for at most `limit` (stderr may be
+/// a pipe nobody reads: the process must still exit). Returns whether it all went out.
+pub fn finish(limit: Duration) -> bool {
+    QUEUE.finish(limit)
 }
 
 struct Tee {
@@ -60,17 +224,31 @@ impl Log for Tee {
     }
 
     fn flush(&self) {
-        self.stderr.flush();
+        finish(FINISH);
     }
 }
+
+/// How long [`Log::flush`] waits for the writer.
+const FINISH: Duration = Duration::from_secs(2);
 
 /// Installs the logger: `default_filter` unless `RUST_LOG` is set, lines on stderr and in
 /// the ring. Call once, first thing in `main`.
 pub fn install(default_filter: &str) {
-    let stderr =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
-            .format_target(false)
-            .build();
+    let env = env_logger::Env::default().default_filter_or(default_filter);
+    let mut builder = env_logger::Builder::from_env(env);
+    builder
+        .format_target(false)
+        .target(env_logger::Target::Pipe(Box::new(Sink)));
+    // Through a pipe env_logger cannot tell a terminal: say so (unless RUST_LOG_STYLE does).
+    if std::env::var_os("RUST_LOG_STYLE").is_none() {
+        use std::io::IsTerminal;
+        builder.write_style(if std::io::stderr().is_terminal() {
+            env_logger::WriteStyle::Always
+        } else {
+            env_logger::WriteStyle::Never
+        });
+    }
+    let stderr = builder.build();
     let max = stderr.filter();
     *RING.lock() = Some(VecDeque::with_capacity(CAPACITY));
     if log::set_boxed_logger(Box::new(Tee { stderr })).is_ok() {
@@ -84,6 +262,105 @@ pub fn recent(n: usize) -> Option<Vec<String>> {
     let ring = ring.as_ref()?;
     let skip = ring.len().saturating_sub(n);
     Some(ring.iter().skip(skip).cloned().collect())
+}
+
+/// How many of a key's occurrences [`Limiter`] lets through one by one.
+pub const ONE_BY_ONE: u32 = 10;
+/// After those, at most one summary line per key per this long.
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(1);
+
+/// What to log for one occurrence (see [`Limiter::admit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Say {
+    /// Its own line.
+    Line,
+    /// One line for `count` occurrences (this one included) over the last `over`.
+    Summary { count: u64, over: Duration },
+    /// Nothing now: it is counted for the next summary.
+    Nothing,
+}
+
+/// One key's count (see [`Limiter`]).
+struct Window {
+    /// Occurrences logged one by one (up to [`ONE_BY_ONE`]).
+    logged: u32,
+    /// When the last line for this key was logged.
+    since: Instant,
+    /// Occurrences counted since then, not logged yet.
+    quiet: u64,
+    /// What they were, for a last summary at shutdown ([`Limiter::pending`]).
+    what: String,
+}
+
+/// Keeps a source of many alike lines (a rule acting on every request) to a bounded rate:
+/// the first [`ONE_BY_ONE`] occurrences of each key are logged one by one, then at most one
+/// summary per key per [`SUMMARY_EVERY`], with the count of what happened since. Counts are
+/// exact: every occurrence is in a line or in a summary, or in [`Limiter::pending`].
+pub struct Limiter<K> {
+    keys: Mutex<HashMap<K, Window>>,
+}
+
+/// Keys kept before the quiet ones are forgotten (a forgotten key logs one by one again).
+const MAX_KEYS: usize = 4096;
+
+impl<K: Eq + Hash + Copy> Default for Limiter<K> {
+    fn default() -> Self {
+        Limiter {
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Copy> Limiter<K> {
+    /// Counts one occurrence of `key` at `now` and says what to log for it. `what` describes
+    /// it for a summary at shutdown; it is called at most once per summary.
+    pub fn admit(&self, key: K, now: Instant, what: impl FnOnce() -> String) -> Say {
+        let mut keys = self.keys.lock();
+        if keys.len() >= MAX_KEYS && !keys.contains_key(&key) {
+            keys.retain(|_, w| w.quiet > 0);
+        }
+        let w = keys.entry(key).or_insert(Window {
+            logged: 0,
+            since: now,
+            quiet: 0,
+            what: String::new(),
+        });
+        if w.logged < ONE_BY_ONE {
+            w.logged += 1;
+            w.since = now;
+            return Say::Line;
+        }
+        w.quiet += 1;
+        let over = now.saturating_duration_since(w.since);
+        if over >= SUMMARY_EVERY {
+            let count = std::mem::take(&mut w.quiet);
+            w.since = now;
+            Say::Summary { count, over }
+        } else {
+            if w.quiet == 1 {
+                w.what = what();
+            }
+            Say::Nothing
+        }
+    }
+
+    /// Takes the counts not reported yet: (key, what they were, count, over how long).
+    pub fn pending(&self, now: Instant) -> Vec<(K, String, u64, Duration)> {
+        let mut keys = self.keys.lock();
+        keys.iter_mut()
+            .filter(|(_, w)| w.quiet > 0)
+            .map(|(k, w)| {
+                let over = now.saturating_duration_since(w.since);
+                w.since = now;
+                (
+                    *k,
+                    std::mem::take(&mut w.what),
+                    std::mem::take(&mut w.quiet),
+                    over,
+                )
+            })
+            .collect()
+    }
 }
 
 /// `2026-12-01T22:43:37Z`, as env_logger prints it (UTC, whole seconds).
@@ -119,6 +396,107 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that blocks until the test opens its gate, like a pipe nobody reads.
+    struct Gated {
+        gate: std::sync::mpsc::Receiver<()>,
+        out: std::sync::Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            // Blocks until the gate opens (or its sender is gone).
+            let _ = self.gate.recv();
+            self.out.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_blocked_sink_drops_and_counts_and_says_so_once_it_drains() {
+        let queue: &'static Queue = Box::leak(Box::new(Queue::new()));
+        assert!(!queue.push(b"before\n"), "no writer yet: the caller writes");
+        assert!(queue.mark_started());
+        let (open, gate) = std::sync::mpsc::channel();
+        let out = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = Gated {
+            gate,
+            out: out.clone(),
+        };
+        std::thread::spawn(move || {
+            let mut sink = sink;
+            queue.write_to(&mut sink)
+        });
+        // The writer takes the first line and blocks on it; the queue fills behind it, and
+        // the rest are dropped. No push waits.
+        let n = QUEUE_LINES + 500;
+        assert!(queue.push(b"line 0\n"));
+        let end = Instant::now() + Duration::from_secs(60);
+        while !queue.state.lock().writing {
+            assert!(Instant::now() < end, "the writer never took the first line");
+            std::thread::yield_now();
+        }
+        for i in 1..n {
+            assert!(queue.push(format!("line {i}\n").as_bytes()));
+        }
+        assert!(!queue.finish(Duration::ZERO), "the writer is blocked");
+        drop(open);
+        assert!(queue.finish(Duration::from_secs(60)), "it drains");
+        let text = String::from_utf8(out.lock().clone()).unwrap();
+        let written = text.lines().filter(|l| l.starts_with("line ")).count();
+        let dropped: usize = text
+            .lines()
+            .filter_map(|l| l.strip_suffix(" log lines dropped: the log sink was full"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<usize>().unwrap())
+            .sum();
+        assert_eq!(dropped, n - 1 - QUEUE_LINES, "the first, then a full queue");
+        assert_eq!(written + dropped, n, "every line written or counted");
+        assert!(
+            text.lines()
+                .last()
+                .unwrap()
+                .ends_with("the log sink was full")
+        );
+    }
+
+    #[test]
+    fn a_limiter_lets_the_first_lines_through_then_summarises_each_second() {
+        let l: Limiter<u32> = Limiter::default();
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let says: Vec<Say> = (0..ONE_BY_ONE as u64 + 3)
+            .map(|i| l.admit(1, ms(i), || "x".into()))
+            .collect();
+        assert!(says[..ONE_BY_ONE as usize].iter().all(|s| *s == Say::Line));
+        assert!(
+            says[ONE_BY_ONE as usize..]
+                .iter()
+                .all(|s| *s == Say::Nothing)
+        );
+        // Another key has its own count.
+        assert_eq!(l.admit(2, ms(20), || "y".into()), Say::Line);
+        // A second after the last line: one summary for the 3 quiet ones and this one.
+        let last_line = ms(ONE_BY_ONE as u64 - 1);
+        let at = last_line + SUMMARY_EVERY;
+        assert_eq!(
+            l.admit(1, at, || "x".into()),
+            Say::Summary {
+                count: 4,
+                over: SUMMARY_EVERY
+            }
+        );
+        assert_eq!(l.admit(1, at, || "later".into()), Say::Nothing);
+        let pending = l.pending(at + Duration::from_millis(500));
+        assert_eq!(
+            pending,
+            vec![(1, "later".to_string(), 1, Duration::from_millis(500))]
+        );
+        assert!(l.pending(at + SUMMARY_EVERY).is_empty(), "taken once");
+    }
 
     #[test]
     fn dates_from_day_counts() {

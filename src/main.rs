@@ -319,6 +319,9 @@ fn main() -> ExitCode {
         .and_then(|page| std::io::stdout().write_all(&page))
         .map_err(|e| Error::Usage(format!("writing the man page: {e}"))),
     };
+    // The last lines (shutdown) go out before the process ends, unless stderr is a pipe
+    // nobody reads: then they are lost after a bounded wait, and the exit is not.
+    blkdebugfs::logring::finish(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -448,6 +451,11 @@ fn mount(args: MountArgs) -> Result<(), Error> {
         None
     };
 
+    // From here on no worker waits for stderr: log lines go through a queue and a writer
+    // thread (started after the fork: a thread does not survive it).
+    if let Err(e) = blkdebugfs::logring::start_writer() {
+        log::warn!("no log writer thread ({e}): log lines are written by the thread that logs");
+    }
     let shutdown = Shutdown::new();
     let control = Arc::new(OnceLock::new());
     let signals = watch_signals(shutdown.clone(), control.clone())

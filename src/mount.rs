@@ -1,9 +1,16 @@
 //! The one owned state object of a mount, and the executor that walks a plan (`ops.rs`)
 //! against it.
 //!
-//! Lock rule: the engine's mutex is taken for one `fire` or `check` call at a time and never
-//! held across I/O. Image I/O is positional (`pread`/`pwrite`/`fallocate`/`fdatasync` on one
-//! shared descriptor), so requests run in parallel on any number of FUSE workers.
+//! Lock rule: the engine's mutex is taken for one `fire` or `decide` call at a time and never
+//! held across I/O, nor across work that grows with the request or with a rule's numbers:
+//! a check decides under it (`Engine::decide`) and draws the effect (which bits, bytes or
+//! sectors) after releasing it. Image I/O is positional (`pread`/`pwrite`/`fallocate`/
+//! `fdatasync` on one shared descriptor), so requests run in parallel on any number of FUSE
+//! workers.
+//!
+//! Logging: the request path never waits on the log (`logring.rs` queues lines for a writer
+//! thread), and a rule that acts on every request logs its first few injections, then one
+//! summary a second (`Mount::log_limited`); the trace and stats count every request.
 //!
 //! Faults (`spec/faults.md` §3): a check's decision applies to the I/O steps after it, up to
 //! the next check (one chunk of the request): a corruption edits the bytes read or a copy of
@@ -38,6 +45,7 @@ use crate::config::Limits;
 use crate::errno;
 use crate::faults::{Edit, Effect};
 use crate::fields;
+use crate::logring::{Limiter, Say};
 use crate::media::{
     self, BadSectors, BadSettings, CutMode, CutReport, PowerCycle, Unsynced, WriteCache,
     WriteCheck, read_full,
@@ -45,7 +53,7 @@ use crate::media::{
 use crate::ops::{Op, Step, plan};
 use crate::ranges::SectorSet;
 use crate::rules::{
-    Decision, Engine, Event, Fired, IoType, Placement, Rule, RuleId, RuleStats, Verdict,
+    Decision, Engine, Event, Fired, IoType, Placement, Plan, Rule, RuleId, RuleStats, Verdict,
 };
 use crate::stats::{Snapshot, Stats};
 use crate::trace::Trace;
@@ -136,6 +144,26 @@ pub struct Mount {
     stats: Stats,
     /// Request ids, for the trace and logs.
     next_request: AtomicU64,
+    /// Keeps the log lines of a rule (or of bad sectors) that acts on thousands of requests
+    /// a second to a few, then one summary a second (the trace and stats stay exact).
+    log_limit: Limiter<LogKey>,
+}
+
+/// What a log line that may repeat for every request is about (see `Mount::log_limit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum LogKey {
+    Rule(RuleId),
+    BadSector,
+    Healed,
+}
+
+impl std::fmt::Display for LogKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogKey::Rule(id) => write!(f, "rule {id}"),
+            LogKey::BadSector | LogKey::Healed => f.write_str("bad sectors"),
+        }
+    }
 }
 
 /// The media a mount starts with (`spec/faults.md` §4, §5).
@@ -327,6 +355,7 @@ impl Mount {
             cache,
             stats: Stats::default(),
             next_request: AtomicU64::new(1),
+            log_limit: Limiter::default(),
         })
     }
 
@@ -1275,7 +1304,11 @@ impl Mount {
         }
         self.note_extent(at + len);
         if let Some(ranges) = heal {
-            info!("healed bad sector(s) {ranges:?} by a {what} at offset {at}");
+            self.log_limited(
+                LogKey::Healed,
+                || format!("healed bad sector(s) {ranges:?} by a {what} at offset {at}"),
+                || "were healed by".to_string(),
+            );
             self.bad.heal(&ranges);
         }
         Ok(())
@@ -1283,11 +1316,17 @@ impl Mount {
 
     /// Logs, counts and traces a request that a bad sector failed.
     fn bad_sector_hit(&self, p: &Pending<'_>, sector: u64, errno: i32) {
-        info!(
-            "{} at offset {}: bad sector {sector}, failing with {}",
-            p.op.name(),
-            p.op.range().0,
-            errno::describe(errno)
+        self.log_limited(
+            LogKey::BadSector,
+            || {
+                format!(
+                    "{} at offset {}: bad sector {sector}, failing with {}",
+                    p.op.name(),
+                    p.op.range().0,
+                    errno::describe(errno)
+                )
+            },
+            || "failed".to_string(),
         );
         self.stats.fault("bad-sector");
         if let Some(trace) = &self.trace {
@@ -1454,6 +1493,7 @@ impl Mount {
         if n > 0 {
             info!("released {n} suspended request(s) for shutdown");
         }
+        self.log_pending();
         self.breakpoints.cancel_waiters();
     }
 
@@ -1465,7 +1505,9 @@ impl Mount {
             if !engine.has_checks() {
                 return Checked::Pass;
             }
-            let verdict = engine.check(iotype, offset, len);
+            // Only the decision under the lock: its effect (which bits, which sectors) costs
+            // up to the request's size or the rule's numbers, and is drawn below.
+            let verdict = engine.decide(iotype, offset, len);
             (verdict, engine.state())
         };
         let Verdict::Act(decision) = verdict else {
@@ -1479,7 +1521,7 @@ impl Mount {
     fn decided(
         &self,
         p: &Pending<'_>,
-        decision: Decision,
+        decision: Decision<Plan>,
         state: i64,
         iotype: IoType,
         offset: u64,
@@ -1503,9 +1545,10 @@ impl Mount {
             rule,
             armed_by,
             action,
-            effect,
+            effect: plan,
             then,
         } = decision;
+        let effect = plan.effect();
         let by = match armed_by {
             Some(event) => format!("armed by {event}"),
             None => "(standing)".to_string(),
@@ -1520,22 +1563,37 @@ impl Mount {
         let mut follow = None;
         let mut checked = match effect {
             Effect::Fail { errno } => {
-                info!(
-                    "injecting {} into {what} for rule {rule} {by}{note}",
-                    errno::describe(errno),
+                self.log_limited(
+                    LogKey::Rule(rule),
+                    || {
+                        format!(
+                            "injecting {} into {what} for rule {rule} {by}{note}",
+                            errno::describe(errno),
+                        )
+                    },
+                    || format!("injected {} into", errno::describe(errno)),
                 );
                 errno_of_effect = Some(errno);
                 Checked::Fail(errno)
             }
             Effect::Delay { wait, errno } => {
-                info!(
-                    "delaying {what} by {} for rule {rule} {by}{}",
-                    crate::faults::duration_text(wait),
-                    if errno != 0 {
-                        format!(", then failing it with {}", errno::describe(errno))
-                    } else {
-                        String::new()
-                    }
+                self.log_limited(
+                    LogKey::Rule(rule),
+                    || {
+                        format!(
+                            "delaying {what} by {} for rule {rule} {by}{}",
+                            crate::faults::duration_text(wait),
+                            if errno != 0 {
+                                format!(", then failing it with {}", errno::describe(errno))
+                            } else {
+                                String::new()
+                            }
+                        )
+                    },
+                    || match errno {
+                        0 => "delayed".to_string(),
+                        e => format!("delayed (then failed with {})", errno::describe(e)),
+                    },
                 );
                 f.insert("delay_us".into(), (wait.as_micros() as u64).into());
                 errno_of_effect = (errno != 0).then_some(errno);
@@ -1590,7 +1648,19 @@ impl Mount {
                     }
                     _ => String::new(),
                 };
-                info!("{detail} {what} for rule {rule} {by}{note}");
+                let done = match &effect {
+                    Effect::Corrupt { .. } => "corrupted",
+                    Effect::DropWrite => "dropped",
+                    Effect::Torn { .. } => "tore",
+                    Effect::Short { .. } => "shortened",
+                    Effect::Misdirect { .. } => "misdirected",
+                    _ => "acted on",
+                };
+                self.log_limited(
+                    LogKey::Rule(rule),
+                    || format!("{detail} {what} for rule {rule} {by}{note}"),
+                    || done.to_string(),
+                );
                 Checked::Effect(effect)
             }
         };
@@ -1602,6 +1672,28 @@ impl Mount {
             **then = self.decided(p, *next, state, iotype, offset, len, note);
         }
         checked
+    }
+
+    /// Logs (at info) one occurrence of something that may happen on every request: its
+    /// own `line` for the first few of `key`, then a summary a second, `KEY: DONE N more
+    /// request(s) in the last 1.0 s` (`done` says what was done to them). Only what is
+    /// logged is formatted.
+    fn log_limited(&self, key: LogKey, line: impl FnOnce() -> String, done: impl Fn() -> String) {
+        if !log::log_enabled!(log::Level::Info) {
+            return;
+        }
+        match self.log_limit.admit(key, Instant::now(), &done) {
+            Say::Line => info!("{}", line()),
+            Say::Summary { count, over } => info!("{}", summary(key, &done(), count, over)),
+            Say::Nothing => {}
+        }
+    }
+
+    /// Logs what [`Mount::log_limited`] counted and has not said yet (at shutdown).
+    fn log_pending(&self) {
+        for (key, done, count, over) in self.log_limit.pending(Instant::now()) {
+            info!("{}", summary(key, &done, count, over));
+        }
     }
 
     fn io_failed(&self, what: &str, offset: u64, len: u64, e: io::Error) -> i32 {
@@ -1658,6 +1750,14 @@ fn transferred(op: &Op, end: u64) -> u64 {
 
 /// Where a write of `len` bytes aimed at `offset` lands when shifted by `shift`, clamped so
 /// that it stays inside an image of `size` bytes.
+/// `rule 3: injected ENOSPC (28) into 1234 more request(s) in the last 1.0 s`.
+fn summary(key: LogKey, done: &str, count: u64, over: Duration) -> String {
+    format!(
+        "{key}: {done} {count} more request(s) in the last {:.1} s",
+        over.as_secs_f64()
+    )
+}
+
 fn misdirected(offset: u64, len: u64, shift: i64, size: u64) -> u64 {
     let target = i128::from(offset) + i128::from(shift);
     let last_start = i128::from(size.saturating_sub(len));

@@ -26,8 +26,14 @@
 //! Randomness: every draw is keyed by (seed, rule number, that rule's match count) (see
 //! `faults.rs`), so the same seed and the same requests give the same decisions.
 //!
+//! Deciding is not resolving: [`Engine::decide`] says which rule acts and hands back a
+//! [`Plan`] (the fault, the request, the range and the draw's key), in time that does not
+//! grow with the request or the rule's numbers; [`Plan::effect`] makes it concrete (which
+//! bits, which sectors), which may cost as much as the request, after the caller's lock is
+//! released. [`Engine::check`] does both, for callers that hold no lock.
+//!
 //! The engine is plain data: no FUSE, no I/O, no locks. The caller (see `mount.rs`) holds it
-//! under one mutex for the duration of a single `fire` or `check` call only.
+//! under one mutex for the duration of a single `fire` or `decide` call only.
 //!
 //! Cost: neither call walks the rules. What a fire does in a given state (the new active
 //! list, the new state) is computed once per (event, state) and cached until the rules change
@@ -544,20 +550,21 @@ pub struct RuleStats {
     pub armed: u64,
 }
 
-/// What a rule decided for a request.
+/// What a rule decided for a request: with [`Engine::decide`] the [`Plan`] of its effect,
+/// with [`Engine::check`] the effect itself.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Decision {
+pub struct Decision<E = Effect> {
     pub rule: RuleId,
     /// The event that armed the rule (`None`: a standing rule).
     pub armed_by: Option<Event>,
     /// The rule's section (`inject-error`, `delay`, ...): the action's name.
     pub action: &'static str,
-    /// The fault made concrete for this request.
-    pub effect: Effect,
+    /// The fault made concrete for this request (or its plan).
+    pub effect: E,
     /// For a `[delay]` that acted (without `errno`): what the first later rule that acted
     /// decided, to apply after the wait (faults §1, "a delay composes"); `None`: no later
     /// rule acted, the request goes on untouched after the wait.
-    pub then: Option<Box<Decision>>,
+    pub then: Option<Box<Decision<E>>>,
 }
 
 /// Where a rule added at run time goes in the order of checks (`ctl ... first`,
@@ -574,10 +581,70 @@ pub enum Placement {
 
 /// The outcome of checking a request.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Verdict {
+pub enum Verdict<E = Effect> {
     /// No rule acted (or an `errno = 0` rule exempted the request).
     Pass,
-    Act(Decision),
+    Act(Decision<E>),
+}
+
+impl Verdict<Plan> {
+    /// Makes the acting rule's fault concrete (see [`Plan::effect`]).
+    pub fn resolved(self) -> Verdict {
+        match self {
+            Verdict::Pass => Verdict::Pass,
+            Verdict::Act(d) => Verdict::Act(d.resolved()),
+        }
+    }
+}
+
+impl Decision<Plan> {
+    /// Makes the fault concrete, and that of the decision that follows a delay.
+    pub fn resolved(self) -> Decision {
+        Decision {
+            rule: self.rule,
+            armed_by: self.armed_by,
+            action: self.action,
+            effect: self.effect.effect(),
+            then: self.then.map(|t| Box::new(t.resolved())),
+        }
+    }
+}
+
+/// A fault that a rule decided to apply to one request, not yet made concrete: the fault,
+/// the request, the rule's range and the key of its seeded draw. Deciding is cheap (a clone
+/// of the fault and of the range's `Arc`) and happens under the engine's lock; making it
+/// concrete ([`Plan::effect`]) costs up to the request's size or the rule's own numbers
+/// (`bits`, `bytes`, sectors of a torn write), so the caller does it after the lock is
+/// released. The effect is a pure function of the plan: where it is computed changes
+/// nothing a seed replays.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    fault: Fault,
+    range: Range,
+    offset: u64,
+    len: u64,
+    seed: u64,
+    rule: u32,
+    nth: u64,
+}
+
+impl Plan {
+    /// The rule's fault, as written.
+    pub fn fault(&self) -> &Fault {
+        &self.fault
+    }
+
+    /// The fault made concrete for the request (`faults::resolve`, on the part of the
+    /// request that the rule's range covers).
+    pub fn effect(&self) -> Effect {
+        resolve(
+            &self.fault,
+            self.offset,
+            self.len,
+            &self.range.covered(self.offset, self.len),
+            &mut Draw::new(self.seed, self.rule, self.nth, 1),
+        )
+    }
 }
 
 /// The live rules by number. Numbers are dense and never reused, so a vector indexed by
@@ -1266,8 +1333,15 @@ impl Engine {
     /// Checks one request: the active list, then the standing rules, each in the order of
     /// checks; the first rule that acts decides, except that a `[delay]` without `errno`
     /// that acts lets the check go on and carries what the first later rule that acts
-    /// decided in [`Decision::then`] (see the module doc).
+    /// decided in [`Decision::then`] (see the module doc). The effect is made concrete
+    /// here: a caller that holds the engine under a lock uses [`Engine::decide`] instead.
     pub fn check(&mut self, iotype: IoType, offset: u64, len: u64) -> Verdict {
+        self.decide(iotype, offset, len).resolved()
+    }
+
+    /// [`Engine::check`] without making the effect concrete: the decision, in time that does
+    /// not grow with the request or with the acting rule's numbers (see [`Plan`]).
+    pub fn decide(&mut self, iotype: IoType, offset: u64, len: u64) -> Verdict<Plan> {
         // One buffer for the candidates, kept between checks: no allocation per request.
         let mut candidates = std::mem::take(&mut self.scratch);
         let mut delay = None;
@@ -1303,8 +1377,8 @@ impl Engine {
         offset: u64,
         len: u64,
         from_active_list: bool,
-        delay: &mut Option<Decision>,
-    ) -> Option<Verdict> {
+        delay: &mut Option<Decision<Plan>>,
+    ) -> Option<Verdict<Plan>> {
         if self.placed {
             // Some rule is out of number order: order by rank (one lookup per candidate).
             let slots = &self.rules;
@@ -1321,7 +1395,8 @@ impl Engine {
             last = Some(id);
             match self.offer(id, offset, len, from_active_list, delay.is_some()) {
                 Some(Verdict::Act(d))
-                    if delay.is_none() && matches!(d.effect, Effect::Delay { errno: 0, .. }) =>
+                    if delay.is_none()
+                        && matches!(d.effect.fault(), Fault::Delay { errno: 0, .. }) =>
                 {
                     *delay = Some(d);
                 }
@@ -1333,8 +1408,9 @@ impl Engine {
     }
 
     /// One matching rule sees the request: counts the match, applies the counting keys and,
-    /// if it acts, makes its fault concrete. `None`: it does not act (later rules decide).
-    /// `delayed`: a delay applies already, so a `[delay]` rule does not see the request.
+    /// if it acts, plans its fault (see [`Plan`]). `None`: it does not act (later rules
+    /// decide). `delayed`: a delay applies already, so a `[delay]` rule does not see the
+    /// request.
     fn offer(
         &mut self,
         id: RuleId,
@@ -1342,7 +1418,7 @@ impl Engine {
         len: u64,
         armed: bool,
         delayed: bool,
-    ) -> Option<Verdict> {
+    ) -> Option<Verdict<Plan>> {
         let seed = self.seed;
         let slot = self.rules.get_mut(&id)?;
         let Action::Request { fault, matches } = &slot.rule.action else {
@@ -1366,14 +1442,15 @@ impl Engine {
             return Some(Verdict::Pass);
         }
         slot.hits += 1;
-        let covered = matches.range.covered(offset, len);
-        let effect = resolve(
-            fault,
+        let effect = Plan {
+            fault: fault.clone(),
+            range: matches.range.clone(),
             offset,
             len,
-            &covered,
-            &mut Draw::new(seed, id.0, nth, 1),
-        );
+            seed,
+            rule: id.0,
+            nth,
+        };
         let decision = Decision {
             rule: id,
             armed_by: if armed { slot.rule.event } else { None },

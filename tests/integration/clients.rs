@@ -299,7 +299,7 @@ fn mmap_of_a_faulted_page_delivers_sigbus() {
     use std::os::unix::process::ExitStatusExt;
     assert!(text.contains("page 0 ok"), "{text}");
     assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{text}");
-    let log = d.stderr();
+    let log = d.stderr_with("injecting EIO (5) into read at offset");
     assert!(
         log.contains("injecting EIO (5) into read at offset"),
         "{log}"
@@ -376,7 +376,7 @@ fn ext4_reports_an_injected_write_error_and_the_daemon_keeps_serving() {
         )),
         "kernel log after the mark:\n{log}"
     );
-    let daemon_log = d.stderr();
+    let daemon_log = d.stderr_with(&format!("at offset {}", sector * 512));
     assert!(
         daemon_log.contains(&format!("at offset {}", sector * 512)),
         "{daemon_log}"

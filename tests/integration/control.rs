@@ -345,7 +345,8 @@ fn max_suspend_watchdog_resumes_forgotten_requests() {
     ctl(&s.mnt, &["break", "write_aio", "forgotten"]);
     // Nobody resumes it: the watchdog does.
     assert_eq!(join(spawn_write(&s.view(), 0, 9)), Ok(4096));
-    assert!(d.stderr().contains("--max-suspend"), "{}", d.stderr());
+    let log = d.stderr_with("--max-suspend");
+    assert!(log.contains("--max-suspend"), "{log}");
     assert!(d.stop().success());
 }
 

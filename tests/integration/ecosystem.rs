@@ -429,7 +429,8 @@ fn rules_fire_on_a_block_device_which_is_locked_and_cannot_grow() {
     drop(f);
     // QEMU locks devices as it locks files.
     assert_eq!(qemu_io(m.dev(), &["-c", "write 0 512"]), WRITE);
-    assert!(d.stderr().contains("injecting EIO"), "{}", d.stderr());
+    let log = d.stderr_with("injecting EIO");
+    assert!(log.contains("injecting EIO"), "{log}");
     assert!(!d.stderr().contains("is in use"), "{}", d.stderr());
     assert!(d.stop().success());
     // A device a filesystem holds is served, with a warning.

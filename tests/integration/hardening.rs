@@ -515,7 +515,8 @@ fn smaller_messages_say_what_happened() {
     assert_eq!(fsync(&f), Err(libc::EIO));
     drop(f);
     assert!(
-        d.stderr().contains("into flush for rule 1"),
+        d.stderr_with("into flush for rule 1")
+            .contains("into flush for rule 1"),
         "{}",
         d.stderr()
     );

@@ -1,6 +1,7 @@
 //! Integration tests: every test mounts the real `blkdebugfs` binary on a temporary image
 //! and drives real I/O through the kernel. One scenario per test.
 
+mod bounded;
 mod clients;
 mod control;
 mod differential;
@@ -68,7 +69,8 @@ fn read_error_at_a_sector_with_direct_and_buffered_io() {
     assert_eq!(v, pattern(MIB)[8704..9216]);
     drop((direct, buffered));
     assert!(
-        d.stderr().contains("injecting ENOSPC (28) into read"),
+        d.stderr_with("injecting ENOSPC (28) into read")
+            .contains("injecting ENOSPC (28) into read"),
         "{}",
         d.stderr()
     );
@@ -216,7 +218,8 @@ fn unaligned_writes_read_modify_write_with_align() {
     // never write back bytes we failed to read.
     assert_eq!(pwrite(&f, b"abc", 4096 + 100), Ok(3));
     assert!(
-        d.stderr().contains("ignored, as QEMU ignores"),
+        d.stderr_with("ignored, as QEMU ignores")
+            .contains("ignored, as QEMU ignores"),
         "{}",
         d.stderr()
     );

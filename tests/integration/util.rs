@@ -186,9 +186,26 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
     }
 
+    /// The daemon's stderr pipe, when `start_with` made it one (`Stdio::piped()`).
+    pub fn take_stderr_pipe(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.as_mut().and_then(|c| c.stderr.take())
+    }
+
     /// The daemon's stderr so far (its log).
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The daemon's stderr once it contains `needle`, or after [`DEADLINE`] without it (for
+    /// the caller's assert to show): lines reach stderr through the daemon's log writer
+    /// thread, a moment after the request they are about has been answered.
+    pub fn stderr_with(&self, needle: &str) -> String {
+        let mut log = String::new();
+        wait_for(DEADLINE, || {
+            log = self.stderr();
+            log.contains(needle)
+        });
+        log
     }
 
     pub fn signal(&self, sig: i32) {
