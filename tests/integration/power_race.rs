@@ -17,10 +17,10 @@ use crate::power::ctl;
 use crate::util::*;
 
 /// SplitMix64: the tests' own seeded generator (no global RNG, replayable by seed).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -28,13 +28,13 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
 /// The seed of a test: `BLKDEBUGFS_TEST_SEED` to replay one, else the clock.
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     std::env::var("BLKDEBUGFS_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
