@@ -9,7 +9,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use blkdebugfs::builder::inject_error;
@@ -473,6 +473,18 @@ fn the_committed_man_page_is_what_the_cli_generates() {
     }
 }
 
+/// `man ARGS` in the crate's directory, rendered as plain text 100 columns wide.
+fn man(args: &[&str]) -> Output {
+    output(
+        Command::new("man")
+            .args(args)
+            .current_dir(manifest_dir())
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100"),
+        "man (apt-get install man-db)",
+    )
+}
+
 /// The section-5 page (rule sections and keys, control commands, power cuts, the trace) is
 /// committed as `manpage --section 5` writes it, and `man -l` renders it without a warning.
 #[test]
@@ -486,14 +498,7 @@ fn the_committed_rules_page_is_what_the_cli_generates_and_man_renders_it() {
         "blkdebugfs.ini.5 is missing or out of date with the code's tables: regenerate it with\n\
          \x20   cargo run -q -- manpage --section 5 > blkdebugfs.ini.5"
     );
-    let out = output(
-        Command::new("man")
-            .args(["-l", "./blkdebugfs.ini.5"])
-            .current_dir(manifest_dir())
-            .env("MANPAGER", "cat")
-            .env("MANWIDTH", "100"),
-        "man (apt-get install man-db)",
-    );
+    let out = man(&["-l", "./blkdebugfs.ini.5"]);
     let page = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", text(&out));
     // troff's warnings (a bad escape, an unknown request) go to stderr.
@@ -547,14 +552,7 @@ fn rule_help_names_every_section_the_parser_accepts() {
 
 #[test]
 fn man_opens_the_page_with_every_subcommand() {
-    let out = output(
-        Command::new("man")
-            .arg("./blkdebugfs.1")
-            .current_dir(manifest_dir())
-            .env("MANPAGER", "cat")
-            .env("MANWIDTH", "100"),
-        "man (apt-get install man-db)",
-    );
+    let out = man(&["./blkdebugfs.1"]);
     let page = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", text(&out));
     for wanted in [

@@ -671,6 +671,20 @@ fn read_back(db: &Path) -> (Vec<u32>, String) {
     (ids, check.trim().to_string())
 }
 
+/// A fresh ext4 (mounted with `options`) over a view served with `extra`, holding
+/// `test.db` with the table `t` in `journal_mode`: the harness and the database's path.
+fn database_on_ext4(extra: &[&str], options: &str, journal_mode: &str) -> (Ext4, PathBuf) {
+    let mut x = Ext4::new(extra);
+    let fs = x.mount_fs(options);
+    let db = fs.join("test.db");
+    let setup = format!(
+        "PRAGMA journal_mode = {journal_mode};\
+         CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB);"
+    );
+    tool_ok("sqlite3", &[path(&db), &setup]);
+    (x, db)
+}
+
 /// What one SQLite run cut by a rule saw.
 struct SqliteCrash {
     committed: Vec<u32>,
@@ -686,14 +700,7 @@ struct SqliteCrash {
 /// power goes at the `skip + 1`st flush_to_disk firing. Returns what came back.
 fn sqlite_cut_by_rule(journal_mode: &str, synchronous: &str, skip: u32) -> SqliteCrash {
     let rule = format!("power-cut:event=flush_to_disk,skip={skip},once=on");
-    let mut x = Ext4::new(&["--rule", &rule]);
-    let fs = x.mount_fs("defaults");
-    let db = fs.join("test.db");
-    let setup = format!(
-        "PRAGMA journal_mode = {journal_mode};\
-         CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB);"
-    );
-    tool_ok("sqlite3", &[path(&db), &setup]);
+    let (mut x, db) = database_on_ext4(&["--rule", &rule], "defaults", journal_mode);
     let (code, out, err) = sqlite_script(&db, &transactions(synchronous));
     let committed = committed(&out);
     assert!(
@@ -825,16 +832,7 @@ fn sqlite_wal_full_keeps_every_reported_commit_through_cuts_at_random_moments() 
     let seed = crate::power_race::seed();
     let mut rng = crate::power_race::Rng(seed);
     for round in 0..10 {
-        let mut x = Ext4::new(&[]);
-        let fs = x.mount_fs("defaults");
-        let db = fs.join("test.db");
-        tool_ok(
-            "sqlite3",
-            &[
-                path(&db),
-                "PRAGMA journal_mode = WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB);",
-            ],
-        );
+        let (mut x, db) = database_on_ext4(&[], "defaults", "WAL");
         // The cut comes through `.control` from a thread of this process, while the shell
         // commits (no process is spawned, so no descriptor of the view is closed).
         let mnt = x.s.mnt.clone();
@@ -875,16 +873,7 @@ fn sqlite_wal_full_keeps_every_reported_commit_through_cuts_at_random_moments() 
 /// in the disk's cache, where the cut loses them although SQLite reported every one.
 #[test]
 fn sqlite_with_synchronous_off_loses_reported_commits_in_a_cut() {
-    let mut x = Ext4::new(&[]);
-    let fs = x.mount_fs("commit=600");
-    let db = fs.join("test.db");
-    tool_ok(
-        "sqlite3",
-        &[
-            path(&db),
-            "CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB);",
-        ],
-    );
+    let (mut x, db) = database_on_ext4(&[], "commit=600", "DELETE");
     // A durable starting point (syncfs: ext4 commits and flushes): the table exists
     // whatever the cut does.
     tool_ok("sync", &["-f", path(&db)]);
