@@ -149,13 +149,25 @@ impl Ext4 {
         (code, out + &err)
     }
 
-    /// The trace's power-cut line.
+    /// The trace's power-cut line. The trace is written by a thread of its own, a moment
+    /// after the cut's reply (seen under load: read at once, the file was still empty), so
+    /// this polls for the line with a deadline.
     fn traced_cut(&self) -> Value {
-        let text = std::fs::read_to_string(&self.trace).expect("read the trace");
-        text.lines()
-            .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
-            .find(|v| v["action"] == "power-cut")
-            .unwrap_or_else(|| panic!("no power-cut line in the trace:\n{text}"))
+        let mut text = String::new();
+        let mut found = None;
+        wait_for(DEADLINE, || {
+            text = std::fs::read_to_string(&self.trace).expect("read the trace");
+            // Only whole lines: the writer may be in the middle of one.
+            found = text
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
+                .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
+                .find(|v| v["action"] == "power-cut");
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!("no power-cut line in the trace within {DEADLINE:?}:\n{text}")
+        })
     }
 
     fn stop(mut self) {
