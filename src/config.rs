@@ -80,15 +80,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::errno;
-use crate::faults::{CorruptMode, Fault, TornMode};
-use crate::media::{BadSettings, CutMode};
-pub use crate::ranges::MAX_SECTOR;
-use crate::ranges::{RangeError, SECTOR, SectorSet};
-use crate::rules::{
+use crate::engine::errno;
+use crate::engine::faults::CutMode;
+use crate::engine::faults::{CorruptMode, Fault, TornMode};
+pub use crate::engine::ranges::MAX_SECTOR;
+use crate::engine::ranges::{RangeError, SECTOR, SectorSet};
+use crate::engine::units;
+pub use crate::engine::units::parse_size;
+use crate::engine::{
     Action, Counting, Event, IoType, IoTypes, Origin, Placement, Range, RequestMatch, Rule, RuleId,
     applicable_iotypes,
 };
+use crate::media::BadSettings;
 
 /// Where a piece of configuration came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1041,25 +1044,9 @@ pub fn parse_probability(text: &str) -> Result<f64, Problem> {
     Ok(p)
 }
 
-/// A duration (faults §2): `250us`, `5ms`, `1.5s`, or a bare number of milliseconds; at
-/// most a day (a longer delay is a breakpoint, and `Instant` arithmetic stays exact).
+/// A duration (faults §2): see [`units::parse_duration`].
 pub fn parse_duration(text: &str) -> Result<Duration, Problem> {
-    let t = text.trim();
-    let (number, unit_us) = if let Some(n) = t.strip_suffix("us") {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix("ms") {
-        (n, 1e3)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1e6)
-    } else {
-        (t, 1e3)
-    };
-    let n: f64 = number.trim().parse().map_err(|_| Problem::BadDuration)?;
-    let us = n * unit_us;
-    if !us.is_finite() || !(0.0..=86_400e6).contains(&us) {
-        return Err(Problem::BadDuration);
-    }
-    Ok(Duration::from_micros(us.round() as u64))
+    units::parse_duration(text).ok_or(Problem::BadDuration)
 }
 
 /// A size key's value (faults §2): bytes, or `k`/`M`/`G` (powers of 1024).
@@ -1078,17 +1065,9 @@ fn parse_signed_size(text: &str) -> Result<i64, Problem> {
     Ok(if negative { -n } else { n })
 }
 
-/// Parses QEMU's unsigned number syntax: decimal, `0x` hex, leading-`0` octal.
+/// QEMU's unsigned number syntax (see [`units::parse_number`]).
 pub fn parse_number(text: &str) -> Result<u64, Problem> {
-    let t = text.trim();
-    let parsed = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        u64::from_str_radix(hex, 16)
-    } else if t.len() > 1 && t.starts_with('0') {
-        u64::from_str_radix(&t[1..], 8)
-    } else {
-        t.parse::<u64>()
-    };
-    parsed.map_err(|_| Problem::BadNumber)
+    units::parse_number(text).ok_or(Problem::BadNumber)
 }
 
 fn parse_sector(text: &str) -> Result<u64, Problem> {
@@ -1475,28 +1454,6 @@ impl Limits {
         multiple("max-discard", self.max_discard, self.opt_discard.max(align))?;
         Ok(())
     }
-}
-
-/// Parses a size with QEMU's suffixes (`4k`, `1M`, `1G`; plain bytes otherwise).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (digits, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                _ => return Err(format!("'{text}': unknown size suffix '{c}'")),
-            };
-            (&t[..i], mult)
-        }
-        _ => (t, 1),
-    };
-    let n = parse_number(digits).map_err(|_| format!("'{text}' is not a size"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{text}' is too large"))
 }
 
 /// A validated rule set: file rules first, then command-line rules, plus load warnings; and

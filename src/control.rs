@@ -20,10 +20,10 @@ use serde_json::{Value, json};
 
 use crate::breakpoints::op_range;
 use crate::config::{self, CliRule, Group, RuleSet, Source};
-use crate::media::CutMode;
+use crate::engine::faults::CutMode;
+use crate::engine::ranges::SectorSet;
+use crate::engine::{Action, Event, Origin, Placement, Rule, RuleId};
 use crate::mount::{Mount, WaiterId};
-use crate::ranges::SectorSet;
-use crate::rules::{Action, Event, Origin, Placement, Rule, RuleId};
 
 /// A command that completes before it returns: `(control, args, whole line)`.
 type NowFn = fn(&Control, &[&str], &str) -> Result<String, CtlError>;
@@ -564,9 +564,9 @@ impl Control {
                     set.sectors(),
                     set.intervals(),
                     shorten(&set.to_string(), 4000),
-                    crate::errno::describe(settings.errno),
+                    crate::engine::errno::describe(settings.errno),
                     if settings.heal_on_write { "on" } else { "off" },
-                    crate::errno::describe(settings.write_errno),
+                    crate::engine::errno::describe(settings.write_errno),
                 ))
             }
             "clear" => {
@@ -1003,7 +1003,7 @@ pub fn encode_reply(result: &Result<String, CtlError>) -> String {
         Ok(text) => format!("ok {}", escape(text)),
         Err(e) => format!(
             "error {} {}",
-            crate::errno::name(e.errno).unwrap_or("EIO"),
+            crate::engine::errno::name(e.errno).unwrap_or("EIO"),
             escape(&e.message)
         ),
     }
@@ -1034,7 +1034,7 @@ pub fn decode_reply(line: &str) -> Result<String, CtlError> {
     let rest = line.strip_prefix("error ").unwrap_or(line);
     let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
     Err(CtlError::new(
-        crate::errno::from_name(name).unwrap_or(libc::EIO),
+        crate::engine::errno::from_name(name).unwrap_or(libc::EIO),
         unescape(text),
     ))
 }
@@ -1043,8 +1043,8 @@ pub fn decode_reply(line: &str) -> Result<String, CtlError> {
 mod tests {
     use super::*;
     use crate::config::Limits;
+    use crate::engine::Engine;
     use crate::mount::ImageMode;
-    use crate::rules::Engine;
     use std::io::Cursor;
 
     fn control() -> (tempfile::NamedTempFile, Control) {

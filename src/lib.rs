@@ -37,8 +37,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod device;
-pub mod errno;
-pub mod faults;
+pub(crate) mod engine;
 pub mod fs;
 pub mod imagefmt;
 pub mod lock;
@@ -48,11 +47,20 @@ pub mod media;
 pub mod mount;
 pub mod mounttable;
 pub mod ops;
-pub mod ranges;
-pub mod rules;
 pub mod socket;
 pub mod stats;
 pub mod trace;
+
+// The engine's modules under their old paths (`blkdebugfs::errno`, `blkdebugfs::ranges`, ...),
+// for main.rs, tests/, benches/ and examples/.
+pub use engine::{errno, faults, ranges, units};
+
+/// Rules, events and the [`Engine`](rules::Engine) that decides by them (`engine/`), under
+/// the path tests, benches and examples use.
+pub mod rules {
+    pub use crate::engine::rules::*;
+    pub use crate::engine::{Engine, Event, IoType, IoTypes};
+}
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -68,10 +76,10 @@ use parking_lot::{Condvar, Mutex};
 pub use crate::builder::{Builder, Mounted, RuleSpec};
 use crate::config::{ConfigError, Limits};
 use crate::control::{Control, ReloadSource};
+use crate::engine::{Engine, Event, Rule};
 use crate::fs::{BlkdebugFs, Layout, OpenPolicy};
 use crate::mount::{ImageMode, MediaSetup, Mount};
 use crate::mounttable::DetachWatch;
-use crate::rules::{Engine, Event, Rule};
 use crate::socket::ControlSocket;
 
 /// Everything a mount is made of, as parsed from the command line.

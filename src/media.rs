@@ -51,44 +51,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::faults::Draw;
-use crate::ranges::{SECTOR, SectorSet};
-
-/// How a power cut resolves each unsynced write (§5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CutMode {
-    /// Every unsynced write is lost.
-    Lose,
-    /// Every unsynced write is kept.
-    Keep,
-    /// Each write kept, lost or torn (a seeded subset of its sectors kept).
-    Random,
-    /// Each sector of each write independently old or new.
-    Sectors,
-}
-
-impl CutMode {
-    pub const NAMES: &'static [&'static str] = &["lose", "keep", "random", "sectors"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            CutMode::Lose => "lose",
-            CutMode::Keep => "keep",
-            CutMode::Random => "random",
-            CutMode::Sectors => "sectors",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<CutMode> {
-        match name {
-            "lose" => Some(CutMode::Lose),
-            "keep" => Some(CutMode::Keep),
-            "random" => Some(CutMode::Random),
-            "sectors" => Some(CutMode::Sectors),
-            _ => None,
-        }
-    }
-}
+pub use crate::engine::faults::CutMode;
+use crate::engine::faults::Draw;
+use crate::engine::ranges::{SECTOR, SectorSet};
 
 /// The bad-sector settings of `[bad-sectors]` (one set of settings for the whole set).
 #[derive(Clone, Debug, PartialEq, Eq)]

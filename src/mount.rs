@@ -42,19 +42,19 @@ pub use crate::breakpoints::{ParkedInfo, WaiterDone, WaiterId};
 pub use crate::buffers::ReadBuf;
 use crate::buffers::{ImageMap, MAPPED_READ_MIN};
 use crate::config::Limits;
-use crate::errno;
-use crate::faults::{Edit, Effect};
+use crate::engine::errno;
+use crate::engine::faults::{CutMode, Edit, Effect};
+use crate::engine::ranges::SectorSet;
+use crate::engine::{
+    Decision, Engine, Event, Fired, IoType, Placement, Plan, Rule, RuleId, RuleStats, Verdict,
+};
 use crate::fields;
 use crate::logring::{Limiter, Say};
 use crate::media::{
-    self, BadSectors, BadSettings, CutMode, CutReport, PowerCycle, Unsynced, WriteCache,
-    WriteCheck, read_full,
+    self, BadSectors, BadSettings, CutReport, PowerCycle, Unsynced, WriteCache, WriteCheck,
+    read_full,
 };
 use crate::ops::{Op, Step, plan};
-use crate::ranges::SectorSet;
-use crate::rules::{
-    Decision, Engine, Event, Fired, IoType, Placement, Plan, Rule, RuleId, RuleStats, Verdict,
-};
 use crate::stats::{Snapshot, Stats};
 use crate::trace::Trace;
 
@@ -1582,7 +1582,7 @@ impl Mount {
                     || {
                         format!(
                             "delaying {what} by {} for rule {rule} {by}{}",
-                            crate::faults::duration_text(wait),
+                            crate::engine::units::duration_text(wait),
                             if errno != 0 {
                                 format!(", then failing it with {}", errno::describe(errno))
                             } else {

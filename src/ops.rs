@@ -14,7 +14,7 @@
 //! concurrent unaligned writes sharing an `align` block can never undo each other.
 
 use crate::config::Limits;
-use crate::rules::{Event, IoType};
+use crate::engine::{Event, IoType};
 
 /// QEMU's `MAX_BOUNCE_BUFFER`: the largest zero-filled fallback write.
 const MAX_BOUNCE_BUFFER: u64 = 32768 * 512;
