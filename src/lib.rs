@@ -31,16 +31,12 @@
 //! file keeps the options, the errors and [`run`].
 
 pub mod breakpoints;
-pub mod buffers;
 pub mod builder;
 pub mod config;
 pub mod control;
 pub mod demo;
-pub mod device;
 pub(crate) mod engine;
 pub mod fs;
-pub mod imagefmt;
-pub mod lock;
 pub mod logring;
 pub mod manpage;
 pub mod media;
@@ -300,7 +296,7 @@ pub struct Prepared {
     mountpoint: PathBuf,
     /// QEMU's image locks, held until `run` returns (`None`: `--force-share`, or no locks
     /// on this filesystem).
-    lock: Option<lock::ImageLock>,
+    lock: Option<media::lock::ImageLock>,
 }
 
 /// Validates options and opens the image. Nothing is mounted.
@@ -332,7 +328,7 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
             options.image.display()
         )));
     }
-    if device && device::claimed(&options.image) {
+    if device && media::device::claimed(&options.image) {
         warn!(
             "{} is in use (a mounted filesystem or another driver holds it): writes through \
              the view change it under its user",
@@ -345,7 +341,7 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
         .open(&options.image)
         .map_err(|e| image_err(format!("cannot open: {e}")))?;
     let size = match device {
-        true => device::size(&image).unwrap_or(u64::MAX),
+        true => media::device::size(&image).unwrap_or(u64::MAX),
         false => md.len(),
     };
     for (i, rule) in options.rules.iter().enumerate() {
@@ -408,16 +404,16 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// Takes QEMU's locks for a writer (a reader with `--read-only`), as `lock.rs` says; `None`
 /// (with a warning) where the filesystem has no such locks.
-fn lock_image(options: &MountOptions) -> Result<Option<lock::ImageLock>, Error> {
-    let (have, shared) = lock::mount_perms(options.read_only, options.growable);
+fn lock_image(options: &MountOptions) -> Result<Option<media::lock::ImageLock>, Error> {
+    let (have, shared) = media::lock::mount_perms(options.read_only, options.growable);
     let deadline = Instant::now() + LOCK_WAIT;
     let acquired = loop {
-        match lock::ImageLock::acquire(&options.image, have, shared) {
-            Err(lock::LockError::Conflict(conflict)) => {
+        match media::lock::ImageLock::acquire(&options.image, have, shared) {
+            Err(media::lock::LockError::Conflict(conflict)) => {
                 // `umount` returns before the daemon it ended has exited and dropped its
                 // locks: a conflict with blkdebugfs daemons only (or with a holder that is
                 // already gone) is waited out for a moment, anything else fails at once.
-                let holders = lock::holders(&options.image);
+                let holders = media::lock::holders(&options.image);
                 let ours = holders.iter().all(|h| h.starts_with("blkdebugfs "));
                 if ours && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
@@ -434,7 +430,7 @@ fn lock_image(options: &MountOptions) -> Result<Option<lock::ImageLock>, Error> 
     };
     match acquired? {
         Ok(lock) => Ok(Some(lock)),
-        Err(e @ lock::LockError::Unsupported(_)) => {
+        Err(e @ media::lock::LockError::Unsupported(_)) => {
             warn!(
                 "{}: {e}: mounting without them (QEMU cannot see that the image is in use)",
                 options.image.display()
@@ -565,7 +561,7 @@ pub fn run(
         mountpoint,
         lock: _lock,
     } = prepared;
-    if let Some(warning) = imagefmt::sniff(&image, &options.image) {
+    if let Some(warning) = media::imagefmt::sniff(&image, &options.image) {
         warn!("{warning}");
     }
     if matches!(layout, Layout::File) && options.control_socket.is_none() {

@@ -39,8 +39,6 @@ use serde_json::Value;
 
 use crate::breakpoints::{Breakpoints, Resumed};
 pub use crate::breakpoints::{ParkedInfo, WaiterDone, WaiterId};
-pub use crate::buffers::ReadBuf;
-use crate::buffers::{ImageMap, MAPPED_READ_MIN};
 use crate::config::Limits;
 use crate::engine::errno;
 use crate::engine::faults::{CutMode, Edit, Effect};
@@ -50,6 +48,8 @@ use crate::engine::{
 };
 use crate::fields;
 use crate::logring::{Limiter, Say};
+pub use crate::media::buffers::ReadBuf;
+use crate::media::buffers::{ImageMap, MAPPED_READ_MIN};
 use crate::media::{
     self, BadSectors, BadSettings, CutReport, PowerCycle, Unsynced, WriteCache, WriteCheck,
     read_full,
@@ -313,9 +313,9 @@ impl Mount {
         let device_block = md
             .file_type()
             .is_block_device()
-            .then(|| crate::device::logical_block_size(&image));
+            .then(|| crate::media::device::logical_block_size(&image));
         let len = match device_block {
-            Some(_) => crate::device::size(&image)?,
+            Some(_) => crate::media::device::size(&image)?,
             None => md.len(),
         };
         let size = AtomicU64::new(len);
@@ -914,7 +914,7 @@ impl Mount {
     /// The image's length now: the file's, or the device's.
     fn real_len(&self) -> io::Result<u64> {
         match self.device_block {
-            Some(_) => crate::device::size(&self.image),
+            Some(_) => crate::media::device::size(&self.image),
             None => Ok(self.image.metadata()?.len()),
         }
     }
@@ -1177,9 +1177,13 @@ impl Mount {
                         && !dropped
                         && let Err(errno) =
                             self.store(p, offset, len, "zero", || match self.device_block {
-                                Some(block) => {
-                                    crate::device::zero(&self.image, offset, len, punch, block)
-                                }
+                                Some(block) => crate::media::device::zero(
+                                    &self.image,
+                                    offset,
+                                    len,
+                                    punch,
+                                    block,
+                                ),
                                 None => zero_range(&self.image, offset, len, punch),
                             })
                     {
@@ -1808,5 +1812,5 @@ fn zero_range(file: &File, offset: u64, len: u64, punch: bool) -> io::Result<()>
         Err(e) if unsupported(&e) => {}
         other => return other,
     }
-    crate::device::write_zeroes(file, offset, len)
+    crate::media::device::write_zeroes(file, offset, len)
 }
