@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::breakpoints::op_range;
 use crate::config::{self, CliRule, Group, RuleSet, Source};
 use crate::engine::faults::CutMode;
 use crate::engine::ranges::SectorSet;
 use crate::engine::{Action, Event, Origin, Placement, Rule, RuleId};
+use crate::mount::parking::op_range;
 use crate::mount::{Mount, WaiterId};
 
 /// A command that completes before it returns: `(control, args, whole line)`.

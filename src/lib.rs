@@ -30,7 +30,6 @@
 //! (the library for Rust tests), `manpage.rs` (the man page from the clap definitions). This
 //! file keeps the options, the errors and [`run`].
 
-pub mod breakpoints;
 pub mod builder;
 pub mod config;
 pub mod control;
@@ -40,12 +39,12 @@ pub mod fs;
 pub mod logring;
 pub mod manpage;
 pub mod media;
-pub mod mount;
+pub(crate) mod mount;
 pub mod mounttable;
-pub mod ops;
 pub mod socket;
-pub mod stats;
-pub mod trace;
+
+// The mount's trace and counters under their old paths (`blkdebugfs::trace::FIELDS`).
+pub use mount::{RuleStatus, stats, trace};
 
 // The engine's modules under their old paths (`blkdebugfs::errno`, `blkdebugfs::ranges`, ...),
 // for main.rs, tests/, benches/ and examples/.

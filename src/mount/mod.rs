@@ -22,6 +22,11 @@
 //! applied to the steps after the wait; a `[suspend]` after a delay parks the request once
 //! the timer continues it.
 
+pub(crate) mod parking;
+pub(crate) mod plan;
+pub mod stats;
+pub mod trace;
+
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -37,8 +42,6 @@ use log::{debug, info, warn};
 use parking_lot::Mutex;
 use serde_json::Value;
 
-use crate::breakpoints::{Breakpoints, Resumed};
-pub use crate::breakpoints::{ParkedInfo, WaiterDone, WaiterId};
 use crate::config::Limits;
 use crate::engine::errno;
 use crate::engine::faults::{CutMode, Edit, Effect};
@@ -54,9 +57,11 @@ use crate::media::{
     self, BadSectors, BadSettings, CutReport, PowerCycle, Unsynced, WriteCache, WriteCheck,
     read_full,
 };
-use crate::ops::{Op, Step, plan};
-use crate::stats::{Snapshot, Stats};
-use crate::trace::Trace;
+use crate::mount::parking::{Breakpoints, Resumed};
+pub use crate::mount::parking::{ParkedInfo, WaiterDone, WaiterId};
+use crate::mount::plan::{Op, Step, plan};
+use crate::mount::stats::{Snapshot, Stats};
+use crate::mount::trace::Trace;
 
 /// Write and flush generations of one block node, as QEMU keeps them: a flush reaches the
 /// disk only if the node was written (successfully or not) since its last successful flush.
