@@ -22,7 +22,7 @@ use crate::config::{self, CliRule, Group, RuleSet, Source};
 use crate::engine::faults::CutMode;
 use crate::engine::ranges::SectorSet;
 use crate::engine::{Action, Event, Origin, Placement, Rule, RuleId};
-use crate::mount::parking::op_range;
+use crate::mount::op_range;
 use crate::mount::{Mount, WaiterId};
 
 /// A command that completes before it returns: `(control, args, whole line)`.
