@@ -35,13 +35,13 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub(crate) mod engine;
-pub mod fs;
-pub mod logring;
+pub(crate) mod frontend;
 pub mod manpage;
 pub mod media;
 pub(crate) mod mount;
-pub mod mounttable;
-pub mod socket;
+
+// The control folder's socket and log ring under their old paths.
+pub use control::{logring, socket};
 
 // The mount's trace and counters under their old paths (`blkdebugfs::trace::FIELDS`).
 pub use mount::{RuleStatus, stats, trace};
@@ -70,12 +70,12 @@ use parking_lot::{Condvar, Mutex};
 
 pub use crate::builder::{Builder, Mounted, RuleSpec};
 use crate::config::{ConfigError, Limits};
+use crate::control::socket::ControlSocket;
 use crate::control::{Control, ReloadSource};
 use crate::engine::{Engine, Event, Rule};
-use crate::fs::{BlkdebugFs, Layout, OpenPolicy};
+use crate::frontend::fuse::{BlkdebugFs, Layout, OpenPolicy};
+use crate::frontend::mounttable::DetachWatch;
 use crate::mount::{ImageMode, MediaSetup, Mount};
-use crate::mounttable::DetachWatch;
-use crate::socket::ControlSocket;
 
 /// Everything a mount is made of, as parsed from the command line.
 #[derive(Clone, Debug)]
@@ -377,7 +377,7 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
     } else {
         return Err(mp_err("is neither a directory nor a regular file".into()));
     };
-    match mounttable::device_at(&mountpoint) {
+    match frontend::mounttable::device_at(&mountpoint) {
         Ok(Some(_)) => {
             return Err(mp_err("is already a mount point (unmount it first)".into()));
         }
@@ -640,14 +640,16 @@ pub fn run(
     };
     let mut session = fuser::Session::new(fs, &mountpoint, &config).map_err(fuse_err)?;
     // Never stat the mount point here: no worker serves requests until `run` below.
-    let device = match mounttable::device_at(&mountpoint) {
+    let device = match frontend::mounttable::device_at(&mountpoint) {
         Ok(device) => device,
         Err(e) => {
             warn!("cannot read the mount table ({e}): a lazy unmount will need a signal too");
             None
         }
     };
-    let connection = device.as_deref().and_then(mounttable::fuse_connection);
+    let connection = device
+        .as_deref()
+        .and_then(frontend::mounttable::fuse_connection);
     let detach_watch = match &device {
         Some(d) => Some(DetachWatch::start(d.clone(), shutdown.clone()).map_err(fuse_err)?),
         None => None,
@@ -700,7 +702,7 @@ pub fn run(
             // read says nothing: unmount (a mount that is gone answers EINVAL).
             let detached = device
                 .as_deref()
-                .is_some_and(|d| mounttable::device_mounted(d).is_ok_and(|m| !m));
+                .is_some_and(|d| frontend::mounttable::device_mounted(d).is_ok_and(|m| !m));
             if !detached {
                 unmount(&mountpoint, connection, &mut unmounter);
             }

@@ -10,6 +10,9 @@
 //! `wait_break` parks its caller instead of blocking a thread. Handlers reach the mount only
 //! through [`Mount`]'s methods.
 
+pub mod logring;
+pub mod socket;
+
 use std::fmt::Write as _;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -64,6 +67,9 @@ const fn cmd(
 
 /// Most words a rule command takes (`K=V` pairs may be given as separate words).
 const MAX_KEYS: usize = 64;
+
+/// The control file's name in the mount's directory (`MOUNTPOINT/.control`).
+pub const CONTROL_NAME: &str = ".control";
 
 /// Longest command line accepted (a rule is a few hundred bytes).
 pub const MAX_LINE: usize = 64 << 10;
@@ -596,7 +602,7 @@ impl Control {
                 .parse::<usize>()
                 .map_err(|_| CtlError::invalid(format!("not a number of lines: '{t}'")))?,
         };
-        let lines = crate::logring::recent(n).ok_or_else(|| {
+        let lines = crate::control::logring::recent(n).ok_or_else(|| {
             CtlError::new(
                 libc::ENODATA,
                 "this process keeps no log in memory (only the blkdebugfs command does)",
@@ -710,7 +716,7 @@ impl Control {
 
     /// What a fresh read of the control file shows.
     pub fn status(&self) -> String {
-        let log = if crate::logring::recent(0).is_some() {
+        let log = if crate::control::logring::recent(0).is_some() {
             "log: 'log [N]' shows the last lines\n"
         } else {
             ""

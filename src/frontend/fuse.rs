@@ -17,7 +17,7 @@ use fuser::{
 };
 use log::debug;
 
-use crate::control::Control;
+use crate::control::{CONTROL_NAME, Control};
 use crate::mount::{Caller, Done, ImageStat, Mount};
 
 /// Attributes may be cached briefly: the size only changes through this mount (or by the
@@ -28,8 +28,6 @@ const ROOT: INodeNo = INodeNo(1);
 const IMAGE: INodeNo = INodeNo(2);
 /// The control file's inode in the directory layout.
 const CONTROL: INodeNo = INodeNo(3);
-/// The control file's name in the mount's directory.
-pub const CONTROL_NAME: &str = ".control";
 /// Largest write the kernel may send in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 /// Async requests the kernel may have in flight at once (see `init`).
