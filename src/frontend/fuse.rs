@@ -56,7 +56,10 @@ pub struct BlkdebugFs {
     policy: OpenPolicy,
     uid: u32,
     gid: u32,
-    /// The control endpoint behind `.control` (directory layout only).
+    /// The control endpoint behind `.control` (directory layout only). The one place a front
+    /// end holds more than `Mount`: the control node's writes run commands and its reads
+    /// show the status (a crossing `design.md` accepts); every image operation goes to
+    /// `mount`.
     control: Arc<Control>,
     /// Per open `.control` file: the text reads return (the status, then each command's
     /// reply) and how much of it was read. Reads ignore the file offset, which a write
