@@ -20,15 +20,26 @@
 //! returns. The builder, tests and the `demo` subcommand call these in-process; `main.rs` is
 //! a thin CLI around them.
 //!
-//! Where things live: `rules.rs` (engine), `faults.rs` (actions and seeded draws),
-//! `ranges.rs` (sector sets), `config.rs` (rule syntax), `ops.rs` (per-operation event
-//! sequences), `mount.rs` (state + executor, the one door to the core), `fs.rs` (FUSE
-//! adapter), `control.rs` (command table), `socket.rs` (`--control`), `trace.rs` (`--trace`),
-//! `stats.rs` (counters), `mounttable.rs` (the mount table and the detach watch),
-//! `imagefmt.rs` (format sniffing), `logring.rs` (the logger and its in-memory tail),
-//! `lock.rs` (QEMU's image locks), `device.rs` (block devices as the image), `builder.rs`
-//! (the library for Rust tests), `manpage.rs` (the man page from the clap definitions). This
-//! file keeps the options, the errors and [`run`].
+//! Where things live: one folder per subsystem, each with a `mod.rs` that states its
+//! contract and what it may import; the layers only point down, and no folder imports one
+//! above it:
+//!
+//! - `frontend/`: the FUSE adapter and the mount-table watch (calls `mount/`, and
+//!   `control/` for the control node only)
+//! - `control/`: the command table, the `--control` socket, the log ring (calls `mount/`)
+//! - `mount/`: `Mount`, the one door to the core: the verbs, the executor that walks a plan,
+//!   plans, parking, the timer, what the control table calls, trace and stats
+//! - `config/`: QEMU's INI dialect, the faults keys, command-line rules -> [`config::RuleSet`]
+//! - `media/`: the image file, bad sectors, the write cache and power cuts
+//! - `engine/`: rules, the decision, faults and their seeded draws, sector ranges, errno
+//!   names, units; pure, imports nothing else of the crate
+//!
+//! At the top: `builder.rs` (the library for Rust tests), `demo.rs`, `manpage.rs` (the man
+//! pages from the clap definitions and the code's tables), `main.rs` (the CLI) and this file:
+//! the options, the errors, [`prepare`] and [`run`], and the public paths. The folders are
+//! crate-private where they can be; the paths tests, benches and `main.rs` use
+//! (`blkdebugfs::rules`, `blkdebugfs::media`, `blkdebugfs::logring`, ...) are re-exported
+//! below.
 
 pub mod builder;
 pub mod config;
@@ -48,9 +59,9 @@ pub use mount::{RuleStatus, stats, trace};
 
 // The engine's modules under their old paths (`blkdebugfs::errno`, `blkdebugfs::ranges`, ...),
 // for main.rs, tests/, benches/ and examples/.
-pub use engine::{errno, faults, ranges, units};
+pub use engine::{errno, faults, ranges};
 
-/// Rules, events and the [`Engine`](rules::Engine) that decides by them (`engine/`), under
+/// Rules, events and the [`Engine`] that decides by them (`engine/`), under
 /// the path tests, benches and examples use.
 pub mod rules {
     pub use crate::engine::rules::*;
@@ -107,7 +118,7 @@ pub struct MountOptions {
     pub write_cache: bool,
     /// The bad sectors the mount starts with (`[bad-sectors]`).
     pub bad: Option<(ranges::SectorSet, media::BadSettings)>,
-    /// Take no image locks and check none (`--force-share`; see `lock.rs`).
+    /// Take no image locks and check none (`--force-share`; see `media/lock.rs`).
     pub force_share: bool,
 }
 
@@ -401,7 +412,7 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
 /// How long a mount waits for another blkdebugfs daemon's locks to go (see `lock_image`).
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
-/// Takes QEMU's locks for a writer (a reader with `--read-only`), as `lock.rs` says; `None`
+/// Takes QEMU's locks for a writer (a reader with `--read-only`), as `media/lock.rs` says; `None`
 /// (with a warning) where the filesystem has no such locks.
 fn lock_image(options: &MountOptions) -> Result<Option<media::lock::ImageLock>, Error> {
     let (have, shared) = media::lock::mount_perms(options.read_only, options.growable);

@@ -668,7 +668,8 @@ pub fn parse_probability(text: &str) -> Result<f64, Problem> {
     Ok(p)
 }
 
-/// A duration (faults §2): see [`units::parse_duration`].
+/// A duration (faults §2): `250us`, `5ms`, `1.5s`, or a bare number of milliseconds; at
+/// most a day (`engine/units.rs`).
 pub fn parse_duration(text: &str) -> Result<Duration, Problem> {
     units::parse_duration(text).ok_or(Problem::BadDuration)
 }
@@ -689,7 +690,7 @@ fn parse_signed_size(text: &str) -> Result<i64, Problem> {
     Ok(if negative { -n } else { n })
 }
 
-/// QEMU's unsigned number syntax (see [`units::parse_number`]).
+/// QEMU's unsigned number syntax: decimal, `0x` hex, leading-`0` octal (`engine/units.rs`).
 pub fn parse_number(text: &str) -> Result<u64, Problem> {
     units::parse_number(text).ok_or(Problem::BadNumber)
 }

@@ -8,7 +8,7 @@
 //! ENOENT for an unknown event or tag, ETIMEDOUT for a `wait_break` that timed out. Control
 //! commands never fire events or match rules. Replies are completions, not return values, so
 //! `wait_break` parks its caller instead of blocking a thread. Handlers reach the mount only
-//! through [`Mount`]'s methods.
+//! through `Mount`'s methods.
 //!
 //! May import: `mount/` (the `Mount` type and what it re-exports), `config/` (rule text ->
 //! rules), `engine/` (the vocabulary); `socket.rs` returns the crate's [`Error`](crate::Error).

@@ -24,7 +24,7 @@
 //! a rank per rule orders them.
 //!
 //! Randomness: every draw is keyed by (seed, rule number, that rule's match count) (see
-//! `faults.rs`), so the same seed and the same requests give the same decisions.
+//! `engine/faults.rs`), so the same seed and the same requests give the same decisions.
 //!
 //! Deciding is not resolving: [`Engine::decide`] says which rule acts and hands back a
 //! [`Plan`] (the fault, the request, the range and the draw's key), in time that does not
@@ -32,7 +32,7 @@
 //! bits, which sectors), which may cost as much as the request, after the caller's lock is
 //! released. [`Engine::check`] does both, for callers that hold no lock.
 //!
-//! The engine is plain data: no FUSE, no I/O, no locks. The caller (see `mount.rs`) holds it
+//! The engine is plain data: no FUSE, no I/O, no locks. The caller (see `mount/`) holds it
 //! under one mutex for the duration of a single `fire` or `decide` call only.
 //!
 //! Cost: neither call walks the rules. What a fire does in a given state (the new active

@@ -290,7 +290,7 @@ pub struct Fired {
     /// Tags of the breakpoints that hit: the request is to be parked under each.
     pub suspend: Vec<String>,
     /// The event replaced the active list (its request-checked rules that pass the state
-    /// gate are armed now, see [`Engine::armed`]).
+    /// gate are armed now, see [`Engine::armed`](super::Engine::armed)).
     pub rearmed: bool,
     /// The state before and after, and the set-state rule that moved it.
     pub state_change: Option<(i64, i64)>,
@@ -312,8 +312,8 @@ pub struct RuleStats {
     pub armed: u64,
 }
 
-/// What a rule decided for a request: with [`Engine::decide`] the [`Plan`] of its effect,
-/// with [`Engine::check`] the effect itself.
+/// What a rule decided for a request: with [`Engine::decide`](super::Engine::decide) the [`Plan`] of its effect,
+/// with [`Engine::check`](super::Engine::check) the effect itself.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision<E = Effect> {
     pub rule: RuleId,

@@ -150,7 +150,7 @@ pub struct Mount {
     map: Option<Arc<ImageMap>>,
     /// `--trace`, when given.
     trace: Option<Trace>,
-    /// The logical block size when the image is a block device (`device.rs`): its size is
+    /// The logical block size when the image is a block device (`media/device.rs`): its size is
     /// fixed and it has no holes.
     device_block: Option<u64>,
     /// The media: bad sectors, and with `--write-cache` the cache and power state.
