@@ -55,10 +55,10 @@ use std::time::Duration;
 
 use crate::config::{CliRule, Limits, RuleSet};
 use crate::control::{Control, CtlError, ReloadSource};
-use crate::faults::Fault;
+use crate::engine::faults::Fault;
+use crate::engine::{Action, Event, IoTypes, Origin, RequestMatch, Rule, RuleId};
 use crate::mount::RuleStatus;
-use crate::rules::{Action, Event, IoTypes, Origin, RequestMatch, Rule, RuleId};
-use crate::stats::Snapshot;
+use crate::mount::stats::Snapshot;
 use crate::{Error, MountOptions, Shutdown};
 
 /// A rule for [`Builder::rule`] and [`Mounted::add_rule`]: text as `--rule` takes it

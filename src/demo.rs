@@ -72,14 +72,14 @@ struct QuietLog;
 
 impl QuietLog {
     fn start() -> QuietLog {
-        crate::logring::set_quiet(true);
+        crate::control::logring::set_quiet(true);
         QuietLog
     }
 }
 
 impl Drop for QuietLog {
     fn drop(&mut self) {
-        crate::logring::set_quiet(false);
+        crate::control::logring::set_quiet(false);
     }
 }
 
@@ -192,7 +192,8 @@ pub fn run_demo() -> Result<(), String> {
 
     // The daemon's log lines would interleave with the table: keep them for after it.
     let quiet = QuietLog::start();
-    let seen_before = crate::logring::recent(crate::logring::CAPACITY).map_or(0, |l| l.len());
+    let seen_before =
+        crate::control::logring::recent(crate::control::logring::CAPACITY).map_or(0, |l| l.len());
     let mut options = MountOptions::new(&image, &mnt);
     options.rules = rules;
     options.threads = 2;
@@ -211,7 +212,7 @@ pub fn run_demo() -> Result<(), String> {
         "\nimage after unmount: bytes 0..4096 = 0x{:02x} (written by ops 5 and 7)",
         pristine[0]
     );
-    if let Some(lines) = crate::logring::recent(crate::logring::CAPACITY) {
+    if let Some(lines) = crate::control::logring::recent(crate::control::logring::CAPACITY) {
         println!("\nthe daemon's log (`blkdebugfs ctl MNT log` shows it for a real mount):");
         for line in lines.iter().skip(seen_before) {
             println!("  {line}");

@@ -20,39 +20,53 @@
 //! returns. The builder, tests and the `demo` subcommand call these in-process; `main.rs` is
 //! a thin CLI around them.
 //!
-//! Where things live: `rules.rs` (engine), `faults.rs` (actions and seeded draws),
-//! `ranges.rs` (sector sets), `config.rs` (rule syntax), `ops.rs` (per-operation event
-//! sequences), `mount.rs` (state + executor, the one door to the core), `fs.rs` (FUSE
-//! adapter), `control.rs` (command table), `socket.rs` (`--control`), `trace.rs` (`--trace`),
-//! `stats.rs` (counters), `mounttable.rs` (the mount table and the detach watch),
-//! `imagefmt.rs` (format sniffing), `logring.rs` (the logger and its in-memory tail),
-//! `lock.rs` (QEMU's image locks), `device.rs` (block devices as the image), `builder.rs`
-//! (the library for Rust tests), `manpage.rs` (the man page from the clap definitions). This
-//! file keeps the options, the errors and [`run`].
+//! Where things live: one folder per subsystem, each with a `mod.rs` that states its
+//! contract and what it may import; the layers only point down, and no folder imports one
+//! above it:
+//!
+//! - `frontend/`: the FUSE adapter and the mount-table watch (calls `mount/`, and
+//!   `control/` for the control node only)
+//! - `control/`: the command table, the `--control` socket, the log ring (calls `mount/`)
+//! - `mount/`: `Mount`, the one door to the core: the verbs, the executor that walks a plan,
+//!   plans, parking, the timer, what the control table calls, trace and stats
+//! - `config/`: QEMU's INI dialect, the faults keys, command-line rules -> [`config::RuleSet`]
+//! - `media/`: the image file, bad sectors, the write cache and power cuts
+//! - `engine/`: rules, the decision, faults and their seeded draws, sector ranges, errno
+//!   names, units; pure, imports nothing else of the crate
+//!
+//! At the top: `builder.rs` (the library for Rust tests), `demo.rs`, `manpage.rs` (the man
+//! pages from the clap definitions and the code's tables), `main.rs` (the CLI) and this file:
+//! the options, the errors, [`prepare`] and [`run`], and the public paths. The folders are
+//! crate-private where they can be; the paths tests, benches and `main.rs` use
+//! (`blkdebugfs::rules`, `blkdebugfs::media`, `blkdebugfs::logring`, ...) are re-exported
+//! below.
 
-pub mod breakpoints;
-pub mod buffers;
 pub mod builder;
 pub mod config;
 pub mod control;
 pub mod demo;
-pub mod device;
-pub mod errno;
-pub mod faults;
-pub mod fs;
-pub mod imagefmt;
-pub mod lock;
-pub mod logring;
+pub(crate) mod engine;
+pub(crate) mod frontend;
 pub mod manpage;
 pub mod media;
-pub mod mount;
-pub mod mounttable;
-pub mod ops;
-pub mod ranges;
-pub mod rules;
-pub mod socket;
-pub mod stats;
-pub mod trace;
+pub(crate) mod mount;
+
+// The control folder's socket and log ring under their old paths.
+pub use control::{logring, socket};
+
+// The mount's trace and counters under their old paths (`blkdebugfs::trace::FIELDS`).
+pub use mount::{RuleStatus, stats, trace};
+
+// The engine's modules under their old paths (`blkdebugfs::errno`, `blkdebugfs::ranges`, ...),
+// for main.rs, tests/, benches/ and examples/.
+pub use engine::{errno, faults, ranges};
+
+/// Rules, events and the [`Engine`] that decides by them (`engine/`), under
+/// the path tests, benches and examples use.
+pub mod rules {
+    pub use crate::engine::rules::*;
+    pub use crate::engine::{Engine, Event, IoType, IoTypes};
+}
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -67,12 +81,12 @@ use parking_lot::{Condvar, Mutex};
 
 pub use crate::builder::{Builder, Mounted, RuleSpec};
 use crate::config::{ConfigError, Limits};
+use crate::control::socket::ControlSocket;
 use crate::control::{Control, ReloadSource};
-use crate::fs::{BlkdebugFs, Layout, OpenPolicy};
+use crate::engine::{Engine, Event, Rule};
+use crate::frontend::fuse::{BlkdebugFs, Layout, OpenPolicy};
+use crate::frontend::mounttable::DetachWatch;
 use crate::mount::{ImageMode, MediaSetup, Mount};
-use crate::mounttable::DetachWatch;
-use crate::rules::{Engine, Event, Rule};
-use crate::socket::ControlSocket;
 
 /// Everything a mount is made of, as parsed from the command line.
 #[derive(Clone, Debug)]
@@ -104,7 +118,7 @@ pub struct MountOptions {
     pub write_cache: bool,
     /// The bad sectors the mount starts with (`[bad-sectors]`).
     pub bad: Option<(ranges::SectorSet, media::BadSettings)>,
-    /// Take no image locks and check none (`--force-share`; see `lock.rs`).
+    /// Take no image locks and check none (`--force-share`; see `media/lock.rs`).
     pub force_share: bool,
 }
 
@@ -292,7 +306,7 @@ pub struct Prepared {
     mountpoint: PathBuf,
     /// QEMU's image locks, held until `run` returns (`None`: `--force-share`, or no locks
     /// on this filesystem).
-    lock: Option<lock::ImageLock>,
+    lock: Option<media::lock::ImageLock>,
 }
 
 /// Validates options and opens the image. Nothing is mounted.
@@ -324,7 +338,7 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
             options.image.display()
         )));
     }
-    if device && device::claimed(&options.image) {
+    if device && media::device::claimed(&options.image) {
         warn!(
             "{} is in use (a mounted filesystem or another driver holds it): writes through \
              the view change it under its user",
@@ -337,7 +351,7 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
         .open(&options.image)
         .map_err(|e| image_err(format!("cannot open: {e}")))?;
     let size = match device {
-        true => device::size(&image).unwrap_or(u64::MAX),
+        true => media::device::size(&image).unwrap_or(u64::MAX),
         false => md.len(),
     };
     for (i, rule) in options.rules.iter().enumerate() {
@@ -374,7 +388,7 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
     } else {
         return Err(mp_err("is neither a directory nor a regular file".into()));
     };
-    match mounttable::device_at(&mountpoint) {
+    match frontend::mounttable::device_at(&mountpoint) {
         Ok(Some(_)) => {
             return Err(mp_err("is already a mount point (unmount it first)".into()));
         }
@@ -398,18 +412,18 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
 /// How long a mount waits for another blkdebugfs daemon's locks to go (see `lock_image`).
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
-/// Takes QEMU's locks for a writer (a reader with `--read-only`), as `lock.rs` says; `None`
+/// Takes QEMU's locks for a writer (a reader with `--read-only`), as `media/lock.rs` says; `None`
 /// (with a warning) where the filesystem has no such locks.
-fn lock_image(options: &MountOptions) -> Result<Option<lock::ImageLock>, Error> {
-    let (have, shared) = lock::mount_perms(options.read_only, options.growable);
+fn lock_image(options: &MountOptions) -> Result<Option<media::lock::ImageLock>, Error> {
+    let (have, shared) = media::lock::mount_perms(options.read_only, options.growable);
     let deadline = Instant::now() + LOCK_WAIT;
     let acquired = loop {
-        match lock::ImageLock::acquire(&options.image, have, shared) {
-            Err(lock::LockError::Conflict(conflict)) => {
+        match media::lock::ImageLock::acquire(&options.image, have, shared) {
+            Err(media::lock::LockError::Conflict(conflict)) => {
                 // `umount` returns before the daemon it ended has exited and dropped its
                 // locks: a conflict with blkdebugfs daemons only (or with a holder that is
                 // already gone) is waited out for a moment, anything else fails at once.
-                let holders = lock::holders(&options.image);
+                let holders = media::lock::holders(&options.image);
                 let ours = holders.iter().all(|h| h.starts_with("blkdebugfs "));
                 if ours && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
@@ -426,7 +440,7 @@ fn lock_image(options: &MountOptions) -> Result<Option<lock::ImageLock>, Error> 
     };
     match acquired? {
         Ok(lock) => Ok(Some(lock)),
-        Err(e @ lock::LockError::Unsupported(_)) => {
+        Err(e @ media::lock::LockError::Unsupported(_)) => {
             warn!(
                 "{}: {e}: mounting without them (QEMU cannot see that the image is in use)",
                 options.image.display()
@@ -557,7 +571,7 @@ pub fn run(
         mountpoint,
         lock: _lock,
     } = prepared;
-    if let Some(warning) = imagefmt::sniff(&image, &options.image) {
+    if let Some(warning) = media::imagefmt::sniff(&image, &options.image) {
         warn!("{warning}");
     }
     if matches!(layout, Layout::File) && options.control_socket.is_none() {
@@ -637,14 +651,16 @@ pub fn run(
     };
     let mut session = fuser::Session::new(fs, &mountpoint, &config).map_err(fuse_err)?;
     // Never stat the mount point here: no worker serves requests until `run` below.
-    let device = match mounttable::device_at(&mountpoint) {
+    let device = match frontend::mounttable::device_at(&mountpoint) {
         Ok(device) => device,
         Err(e) => {
             warn!("cannot read the mount table ({e}): a lazy unmount will need a signal too");
             None
         }
     };
-    let connection = device.as_deref().and_then(mounttable::fuse_connection);
+    let connection = device
+        .as_deref()
+        .and_then(frontend::mounttable::fuse_connection);
     let detach_watch = match &device {
         Some(d) => Some(DetachWatch::start(d.clone(), shutdown.clone()).map_err(fuse_err)?),
         None => None,
@@ -697,7 +713,7 @@ pub fn run(
             // read says nothing: unmount (a mount that is gone answers EINVAL).
             let detached = device
                 .as_deref()
-                .is_some_and(|d| mounttable::device_mounted(d).is_ok_and(|m| !m));
+                .is_some_and(|d| frontend::mounttable::device_mounted(d).is_ok_and(|m| !m));
             if !detached {
                 unmount(&mountpoint, connection, &mut unmounter);
             }

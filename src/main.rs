@@ -615,7 +615,7 @@ fn send_command(target: &Path, line: &str) -> Result<String, (Option<i32>, Strin
         }
         blkdebugfs::control::decode_reply(&answer).map_err(|e| (Some(e.errno), e.message))
     } else if md.is_dir() {
-        let path = target.join(blkdebugfs::fs::CONTROL_NAME);
+        let path = target.join(blkdebugfs::control::CONTROL_NAME);
         let at = |e: std::io::Error| {
             (
                 e.raw_os_error(),

@@ -24,8 +24,8 @@ use clap_mangen::Man;
 
 use crate::config::Group;
 use crate::control::COMMANDS;
-use crate::media::CutMode;
-use crate::rules::{Event, IoType};
+use crate::engine::faults::CutMode;
+use crate::engine::{Event, IoType};
 use crate::trace;
 
 /// The roff text of the page for `cmd` (the built `blkdebugfs` command).

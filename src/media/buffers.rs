@@ -60,7 +60,7 @@ enum Source {
 
 impl ReadBuf {
     /// `len` bytes from the pool (contents unspecified: every read plan writes each byte it
-    /// returns, as `ops.rs` tests).
+    /// returns, as `mount/plan.rs` tests).
     pub fn pooled(len: usize) -> ReadBuf {
         if len == 0 {
             return ReadBuf {

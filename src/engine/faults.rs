@@ -8,6 +8,10 @@
 //! no generator state is kept between requests, so the same seed and the same sequence of
 //! requests give the same effects whatever the thread count or timing.
 //!
+//! [`CutMode`] is here too: how a power cut (a `[power-cut]` rule's action, or `ctl
+//! power-cut`) resolves the unsynced writes is part of the vocabulary of actions; the media
+//! model (`media/`) applies it.
+//!
 //! Why `rand_chacha`: ChaCha addresses its output by (key, stream, word position), which is
 //! exactly a keyed, stateless generator: the seed is the key, the rule the stream, the match
 //! count the position. Its output is fixed by its specification (the crate promises value
@@ -32,7 +36,8 @@ use std::time::Duration;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use crate::ranges::SECTOR;
+use super::ranges::SECTOR;
+use super::units::duration_text;
 
 /// How `[corrupt]` damages bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +74,42 @@ impl TornMode {
         match self {
             TornMode::Prefix => "prefix",
             TornMode::Sectors => "sectors",
+        }
+    }
+}
+
+/// How a power cut resolves each unsynced write (faults §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutMode {
+    /// Every unsynced write is lost.
+    Lose,
+    /// Every unsynced write is kept.
+    Keep,
+    /// Each write kept, lost or torn (a seeded subset of its sectors kept).
+    Random,
+    /// Each sector of each write independently old or new.
+    Sectors,
+}
+
+impl CutMode {
+    pub const NAMES: &'static [&'static str] = &["lose", "keep", "random", "sectors"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CutMode::Lose => "lose",
+            CutMode::Keep => "keep",
+            CutMode::Random => "random",
+            CutMode::Sectors => "sectors",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<CutMode> {
+        match name {
+            "lose" => Some(CutMode::Lose),
+            "keep" => Some(CutMode::Keep),
+            "random" => Some(CutMode::Random),
+            "sectors" => Some(CutMode::Sectors),
+            _ => None,
         }
     }
 }
@@ -127,7 +168,7 @@ impl fmt::Display for Fault {
     /// The action's own keys, `key=value` separated by spaces (the section name apart).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Fault::Error { errno, .. } => write!(f, "errno={}", crate::errno::describe(*errno)),
+            Fault::Error { errno, .. } => write!(f, "errno={}", super::errno::describe(*errno)),
             Fault::Delay {
                 latency,
                 jitter,
@@ -138,7 +179,7 @@ impl fmt::Display for Fault {
                     write!(f, " jitter={}", duration_text(*jitter))?;
                 }
                 if *errno != 0 {
-                    write!(f, " errno={}", crate::errno::describe(*errno))?;
+                    write!(f, " errno={}", super::errno::describe(*errno))?;
                 }
                 Ok(())
             }
@@ -161,7 +202,7 @@ impl fmt::Display for Fault {
                 }
                 write!(f, " unit={unit}")?;
                 if *errno != 0 {
-                    write!(f, " errno={}", crate::errno::describe(*errno))?;
+                    write!(f, " errno={}", super::errno::describe(*errno))?;
                 }
                 Ok(())
             }
@@ -172,18 +213,6 @@ impl fmt::Display for Fault {
             Fault::MisdirectWrite { shift } => write!(f, "shift={shift}"),
             Fault::Suspend { tag } => write!(f, "tag={tag}"),
         }
-    }
-}
-
-/// `1.5ms`-style text for a duration (microsecond precision, the unit the trace uses).
-pub fn duration_text(d: Duration) -> String {
-    let us = d.as_micros();
-    if us.is_multiple_of(1_000_000) {
-        format!("{}s", us / 1_000_000)
-    } else if us.is_multiple_of(1_000) {
-        format!("{}ms", us / 1_000)
-    } else {
-        format!("{us}us")
     }
 }
 

@@ -1,6 +1,6 @@
 //! Plans: which events fire, which checks run and which I/O happens, in order, for each client
 //! operation (spec §2). A plan is a pure function of the operation and the [`Limits`]; the
-//! executor in `mount.rs` walks it. Keeping the sequence as data makes the event order
+//! executor in `mount/executor.rs` walks it. Keeping the sequence as data makes the event order
 //! unit-testable without FUSE and lets a request stop between steps and continue later.
 //!
 //! The sequences model QEMU's stack `export → raw → blkdebug → file`: the raw node fires
@@ -14,7 +14,7 @@
 //! concurrent unaligned writes sharing an `align` block can never undo each other.
 
 use crate::config::Limits;
-use crate::rules::{Event, IoType};
+use crate::engine::{Event, IoType};
 
 /// QEMU's `MAX_BOUNCE_BUFFER`: the largest zero-filled fallback write.
 const MAX_BOUNCE_BUFFER: u64 = 32768 * 512;

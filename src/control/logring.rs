@@ -16,11 +16,10 @@
 //! lines are written directly, as no request is served yet. [`finish`] lets the writer empty
 //! the queue before the process exits, for a bounded time.
 //!
-//! **A busy source is summarised**: [`Limiter`] keeps a rule that acts thousands of times a
-//! second to its first [`ONE_BY_ONE`] lines, then to one summary line a second.
+//! A busy source (a rule that acts thousands of times a second) is summarised before it gets
+//! here: see the mount's `Limiter` (`mount/logging.rs`).
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
+use std::collections::VecDeque;
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -264,105 +263,6 @@ pub fn recent(n: usize) -> Option<Vec<String>> {
     Some(ring.iter().skip(skip).cloned().collect())
 }
 
-/// How many of a key's occurrences [`Limiter`] lets through one by one.
-pub const ONE_BY_ONE: u32 = 10;
-/// After those, at most one summary line per key per this long.
-pub const SUMMARY_EVERY: Duration = Duration::from_secs(1);
-
-/// What to log for one occurrence (see [`Limiter::admit`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Say {
-    /// Its own line.
-    Line,
-    /// One line for `count` occurrences (this one included) over the last `over`.
-    Summary { count: u64, over: Duration },
-    /// Nothing now: it is counted for the next summary.
-    Nothing,
-}
-
-/// One key's count (see [`Limiter`]).
-struct Window {
-    /// Occurrences logged one by one (up to [`ONE_BY_ONE`]).
-    logged: u32,
-    /// When the last line for this key was logged.
-    since: Instant,
-    /// Occurrences counted since then, not logged yet.
-    quiet: u64,
-    /// What they were, for a last summary at shutdown ([`Limiter::pending`]).
-    what: String,
-}
-
-/// Keeps a source of many alike lines (a rule acting on every request) to a bounded rate:
-/// the first [`ONE_BY_ONE`] occurrences of each key are logged one by one, then at most one
-/// summary per key per [`SUMMARY_EVERY`], with the count of what happened since. Counts are
-/// exact: every occurrence is in a line or in a summary, or in [`Limiter::pending`].
-pub struct Limiter<K> {
-    keys: Mutex<HashMap<K, Window>>,
-}
-
-/// Keys kept before the quiet ones are forgotten (a forgotten key logs one by one again).
-const MAX_KEYS: usize = 4096;
-
-impl<K: Eq + Hash + Copy> Default for Limiter<K> {
-    fn default() -> Self {
-        Limiter {
-            keys: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl<K: Eq + Hash + Copy> Limiter<K> {
-    /// Counts one occurrence of `key` at `now` and says what to log for it. `what` describes
-    /// it for a summary at shutdown; it is called at most once per summary.
-    pub fn admit(&self, key: K, now: Instant, what: impl FnOnce() -> String) -> Say {
-        let mut keys = self.keys.lock();
-        if keys.len() >= MAX_KEYS && !keys.contains_key(&key) {
-            keys.retain(|_, w| w.quiet > 0);
-        }
-        let w = keys.entry(key).or_insert(Window {
-            logged: 0,
-            since: now,
-            quiet: 0,
-            what: String::new(),
-        });
-        if w.logged < ONE_BY_ONE {
-            w.logged += 1;
-            w.since = now;
-            return Say::Line;
-        }
-        w.quiet += 1;
-        let over = now.saturating_duration_since(w.since);
-        if over >= SUMMARY_EVERY {
-            let count = std::mem::take(&mut w.quiet);
-            w.since = now;
-            Say::Summary { count, over }
-        } else {
-            if w.quiet == 1 {
-                w.what = what();
-            }
-            Say::Nothing
-        }
-    }
-
-    /// Takes the counts not reported yet: (key, what they were, count, over how long).
-    pub fn pending(&self, now: Instant) -> Vec<(K, String, u64, Duration)> {
-        let mut keys = self.keys.lock();
-        keys.iter_mut()
-            .filter(|(_, w)| w.quiet > 0)
-            .map(|(k, w)| {
-                let over = now.saturating_duration_since(w.since);
-                w.since = now;
-                (
-                    *k,
-                    std::mem::take(&mut w.what),
-                    std::mem::take(&mut w.quiet),
-                    over,
-                )
-            })
-            .collect()
-    }
-}
-
 /// `2026-12-01T22:43:37Z`, as env_logger prints it (UTC, whole seconds).
 fn utc_now() -> String {
     let secs = SystemTime::now()
@@ -461,41 +361,6 @@ mod tests {
                 .unwrap()
                 .ends_with("the log sink was full")
         );
-    }
-
-    #[test]
-    fn a_limiter_lets_the_first_lines_through_then_summarises_each_second() {
-        let l: Limiter<u32> = Limiter::default();
-        let t0 = Instant::now();
-        let ms = |n: u64| t0 + Duration::from_millis(n);
-        let says: Vec<Say> = (0..ONE_BY_ONE as u64 + 3)
-            .map(|i| l.admit(1, ms(i), || "x".into()))
-            .collect();
-        assert!(says[..ONE_BY_ONE as usize].iter().all(|s| *s == Say::Line));
-        assert!(
-            says[ONE_BY_ONE as usize..]
-                .iter()
-                .all(|s| *s == Say::Nothing)
-        );
-        // Another key has its own count.
-        assert_eq!(l.admit(2, ms(20), || "y".into()), Say::Line);
-        // A second after the last line: one summary for the 3 quiet ones and this one.
-        let last_line = ms(ONE_BY_ONE as u64 - 1);
-        let at = last_line + SUMMARY_EVERY;
-        assert_eq!(
-            l.admit(1, at, || "x".into()),
-            Say::Summary {
-                count: 4,
-                over: SUMMARY_EVERY
-            }
-        );
-        assert_eq!(l.admit(1, at, || "later".into()), Say::Nothing);
-        let pending = l.pending(at + Duration::from_millis(500));
-        assert_eq!(
-            pending,
-            vec![(1, "later".to_string(), 1, Duration::from_millis(500))]
-        );
-        assert!(l.pending(at + SUMMARY_EVERY).is_empty(), "taken once");
     }
 
     #[test]

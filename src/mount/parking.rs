@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::ops::Op;
+use super::plan::Op;
 
 /// A parked request as `list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -277,7 +277,8 @@ impl<T> Breakpoints<T> {
         self.timer.notify_all();
     }
 
-    /// Whether any request is suspended under `tag`.
+    /// Whether any request is suspended under `tag` (for the tests).
+    #[cfg(test)]
     pub fn is_suspended(&self, tag: &str) -> bool {
         self.inner.lock().parked.iter().any(|p| p.held_by(tag))
     }

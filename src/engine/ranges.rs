@@ -383,7 +383,7 @@ impl SectorSet {
 
 fn parse_item(item: &str) -> Result<(u64, u64), RangeError> {
     let num = |t: &str| {
-        let n = crate::config::parse_number(t).map_err(|_| RangeError::Syntax(item.into()))?;
+        let n = super::units::parse_number(t).ok_or_else(|| RangeError::Syntax(item.into()))?;
         if n > MAX_SECTOR {
             return Err(RangeError::TooLarge(item.into()));
         }

@@ -17,7 +17,7 @@ use fuser::{
 };
 use log::debug;
 
-use crate::control::Control;
+use crate::control::{CONTROL_NAME, Control};
 use crate::mount::{Caller, Done, ImageStat, Mount};
 
 /// Attributes may be cached briefly: the size only changes through this mount (or by the
@@ -28,8 +28,6 @@ const ROOT: INodeNo = INodeNo(1);
 const IMAGE: INodeNo = INodeNo(2);
 /// The control file's inode in the directory layout.
 const CONTROL: INodeNo = INodeNo(3);
-/// The control file's name in the mount's directory.
-pub const CONTROL_NAME: &str = ".control";
 /// Largest write the kernel may send in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 /// Async requests the kernel may have in flight at once (see `init`).
@@ -58,7 +56,10 @@ pub struct BlkdebugFs {
     policy: OpenPolicy,
     uid: u32,
     gid: u32,
-    /// The control endpoint behind `.control` (directory layout only).
+    /// The control endpoint behind `.control` (directory layout only). The one place a front
+    /// end holds more than `Mount`: the control node's writes run commands and its reads
+    /// show the status (a crossing `design.md` accepts); every image operation goes to
+    /// `mount`.
     control: Arc<Control>,
     /// Per open `.control` file: the text reads return (the status, then each command's
     /// reply) and how much of it was read. Reads ignore the file offset, which a write

@@ -35,6 +35,7 @@ use std::path::Path;
 pub struct Perms(u8);
 
 impl Perms {
+    #[cfg(test)]
     pub const NONE: Perms = Perms(0);
     pub const CONSISTENT_READ: Perms = Perms(0x1);
     pub const WRITE: Perms = Perms(0x2);
@@ -42,6 +43,7 @@ impl Perms {
     pub const RESIZE: Perms = Perms(0x8);
     pub const ALL: Perms = Perms(0xf);
 
+    #[cfg(test)]
     pub fn contains(self, other: Perms) -> bool {
         self.0 & other.0 == other.0
     }
