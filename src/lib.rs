@@ -53,6 +53,7 @@ pub(crate) mod mount;
 
 // The control folder's socket and log ring under their old paths.
 pub use control::{logring, socket};
+pub use frontend::Shutdown;
 
 // The mount's trace and counters under their old paths (`blkdebugfs::trace::FIELDS`).
 pub use mount::{RuleStatus, stats, trace};
@@ -77,7 +78,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use parking_lot::{Condvar, Mutex};
 
 pub use crate::builder::{Builder, Mounted, RuleSpec};
 use crate::config::{ConfigError, Limits};
@@ -269,32 +269,6 @@ impl std::error::Error for Error {}
 impl From<ConfigError> for Error {
     fn from(e: ConfigError) -> Self {
         Error::Config(Box::new(e))
-    }
-}
-
-/// A one-way "stop now" flag that threads can wait on. Cloning shares it.
-#[derive(Clone, Default)]
-pub struct Shutdown(Arc<(Mutex<bool>, Condvar)>);
-
-impl Shutdown {
-    pub fn new() -> Shutdown {
-        Shutdown::default()
-    }
-
-    pub fn trigger(&self) {
-        *self.0.0.lock() = true;
-        self.0.1.notify_all();
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        *self.0.0.lock()
-    }
-
-    pub fn wait(&self) {
-        let mut stop = self.0.0.lock();
-        while !*stop {
-            self.0.1.wait(&mut stop);
-        }
     }
 }
 
@@ -617,7 +591,7 @@ pub fn run(
     );
     let control = Arc::new(Control::new(mount.clone(), options.reload.clone()));
     let socket = match &options.control_socket {
-        Some(path) => Some(ControlSocket::bind(path, control.clone())?),
+        Some(path) => Some(ControlSocket::bind(path, control.clone()).map_err(Error::Usage)?),
         None => None,
     };
     let fs = BlkdebugFs::new(

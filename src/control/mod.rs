@@ -11,7 +11,8 @@
 //! through `Mount`'s methods.
 //!
 //! May import: `mount/` (the `Mount` type and what it re-exports), `config/` (rule text ->
-//! rules), `engine/` (the vocabulary); `socket.rs` returns the crate's [`Error`](crate::Error).
+//! rules), `engine/` (the vocabulary); nothing above it, not even the crate root
+//! (`socket.rs` returns its errors as text, which the caller makes a usage error).
 //! Never `frontend/`: front ends call this table, not the other way round.
 //!
 //! - `mod.rs`: the line protocol (one command per line, replies encoded on one line),

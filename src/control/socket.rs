@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use log::{debug, warn};
 
-use crate::Error;
 use crate::control::{Control, CtlError, encode_reply};
 
 /// Connections served at once.
@@ -78,8 +77,10 @@ fn refuse(mut conn: UnixStream, errno: i32, why: &str) {
 }
 
 impl ControlSocket {
-    pub fn bind(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Error> {
-        let bad = |why: String| Error::Usage(format!("control socket {}: {why}", path.display()));
+    /// Binds the socket and starts serving it; `Err` is the whole message for the user
+    /// (the caller makes it a usage error: exit 2).
+    pub fn bind(path: &Path, control: Arc<Control>) -> Result<ControlSocket, String> {
+        let bad = |why: String| format!("control socket {}: {why}", path.display());
         if let Ok(md) = std::fs::symlink_metadata(path) {
             if !md.file_type().is_socket() {
                 return Err(bad("exists and is not a socket".into()));

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use crate::Shutdown;
+use super::Shutdown;
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 
