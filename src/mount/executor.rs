@@ -279,7 +279,7 @@ impl Mount {
                         after_delay(self.check(p, IoType::Read, offset, len, note));
                     match checked {
                         Checked::Fail(_) => p.pc = on_fail,
-                        // The padding read's bytes are never used (see ops.rs), so only the
+                        // The padding read's bytes are never used (see plan.rs), so only the
                         // parking actions change anything here; an error after a delay is
                         // ignored like any padding read error.
                         Checked::Suspend { tag, rule } => return p.suspend(wait, tag, rule),
