@@ -624,11 +624,11 @@ fn parse_byte_ranges(text: &str) -> Result<SectorSet, Problem> {
         if end <= start {
             return Err(Problem::BadRange(RangeError::Backwards(item.to_string())));
         }
-        let last = (end - 1) / 512;
+        let last = (end - 1) / SECTOR;
         if last > MAX_SECTOR {
             return Err(Problem::BadRange(RangeError::TooLarge(item.to_string())));
         }
-        set.insert(start / 512, last);
+        set.insert(start / SECTOR, last);
     }
     if set.is_empty() {
         return Err(Problem::BadRange(RangeError::Empty));

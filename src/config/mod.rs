@@ -80,7 +80,7 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::errno;
 pub use crate::engine::ranges::MAX_SECTOR;
-use crate::engine::ranges::{RangeError, SectorSet};
+use crate::engine::ranges::{RangeError, SECTOR, SectorSet};
 pub use crate::engine::units::parse_size;
 use crate::engine::{Action, IoType, Origin, Range, Rule};
 use crate::media::BadSettings;
@@ -518,14 +518,12 @@ impl RuleSet {
                     rule.origin
                 ));
             }
-            if let Action::Request { matches, .. } = &rule.action {
+            if let Action::Request { fault, matches } = &rule.action {
                 let discard_only = IoType::ALL
                     .iter()
                     .filter(|t| matches.iotypes.contains(**t))
                     .all(|t| *t == IoType::Discard);
-                if let Action::Request { fault, matches } = &rule.action
-                    && flush_only_with_range(&matches.range, matches.iotypes, fault)
-                {
+                if flush_only_with_range(&matches.range, matches.iotypes, fault) {
                     out.push(format!(
                         "rule {n} ({}): iotype=flush with a range never matches: a flush has \
                          no range",
@@ -585,8 +583,8 @@ pub fn past_the_end(rule: &Rule, size: u64) -> Option<String> {
     };
     let first_byte = match &matches.range {
         Range::Any => return None,
-        Range::Sector(s) => s.saturating_mul(512),
-        Range::Sectors(set) => set.iter().next()?.0.saturating_mul(512),
+        Range::Sector(s) => s.saturating_mul(SECTOR),
+        Range::Sectors(set) => set.iter().next()?.0.saturating_mul(SECTOR),
     };
     (first_byte >= size).then(|| {
         format!(

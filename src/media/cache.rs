@@ -107,10 +107,10 @@ struct Journal {
     freed_since_trim: u64,
 }
 
-/// Freed before-images worth giving back to the system: the allocator keeps freed memory
-/// in per-thread arenas (a FUSE worker's), where other workers' writes do not reuse it, so
-/// without this the daemon's memory grew by up to the budget per worker thread over
-/// repeated runs (130-170 MB seen under fio).
+/// Freed before-images worth giving back to the system. Thousands of freed 4 KiB
+/// before-images leave free pages scattered inside the heap, which the allocator keeps
+/// (with the daemon's one arena, see `use_one_malloc_arena` in `main.rs`) until asked:
+/// without this the daemon stayed at its peak after every flush.
 const TRIM_AFTER: u64 = 8 << 20;
 
 impl Journal {
@@ -125,9 +125,11 @@ impl Journal {
     }
 }
 
-/// Asks the allocator to return free memory of every arena to the system (glibc's
-/// `malloc_trim`, which also releases free pages inside a heap). Milliseconds at most, and
-/// only after [`TRIM_AFTER`] bytes were freed.
+/// Asks the allocator to return free memory to the system (glibc's `malloc_trim`, which
+/// also releases free pages inside a heap). It walks the heap: a few milliseconds, once per
+/// [`TRIM_AFTER`] bytes freed, outside every lock, on the flush that freed them. Run before
+/// that flush replies on purpose: a client that saw the fsync return sees the memory back
+/// (a background trim would make that a race).
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only reorganises the allocator's own free lists; no pointer of
@@ -280,6 +282,12 @@ impl WriteCache {
         PowerCycle(self.cycle.load(Ordering::Acquire))
     }
 
+    /// Whether the media refuse a write or flush of a request that began in `begun`: the
+    /// device is off, or a cut came since.
+    fn refuses(&self, begun: PowerCycle) -> bool {
+        self.is_off() || self.cycle() != begun
+    }
+
     pub fn is_off(&self) -> bool {
         self.off.load(Ordering::Acquire)
     }
@@ -307,14 +315,14 @@ impl WriteCache {
     ) -> io::Result<()> {
         // Fail fast while a cut runs, rather than wait for its power lock.
         if self.is_off() {
-            return Err(eio());
+            return Err(power_lost());
         }
         let _powered = self.power.read();
         // A cut takes the power lock exclusively before it changes the flag and the cycle,
         // so while this read side is held both are stable: no cut runs until the write is
         // recorded, and the cut then resolves it.
-        if self.is_off() || self.cycle() != begun {
-            return Err(eio());
+        if self.refuses(begun) {
+            return Err(power_lost());
         }
         if len == 0 {
             return io();
@@ -405,8 +413,8 @@ impl WriteCache {
     /// decides whether the flush succeeded.
     pub fn begin_flush(&self, begun: PowerCycle) -> io::Result<FlushTicket> {
         let j = self.journal.lock();
-        if self.is_off() || self.cycle() != begun {
-            return Err(eio());
+        if self.refuses(begun) {
+            return Err(power_lost());
         }
         Ok(FlushTicket {
             mark: j.next_seq,
@@ -422,8 +430,8 @@ impl WriteCache {
     /// resolved those writes and the flush fails with EIO.
     pub fn end_flush(&self, ticket: FlushTicket) -> io::Result<()> {
         let mut j = self.journal.lock();
-        if self.is_off() || self.cycle() != ticket.cycle {
-            return Err(eio());
+        if self.refuses(ticket.cycle) {
+            return Err(power_lost());
         }
         let keep_from = j.entries.partition_point(|e| e.seq < ticket.mark);
         let durable: Vec<Entry> = j.entries.drain(..keep_from).collect();
@@ -554,7 +562,7 @@ impl std::fmt::Display for PowerLost {
 
 impl std::error::Error for PowerLost {}
 
-fn eio() -> io::Error {
+fn power_lost() -> io::Error {
     io::Error::other(PowerLost)
 }
 

@@ -23,7 +23,7 @@ use crate::engine::errno;
 use crate::engine::faults::{Edit, Effect};
 use crate::engine::{Decision, Event, Fired, IoType, Plan, RuleId, Verdict};
 use crate::media::buffers::{MAPPED_READ_MIN, ReadBuf};
-use crate::media::{self, PowerCycle, WriteCheck, read_full};
+use crate::media::{PowerCycle, WriteCheck, read_full};
 
 /// A request in flight: its plan, where it is in it, and everything it owns.
 pub struct Pending<'a> {
@@ -669,17 +669,14 @@ impl Mount {
     /// The flush itself: `fdatasync` of the image, ordered against power cuts by the write
     /// cache (which alone decides whether a flush that overlapped a cut succeeded).
     pub(super) fn flush_media(&self, p: &Pending<'_>) -> Result<(), i32> {
-        // The cache refuses only because of a cut: EIO, nothing to log.
-        let power_lost = |_| libc::EIO;
+        let failed = |e| self.io_failed("fdatasync", 0, 0, e);
         let ticket = match (&self.cache, p.power) {
-            (Some(cache), Some(begun)) => Some(cache.begin_flush(begun).map_err(power_lost)?),
+            (Some(cache), Some(begun)) => Some(cache.begin_flush(begun).map_err(failed)?),
             _ => None,
         };
-        if let Err(e) = self.image.sync_data() {
-            return Err(self.io_failed("fdatasync", 0, 0, e));
-        }
+        self.image.sync_data().map_err(failed)?;
         match (&self.cache, ticket) {
-            (Some(cache), Some(ticket)) => cache.end_flush(ticket).map_err(power_lost),
+            (Some(cache), Some(ticket)) => cache.end_flush(ticket).map_err(failed),
             _ => Ok(()),
         }
     }
@@ -752,9 +749,6 @@ impl Mount {
             _ => io(),
         };
         if let Err(e) = done {
-            if media::is_power_lost(&e) {
-                return Err(libc::EIO);
-            }
             return Err(self.io_failed(what, at, len, e));
         }
         self.note_extent(at + len);
@@ -842,6 +836,8 @@ pub(super) fn transferred(op: &Op, end: u64) -> u64 {
     end.saturating_sub(offset).min(len)
 }
 
+/// Where a write of `len` bytes aimed at `offset` lands when shifted by `shift`, clamped so
+/// that it stays inside an image of `size` bytes.
 pub(super) fn misdirected(offset: u64, len: u64, shift: i64, size: u64) -> u64 {
     let target = i128::from(offset) + i128::from(shift);
     let last_start = i128::from(size.saturating_sub(len));

@@ -62,7 +62,12 @@ impl Mount {
         }
     }
 
+    /// The errno of a failed image I/O, logged with what it was. The media's refusal after
+    /// a power cut is not an I/O error: EIO, and nothing to log.
     pub(super) fn io_failed(&self, what: &str, offset: u64, len: u64, e: io::Error) -> i32 {
+        if crate::media::is_power_lost(&e) {
+            return libc::EIO;
+        }
         warn!(
             "{what} of {len} bytes at offset {offset} on {} failed: {e}",
             self.image_path.display()
@@ -71,8 +76,6 @@ impl Mount {
     }
 }
 
-/// Where a write of `len` bytes aimed at `offset` lands when shifted by `shift`, clamped so
-/// that it stays inside an image of `size` bytes.
 /// `rule 3: injected ENOSPC (28) into 1234 more request(s) in the last 1.0 s`.
 pub(super) fn summary(key: LogKey, done: &str, count: u64, over: Duration) -> String {
     format!(
