@@ -2,13 +2,15 @@
 //! per write, how long a power cut of 1 GiB unsynced over a 1 TiB sparse image takes, how
 //! long a million bad sectors take to load and what a request outside them pays. This is a
 //! measurement, not a test: nothing here asserts a time. `BENCH_GIB` (default 1) sets the
-//! unsynced size (16 MiB when run by `cargo test`); the journal lives beside a sparse image in a temporary directory under
+//! unsynced size (16 MiB when run by `cargo test`). It also times what recording (`--record`,
+//! `explore`) adds to the write cache on 4 KiB random writes. The journal lives beside a sparse image in a temporary directory under
 //! `BENCH_DIR` (default the system's temporary directory: put it on the disk you care about).
 
 use std::hint::black_box;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::Instant;
 
+use blkdebugfs::media::record::{Content, Recorder};
 use blkdebugfs::media::{BadSectors, BadSettings, CutMode, WriteCache};
 use blkdebugfs::ranges::SectorSet;
 
@@ -35,7 +37,7 @@ fn main() {
         .open(&path)
         .expect("image");
     image.set_len(TIB).expect("1 TiB sparse image");
-    let cache = WriteCache::new(&path).expect("journal");
+    let cache = WriteCache::new(&path, None).expect("journal");
 
     // 4 KiB writes over data (the common case: the before-image is real data).
     let block = vec![0x5au8; 4096];
@@ -49,9 +51,14 @@ fn main() {
     for i in 0..plain_n {
         let at = i * 4096;
         cache
-            .write(&image, at, 4096, cache.cycle(), || {
-                image.write_all_at(&block, at)
-            })
+            .write(
+                &image,
+                at,
+                4096,
+                cache.cycle(),
+                Content::Bytes(&block),
+                || image.write_all_at(&block, at),
+            )
             .unwrap();
     }
     let journaled = t.elapsed().as_nanos() as f64 / plain_n as f64;
@@ -63,6 +70,48 @@ fn main() {
     let ticket = cache.begin_flush(cache.cycle()).unwrap();
     cache.end_flush(ticket).unwrap();
 
+    // Recording on top of the cache: 4 KiB writes at random places over the data written
+    // above (the first write to a sector also keeps its before-image), a flush every 64.
+    let random_writes = |cache: &WriteCache| {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let t = Instant::now();
+        for i in 0..plain_n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = (x % plain_n) * 4096;
+            cache
+                .write(
+                    &image,
+                    at,
+                    4096,
+                    cache.cycle(),
+                    Content::Bytes(&block),
+                    || image.write_all_at(&block, at),
+                )
+                .unwrap();
+            if i % 64 == 63 {
+                let ticket = cache.begin_flush(cache.cycle()).unwrap();
+                cache.end_flush(ticket).unwrap();
+            }
+        }
+        t.elapsed().as_nanos() as f64 / plain_n as f64
+    };
+    let alone = random_writes(&cache);
+    let rec_dir = dir.path().join("recording");
+    let recorder = Recorder::create(&rec_dir, None).expect("recording");
+    recorder.arm_start();
+    let recording = WriteCache::new(&path, Some(recorder)).expect("journal");
+    let ticket = recording.begin_flush(recording.cycle()).unwrap();
+    recording.end_flush(ticket).unwrap();
+    let recorded = random_writes(&recording);
+    println!(
+        "recording: 4k random writes (a flush every 64): {recorded:.0} ns/write, the write \
+         cache alone {alone:.0} ns ({:.2}x)",
+        recorded / alone
+    );
+    drop(recording);
+
     // 1 GiB unsynced in 1 MiB writes spread over the terabyte (holes before each).
     let data = vec![0xa5u8; CHUNK as usize];
     let writes = unsynced_mib;
@@ -71,9 +120,14 @@ fn main() {
     for i in 0..writes {
         let at = i * stride;
         cache
-            .write(&image, at, CHUNK, cache.cycle(), || {
-                image.write_all_at(&data, at)
-            })
+            .write(
+                &image,
+                at,
+                CHUNK,
+                cache.cycle(),
+                Content::Bytes(&data),
+                || image.write_all_at(&data, at),
+            )
             .unwrap();
     }
     let wrote = t.elapsed();

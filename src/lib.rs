@@ -46,6 +46,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub(crate) mod engine;
+pub mod explore;
 pub(crate) mod frontend;
 pub mod manpage;
 pub mod media;
@@ -56,7 +57,7 @@ pub use control::{logring, socket};
 pub use frontend::Shutdown;
 
 // The mount's trace and counters under their old paths (`blkdebugfs::trace::FIELDS`).
-pub use mount::{RuleStatus, stats, trace};
+pub use mount::{RecordSetup, RuleStatus, stats, trace};
 
 // The engine's modules under their old paths (`blkdebugfs::errno`, `blkdebugfs::ranges`, ...),
 // for main.rs, tests/, benches/ and examples/.
@@ -77,7 +78,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 
 pub use crate::builder::{Builder, Mounted, RuleSpec};
 use crate::config::{ConfigError, Limits};
@@ -120,6 +121,8 @@ pub struct MountOptions {
     pub bad: Option<(ranges::SectorSet, media::BadSettings)>,
     /// Take no image locks and check none (`--force-share`; see `media/lock.rs`).
     pub force_share: bool,
+    /// Record the run (`--record DIR`; `explore`): implies `--write-cache`.
+    pub record: Option<mount::RecordSetup>,
 }
 
 impl MountOptions {
@@ -144,6 +147,7 @@ impl MountOptions {
             write_cache: false,
             bad: None,
             force_share: false,
+            record: None,
         }
     }
 }
@@ -286,8 +290,9 @@ pub struct Prepared {
 /// Validates options and opens the image. Nothing is mounted.
 pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
     options.limits.validate()?;
-    config::check_write_cache(&options.rules, options.write_cache)?;
-    if options.write_cache && options.cache {
+    let write_cache = options.write_cache || options.record.is_some();
+    config::check_write_cache(&options.rules, write_cache)?;
+    if write_cache && options.cache {
         // The kernel's page cache would go on serving what a power cut lost.
         return Err(Error::Usage(
             "--write-cache needs every read to reach the daemon: drop --cache (a read the \
@@ -582,6 +587,7 @@ pub fn run(
                 // Moved, not cloned: a million bad sectors are 16 MB a copy.
                 bad: options.bad.take(),
                 write_cache: options.write_cache,
+                record: options.record.clone(),
             },
         )
         .map_err(|e| Error::Image {
@@ -698,6 +704,9 @@ pub fn run(
     };
     if let Err(e) = mount.sync() {
         warn!("final flush of {} failed: {e}", options.image.display());
+    }
+    if let Err(e) = mount.finish_recording() {
+        error!("{e}");
     }
     mount.finish_trace();
     if served.is_some() {

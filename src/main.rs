@@ -43,6 +43,10 @@ enum Command {
     Demo,
     /// Send one control command to a mount (its directory, or its --control socket).
     Ctl(CtlArgs),
+    /// Record one run of a workload through the view, then check every crash state a disk
+    /// with a volatile write cache could have left (exit 0: none failed, 1: a state failed,
+    /// 2: usage, 3: the run itself failed).
+    Explore(ExploreArgs),
     /// Print a shell completion script (e.g. `source <(blkdebugfs completions bash)`).
     Completions {
         /// The shell to complete for.
@@ -56,6 +60,164 @@ enum Command {
         #[arg(long, value_name = "N", default_value = "1", value_parser = ["1", "5"])]
         section: String,
     },
+}
+
+#[derive(Args)]
+struct ExploreArgs {
+    /// The image to start from (never changed: the run works on a sparse copy). With
+    /// --from, the recording's base image (default: the path the recording names).
+    image: Option<PathBuf>,
+    /// The workload, run with `sh -c` (cwd: the mounted filesystem with --fs).
+    #[arg(long, value_name = "CMD")]
+    workload: Option<String>,
+    /// The check of each crash state, run with `sh -c`; exit 0 means the state is fine.
+    #[arg(long, value_name = "CMD")]
+    check: Option<String>,
+    /// Put a loop device over the view and mount TYPE with OPTIONS for the workload and
+    /// each check (then the filesystem's read-only fsck runs too).
+    #[arg(long, value_name = "TYPE[:OPTIONS]", value_parser = blkdebugfs::explore::FsSpec::parse)]
+    fs: Option<blkdebugfs::explore::FsSpec>,
+    /// Run before recording starts (make the filesystem, populate it).
+    #[arg(long, value_name = "CMD")]
+    setup: Option<String>,
+    /// Keep the recording in DIR (for --from, --state, another machine).
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    /// Explore a recording made before (by --record or `mount --record`).
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
+    /// The recording's base image is at PATH (a copy elsewhere).
+    #[arg(long, value_name = "PATH")]
+    base: Option<PathBuf>,
+    /// Seed of every choice (torn sectors, drawn subsets). Default: random, printed.
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Check N states at once.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
+    /// States checked per epoch at most (`full` always).
+    #[arg(long, value_name = "N", default_value = "64", value_parser = clap::value_parser!(u32).range(1..))]
+    per_epoch: u32,
+    /// Stop checking after this long (e.g. 10m); the states not reached are reported.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    budget: Option<std::time::Duration>,
+    /// Which kinds of state, in order: durable,prefix,omit,torn,subset,full.
+    #[arg(long, value_name = "LIST", default_value = "durable,prefix,omit,torn,subset,full", value_parser = kinds)]
+    strategies: Kinds,
+    /// End at the first failing state.
+    #[arg(long)]
+    stop_at_first: bool,
+    /// Check only the K-th of N disjoint slices of the state list (1 <= K <= N).
+    #[arg(long, value_name = "K/N", value_parser = shard)]
+    shard: Option<(usize, usize)>,
+    /// Write one JSON object per state checked, then a summary, to FILE.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Kill a check (its whole process group) that runs longer (the state is `timeout`).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    timeout: std::time::Duration,
+    /// Skip the filesystem's read-only fsck after each check.
+    #[arg(long)]
+    no_fsck: bool,
+    /// One state, by its ID (EPOCH.KIND.N): write it with --image-out, or check it.
+    #[arg(long, value_name = "ID")]
+    state: Option<String>,
+    /// With --state: write that crash image to FILE (sparse), byte for byte.
+    #[arg(long, value_name = "FILE")]
+    image_out: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+struct Kinds(Vec<blkdebugfs::explore::enumerate::Kind>);
+
+fn kinds(text: &str) -> Result<Kinds, String> {
+    use blkdebugfs::explore::enumerate::Kind;
+    let mut out = Vec::new();
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let kind = Kind::parse(name).ok_or_else(|| {
+            format!("'{name}' is not a kind (durable, prefix, omit, torn, subset, full)")
+        })?;
+        if out.contains(&kind) {
+            return Err(format!("'{name}' is named twice"));
+        }
+        out.push(kind);
+    }
+    if out.is_empty() {
+        return Err("name at least one kind".into());
+    }
+    Ok(Kinds(out))
+}
+
+fn shard(text: &str) -> Result<(usize, usize), String> {
+    let (k, n) = text
+        .split_once('/')
+        .ok_or_else(|| format!("'{text}' is not K/N"))?;
+    let (k, n): (usize, usize) = (
+        k.parse().map_err(|_| format!("'{k}' is not a number"))?,
+        n.parse().map_err(|_| format!("'{n}' is not a number"))?,
+    );
+    if n == 0 || k == 0 || k > n {
+        return Err(format!("'{text}': K/N needs 1 <= K <= N"));
+    }
+    Ok((k, n))
+}
+
+/// `500ms`, `30s`, `10m`, `2h` (a bare number is seconds).
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let (number, unit) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    let bad = || format!("'{text}' is not a duration such as 500ms, 30s, 10m or 2h");
+    let secs = number.trim().parse::<f64>().map_err(|_| bad())? * unit;
+    if !(secs > 0.0 && secs <= MAX_SECONDS) {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+fn explore(args: ExploreArgs) -> ExitCode {
+    use blkdebugfs::explore::{ExploreOptions, Outcome};
+    let options = ExploreOptions {
+        image: args.image,
+        workload: args.workload,
+        check: args.check,
+        fs: args.fs,
+        setup: args.setup,
+        record: args.record,
+        from: args.from,
+        base: args.base,
+        seed: args.seed,
+        jobs: args.jobs as usize,
+        per_epoch: args.per_epoch as usize,
+        budget: args.budget,
+        kinds: args.strategies.0,
+        stop_at_first: args.stop_at_first,
+        shard: args.shard,
+        report: args.report,
+        timeout: args.timeout,
+        no_fsck: args.no_fsck,
+        state: args.state,
+        image_out: args.image_out,
+    };
+    let result = blkdebugfs::explore::run(options);
+    blkdebugfs::logring::finish(std::time::Duration::from_secs(2));
+    match result {
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("blkdebugfs explore: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 #[derive(Args)]
@@ -235,6 +397,11 @@ struct MountArgs {
     /// unsynced, and `ctl power-cut` or a [power-cut] rule can lose them.
     #[arg(long)]
     write_cache: bool,
+    /// Record the run into DIR for `explore --from DIR` (implies --write-cache): every
+    /// write with its bytes, the flushes, and marks (`ctl MNT mark LABEL`), from the mount
+    /// to its end or to `ctl MNT record stop`.
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
     /// Take no QEMU image locks and check none: mount even while QEMU, qemu-img or another
     /// mount uses the image (by default the mount holds the locks a QEMU writer holds, or a
     /// reader's with --read-only, and refuses an image in use).
@@ -283,7 +450,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    init_logging(cli.verbose);
+    // explore speaks for itself; its view's mount logs only what went wrong.
+    init_logging(match cli.command {
+        Command::Explore(_) if cli.verbose == 0 => None,
+        _ => Some(cli.verbose),
+    });
     let sub = matches.subcommand().map(|(_, m)| m);
     if !matches!(cli.command, Command::Mount(_) | Command::Demo) {
         // A command that only prints ends quietly when its reader goes away (`check | head`),
@@ -303,6 +474,7 @@ fn main() -> ExitCode {
         }
         Command::Demo => blkdebugfs::demo::run().map_err(Error::Usage),
         Command::Ctl(args) => ctl(args),
+        Command::Explore(args) => return explore(args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -339,11 +511,13 @@ fn shorten(text: &str, max: usize) -> String {
     }
 }
 
-fn init_logging(verbose: u8) {
+/// `None`: warnings only.
+fn init_logging(verbose: Option<u8>) {
     let level = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
+        None => "warn",
+        Some(0) => "info",
+        Some(1) => "debug",
+        Some(_) => "trace",
     };
     // fuser logs every unimplemented or unusual request at warn/debug; keep it quieter. Its
     // session also warns "Failed to umount filesystem: EINVAL" whenever the mount was ended
@@ -434,6 +608,11 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     options.trace = args.trace.clone();
     options.trace_all = args.trace_all;
     options.write_cache = args.write_cache;
+    options.record = args.record.map(|dir| blkdebugfs::RecordSetup {
+        dir: std::path::absolute(&dir).unwrap_or(dir),
+        image: None,
+        start_now: true,
+    });
     options.bad = set.bad;
     options.force_share = args.force_share;
     if let Some(n) = args.threads {

@@ -54,6 +54,9 @@ const fn cmd(
 /// Most words a rule command takes (`K=V` pairs may be given as separate words).
 pub(super) const MAX_KEYS: usize = 64;
 
+/// The longest label a mark may have.
+pub(super) const MAX_LABEL: usize = 256;
+
 /// Default and largest number of lines `log` returns.
 pub(super) const LOG_LINES: usize = 50;
 
@@ -216,6 +219,20 @@ pub const COMMANDS: &[CommandSpec] = &[
         (0, 0),
         "turn the device back on after a power cut, serving the image as the cut left it",
         Control::cmd_power_on,
+    ),
+    cmd(
+        "mark",
+        "LABEL",
+        (1, MAX_KEYS),
+        "put a mark in the recording (--record, explore): data the application has acknowledged; LABEL is the rest of the line",
+        Control::cmd_mark,
+    ),
+    cmd(
+        "record",
+        "start|stop|status",
+        (1, 1),
+        "the recording (--record, explore): start one armed to start later (a flush: what is on the image is the base), stop it (later writes are not part of it), or show its counts",
+        Control::cmd_record,
     ),
     cmd(
         "bad",
@@ -420,6 +437,42 @@ impl Control {
             Ok(true) => Ok("power on".to_string()),
             Ok(false) => Ok("power was already on".to_string()),
             Err(_) => Err(no_write_cache()),
+        }
+    }
+
+    pub(super) fn cmd_mark(&self, _: &[&str], line: &str) -> Result<String, CtlError> {
+        let label = line.trim().strip_prefix("mark").unwrap_or_default().trim();
+        if label.len() > MAX_LABEL {
+            return Err(CtlError::invalid(format!(
+                "a mark's label is at most {MAX_LABEL} bytes (got {})",
+                label.len()
+            )));
+        }
+        self.mount
+            .mark(label)
+            .map(|()| format!("marked {label}"))
+            .map_err(CtlError::invalid)
+    }
+
+    pub(super) fn cmd_record(&self, args: &[&str], _: &str) -> Result<String, CtlError> {
+        match args[0] {
+            "stop" => match self.mount.record_stop() {
+                Ok(true) => Ok("recording stopped".to_string()),
+                Ok(false) => Ok("the recording had stopped already".to_string()),
+                Err(e) => Err(CtlError::invalid(e)),
+            },
+            "start" => self
+                .mount
+                .record_start()
+                .map(|()| "recording started".to_string())
+                .map_err(CtlError::invalid),
+            "status" => self
+                .mount
+                .record_status()
+                .ok_or_else(|| CtlError::invalid("not recording (mount with --record DIR)")),
+            other => Err(CtlError::invalid(format!(
+                "usage: record start|stop|status (got '{other}')"
+            ))),
         }
     }
 

@@ -46,6 +46,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::engine::faults::{CutMode, Draw};
 use crate::engine::ranges::{SECTOR, SectorSet};
+use crate::media::record::{Content, Recorder};
 
 /// One journaled write: the bytes it covered and its before-image's pieces that are not
 /// zeroes (the gaps between them were zeroes or holes, and are restored as holes).
@@ -164,6 +165,8 @@ pub struct WriteCache {
     /// journal's lock at the moment it starts (the cut's point in time), and each cut's
     /// draws are keyed by its number.
     cycle: AtomicU64,
+    /// `--record`: the journal kept whole, in the journal's order (`record.rs`).
+    recorder: Option<Recorder>,
 }
 
 /// A request's view of the power: the cycle it began in. A flush or write that began in one
@@ -252,7 +255,7 @@ pub struct Unsynced {
 impl WriteCache {
     /// A write cache whose journal lives beside `image` (same filesystem, so the same space
     /// bounds it), unlinked from the start so nothing is left behind.
-    pub fn new(image: &Path) -> io::Result<WriteCache> {
+    pub fn new(image: &Path, recorder: Option<Recorder>) -> io::Result<WriteCache> {
         let dir = image
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -273,7 +276,42 @@ impl WriteCache {
             busy_done: Condvar::new(),
             off: AtomicBool::new(false),
             cycle: AtomicU64::new(0),
+            recorder,
         })
+    }
+
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
+    }
+
+    /// Records a mark (`ctl MNT mark LABEL`), ordered against the writes and flushes.
+    pub fn mark(&self, label: &str) -> Result<(), String> {
+        let Some(rec) = &self.recorder else {
+            return Err("not recording (mount with --record DIR)".into());
+        };
+        let pending = {
+            let j = self.journal.lock();
+            rec.mark(j.next_seq, label)?
+        };
+        pending
+            .write(rec)
+            .map_err(|e| format!("cannot write the mark to {}: {e}", rec.dir().display()))
+    }
+
+    /// Stops the recording: writes from here on are not part of it. `false` when it had
+    /// stopped already (or there is none).
+    pub fn stop_recording(&self) -> io::Result<bool> {
+        let Some(rec) = &self.recorder else {
+            return Ok(false);
+        };
+        let pending = {
+            let j = self.journal.lock();
+            rec.stop(j.next_seq)
+        };
+        match pending {
+            Some(event) => event.write(rec).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// The power cycle a request that begins now belongs to (read without a lock: a cut
@@ -311,6 +349,7 @@ impl WriteCache {
         offset: u64,
         len: u64,
         begun: PowerCycle,
+        content: Content<'_>,
         io: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
         // Fail fast while a cut runs, rather than wait for its power lock.
@@ -328,6 +367,15 @@ impl WriteCache {
             return io();
         }
         let _range = self.claim(offset, len);
+        // The recording keeps the first before-image of each sector and the bytes stored,
+        // under the claim (so the before-image is what the write before left).
+        let data_at = match &self.recorder {
+            Some(rec) if rec.recording() => {
+                rec.before_write(image, offset, len)?;
+                rec.keep_data(content)?
+            }
+            _ => 0,
+        };
         // A small write reads its range whole; only a large range (a big write-zeroes) asks
         // the filesystem where its data is first: SEEK_HOLE on tmpfs walks the file to its
         // end, milliseconds per call on a large image.
@@ -390,7 +438,15 @@ impl WriteCache {
             len,
             data,
         });
-        Ok(())
+        let event = self
+            .recorder
+            .as_ref()
+            .and_then(|rec| rec.written(seq, offset, len, content, data_at));
+        drop(j);
+        match (event, &self.recorder) {
+            (Some(event), Some(rec)) => event.write(rec),
+            _ => Ok(()),
+        }
     }
 
     /// Waits until no journaled write in flight overlaps the sectors of `[offset,
@@ -435,6 +491,10 @@ impl WriteCache {
         }
         let keep_from = j.entries.partition_point(|e| e.seq < ticket.mark);
         let durable: Vec<Entry> = j.entries.drain(..keep_from).collect();
+        let event = self
+            .recorder
+            .as_ref()
+            .and_then(|rec| rec.flushed(ticket.mark));
         let freed: u64 = durable.iter().map(Entry::memory).sum();
         j.in_memory -= freed;
         if j.entries.is_empty() && j.in_flight == 0 && j.end > 0 {
@@ -449,7 +509,10 @@ impl WriteCache {
         if trim {
             release_freed_memory();
         }
-        Ok(())
+        match (event, &self.recorder) {
+            (Some(event), Some(rec)) => event.write(rec),
+            _ => Ok(()),
+        }
     }
 
     pub fn unsynced(&self) -> Unsynced {
@@ -471,6 +534,14 @@ impl WriteCache {
     /// this cut's number), leaves the image as the crash image (synced to its filesystem),
     /// and turns the device off.
     pub fn cut(&self, image: &File, mode: CutMode, seed: u64) -> io::Result<CutReport> {
+        if self.recorder.as_ref().is_some_and(Recorder::recording) {
+            // A cut rewrites the image behind the recording's back: its states would no
+            // longer follow from what it recorded.
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a power cut is refused while recording (stop the recording first)",
+            ));
+        }
         // No journaled write is half done from here on, and none starts.
         let _no_writes = self.power.write();
         let mut j = self.journal.lock();
@@ -655,7 +726,7 @@ fn punch(image: &File, offset: u64, len: u64) -> io::Result<()> {
 
 /// The data extents of `[offset, offset+len)` of `image` (what is not a hole), clipped to the
 /// range; past the end of the file there is no data.
-fn data_extents(image: &File, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+pub(crate) fn data_extents(image: &File, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = image.as_raw_fd();
     let end = offset + len;
     let mut out = Vec::new();
@@ -729,9 +800,14 @@ mod tests {
     }
 
     fn write(c: &WriteCache, img: &File, offset: u64, bytes: &[u8]) {
-        c.write(img, offset, bytes.len() as u64, c.cycle(), || {
-            img.write_all_at(bytes, offset)
-        })
+        c.write(
+            img,
+            offset,
+            bytes.len() as u64,
+            c.cycle(),
+            Content::Bytes(bytes),
+            || img.write_all_at(bytes, offset),
+        )
         .unwrap();
     }
 
@@ -754,7 +830,7 @@ mod tests {
     fn lose_restores_the_last_flushed_content_and_turns_the_device_off() {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path(), 8);
-        let c = WriteCache::new(&dir.path().join("img")).unwrap();
+        let c = WriteCache::new(&dir.path().join("img"), None).unwrap();
         write(&c, &img, 0, &filled(0xaa, 2));
         flush(&c).unwrap(); // sectors 0-1 are durable now
         write(&c, &img, 512, &filled(0xbb, 2)); // sectors 1-2
@@ -780,7 +856,9 @@ mod tests {
         assert_eq!(sector(&img, 2), filled(3, 1));
         assert!(c.is_off());
         let e = c
-            .write(&img, 0, 1, c.cycle(), || panic!("no I/O while off"))
+            .write(&img, 0, 1, c.cycle(), Content::Zeroes, || {
+                panic!("no I/O while off")
+            })
             .unwrap_err();
         assert!(is_power_lost(&e), "{e}");
         assert!(c.power_on());
@@ -791,7 +869,7 @@ mod tests {
     fn a_failed_flush_makes_nothing_durable_and_a_flush_covers_only_earlier_writes() {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path(), 4);
-        let c = WriteCache::new(&dir.path().join("img")).unwrap();
+        let c = WriteCache::new(&dir.path().join("img"), None).unwrap();
         write(&c, &img, 0, &filled(0x11, 1));
         let ticket = c.begin_flush(c.cycle()).unwrap();
         write(&c, &img, 512, &filled(0x22, 1)); // completes after the flush started
@@ -812,7 +890,7 @@ mod tests {
     fn flushes_and_writes_are_ordered_against_the_cut() {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path(), 4);
-        let c = WriteCache::new(&dir.path().join("img")).unwrap();
+        let c = WriteCache::new(&dir.path().join("img"), None).unwrap();
         write(&c, &img, 0, &filled(0x11, 1));
         let before = c.begin_flush(c.cycle()).unwrap();
         c.end_flush(before).unwrap();
@@ -835,7 +913,7 @@ mod tests {
         let e = c.begin_flush(begun).unwrap_err();
         assert!(is_power_lost(&e), "{e}");
         let e = c
-            .write(&img, 1024, 512, begun, || {
+            .write(&img, 1024, 512, begun, Content::Zeroes, || {
                 panic!("no I/O for a lost command")
             })
             .unwrap_err();
@@ -856,7 +934,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sectors = 64;
         let img = Arc::new(image(dir.path(), sectors));
-        let c = Arc::new(WriteCache::new(&dir.path().join("img")).unwrap());
+        let c = Arc::new(WriteCache::new(&dir.path().join("img"), None).unwrap());
         let modes = [
             CutMode::Lose,
             CutMode::Keep,
@@ -882,9 +960,14 @@ mod tests {
                             value = value.wrapping_add(4).max(0x40);
                             let bytes = filled(value, 1);
                             let ok = c
-                                .write(&img, s * SECTOR, SECTOR, c.cycle(), || {
-                                    img.write_all_at(&bytes, s * SECTOR)
-                                })
+                                .write(
+                                    &img,
+                                    s * SECTOR,
+                                    SECTOR,
+                                    c.cycle(),
+                                    Content::Bytes(&bytes),
+                                    || img.write_all_at(&bytes, s * SECTOR),
+                                )
                                 .is_ok();
                             if ok {
                                 match written.iter_mut().find(|w| w.0 == s) {
@@ -954,7 +1037,7 @@ mod tests {
             for seed in 0..40 {
                 let dir = tempfile::tempdir().unwrap();
                 let img = image(dir.path(), 16);
-                let c = WriteCache::new(&dir.path().join("img")).unwrap();
+                let c = WriteCache::new(&dir.path().join("img"), None).unwrap();
                 // Write k (1-based) fills its sectors with byte 0x80 + k.
                 let writes: [(u64, u64); 5] = [(0, 8), (4, 8), (2, 3), (10, 4), (6, 1)];
                 for (k, (s, n)) in writes.iter().enumerate() {
@@ -994,7 +1077,7 @@ mod tests {
         let run = |seed: u64| {
             let dir = tempfile::tempdir().unwrap();
             let img = image(dir.path(), 64);
-            let c = WriteCache::new(&dir.path().join("img")).unwrap();
+            let c = WriteCache::new(&dir.path().join("img"), None).unwrap();
             for i in 0..32u64 {
                 write(&c, &img, i * 2 * SECTOR, &filled(0xf0, 2));
             }
@@ -1018,7 +1101,7 @@ mod tests {
             .open(&path)
             .unwrap();
         img.set_len(1 << 40).unwrap();
-        let c = WriteCache::new(&path).unwrap();
+        let c = WriteCache::new(&path, None).unwrap();
         let at = 1 << 39;
         write(&c, &img, at, &filled(0x5a, 8));
         assert_eq!(c.journal.lock().end, 0, "a hole's before-image is no bytes");

@@ -16,6 +16,7 @@
 //! - `lock.rs`: QEMU's image locks
 //! - `imagefmt.rs`: format sniffing
 //! - `buffers.rs`: read buffers and mapped read windows
+//! - `record.rs`: recordings (`--record`, `explore`): the write cache's journal kept whole
 
 mod bad;
 pub(crate) mod buffers;
@@ -23,10 +24,11 @@ mod cache;
 pub(crate) mod device;
 pub(crate) mod imagefmt;
 pub(crate) mod lock;
+pub mod record;
 
 /// The vocabulary of power cuts, defined by the engine (re-exported here, where the cache
 /// applies it).
 pub use crate::engine::faults::CutMode;
 pub use bad::{BadSectors, BadSettings, WriteCheck};
-pub(crate) use cache::read_full;
 pub use cache::{CutReport, FlushTicket, PowerCycle, Unsynced, WriteCache, is_power_lost};
+pub(crate) use cache::{data_extents as cache_data_extents, read_full};

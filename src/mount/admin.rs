@@ -241,6 +241,74 @@ impl Mount {
         Ok(was_off)
     }
 
+    // ---- Recording (`--record`, `explore`).
+
+    /// Records a mark: data the application has acknowledged (`ctl MNT mark LABEL`).
+    pub fn mark(&self, label: &str) -> Result<(), String> {
+        match &self.cache {
+            Some(cache) => cache.mark(label),
+            None => Err("not recording (mount with --record DIR)".into()),
+        }
+    }
+
+    /// Starts a recording armed to start later: a flush, after which what is on the image
+    /// is the base (`explore`, after its setup).
+    pub fn record_start(&self) -> Result<(), String> {
+        let Some((cache, rec)) = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.recorder().map(|r| (c, r)))
+        else {
+            return Err("not recording (mount with --record DIR)".into());
+        };
+        rec.arm_start();
+        let failed = |e: std::io::Error| format!("the flush that starts the recording failed: {e}");
+        let ticket = cache.begin_flush(cache.cycle()).map_err(failed)?;
+        self.image.sync_data().map_err(failed)?;
+        cache.end_flush(ticket).map_err(failed)
+    }
+
+    /// Stops the recording (`ctl MNT record stop`); `Ok(false)` when it had stopped.
+    pub fn record_stop(&self) -> Result<bool, String> {
+        let Some(cache) = &self.cache else {
+            return Err("not recording (mount with --record DIR)".into());
+        };
+        let stopped = cache
+            .stop_recording()
+            .map_err(|e| format!("cannot stop the recording: {e}"))?;
+        if stopped {
+            info!("recording stopped");
+        }
+        Ok(stopped)
+    }
+
+    /// `recording to DIR: N writes, N flushes, N marks (stopped)`, or `None`.
+    pub fn record_status(&self) -> Option<String> {
+        let rec = self.cache.as_ref()?.recorder()?;
+        let (writes, flushes, marks) = rec.counts();
+        Some(format!(
+            "recording to {}: {writes} writes, {flushes} flushes, {marks} marks{}",
+            rec.dir().display(),
+            if rec.recording() { "" } else { " (stopped)" }
+        ))
+    }
+
+    /// Ends the recording for good: stops it and writes its `recording.json`. Called once,
+    /// when the mount ends (no write runs any more).
+    pub fn finish_recording(&self) -> Result<(), String> {
+        let Some(rec) = self.cache.as_ref().and_then(|c| c.recorder()) else {
+            return Ok(());
+        };
+        self.record_stop()?;
+        rec.finish(&self.image, &self.image_path, self.size())
+            .map_err(|e| {
+                format!(
+                    "cannot finish the recording in {}: {e}",
+                    rec.dir().display()
+                )
+            })
+    }
+
     /// The power state as `stats` shows it.
     pub fn power_state(&self) -> &'static str {
         match &self.cache {

@@ -23,6 +23,7 @@ use crate::engine::errno;
 use crate::engine::faults::{Edit, Effect};
 use crate::engine::{Decision, Event, Fired, IoType, Plan, RuleId, Verdict};
 use crate::media::buffers::{MAPPED_READ_MIN, ReadBuf};
+use crate::media::record::Content;
 use crate::media::{PowerCycle, WriteCheck, read_full};
 
 /// A request in flight: its plan, where it is in it, and everything it owns.
@@ -377,15 +378,17 @@ impl Mount {
                     if len > 0
                         && !dropped
                         && let Err(errno) =
-                            self.store(p, offset, len, "zero", || match self.device_block {
-                                Some(block) => crate::media::device::zero(
-                                    &self.image,
-                                    offset,
-                                    len,
-                                    punch,
-                                    block,
-                                ),
-                                None => zero_range(&self.image, offset, len, punch),
+                            self.store(p, offset, len, "zero", Content::Zeroes, || {
+                                match self.device_block {
+                                    Some(block) => crate::media::device::zero(
+                                        &self.image,
+                                        offset,
+                                        len,
+                                        punch,
+                                        block,
+                                    ),
+                                    None => zero_range(&self.image, offset, len, punch),
+                                }
                             })
                     {
                         return Advance::Finished(Err(errno));
@@ -693,9 +696,14 @@ impl Mount {
             return Ok(());
         }
         let store = |bytes: &[u8], at: u64, what: &'static str| {
-            self.store(p, at, bytes.len() as u64, what, || {
-                self.image.write_all_at(bytes, at)
-            })
+            self.store(
+                p,
+                at,
+                bytes.len() as u64,
+                what,
+                Content::Bytes(bytes),
+                || self.image.write_all_at(bytes, at),
+            )
         };
         match &p.effect {
             Some(Effect::DropWrite) => Ok(()),
@@ -734,6 +742,7 @@ impl Mount {
         at: u64,
         len: u64,
         what: &'static str,
+        content: Content<'_>,
         io: impl FnOnce() -> io::Result<()>,
     ) -> Result<(), i32> {
         let heal = match self.bad.check_write(at, len) {
@@ -745,7 +754,7 @@ impl Mount {
             WriteCheck::Clean | WriteCheck::StaysBad => None,
         };
         let done = match (&self.cache, p.power) {
-            (Some(cache), Some(begun)) => cache.write(&self.image, at, len, begun, io),
+            (Some(cache), Some(begun)) => cache.write(&self.image, at, len, begun, content, io),
             _ => io(),
         };
         if let Err(e) = done {

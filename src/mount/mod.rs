@@ -65,6 +65,7 @@ use crate::config::Limits;
 use crate::engine::ranges::SectorSet;
 use crate::engine::{Engine, Rule, RuleId, RuleStats};
 use crate::media::buffers::ImageMap;
+use crate::media::record::{ImageInfo, Recorder};
 use crate::media::{BadSectors, BadSettings, WriteCache};
 use executor::Pending;
 use logging::{Limiter, LogKey};
@@ -171,6 +172,20 @@ pub struct MediaSetup {
     pub bad: Option<(SectorSet, BadSettings)>,
     /// Model a volatile write cache (`--write-cache`).
     pub write_cache: bool,
+    /// Record the run (`--record`, `explore`): implies the write cache.
+    pub record: Option<RecordSetup>,
+}
+
+/// A recording a mount makes (`spec/explore.md` §1).
+#[derive(Clone, Debug)]
+pub struct RecordSetup {
+    /// The recording's directory.
+    pub dir: PathBuf,
+    /// The image as the recording names it; `None`: the image itself, hashed at the end.
+    pub image: Option<ImageInfo>,
+    /// Start at once (`mount --record`); otherwise at [`Mount::record_start`] (`explore`,
+    /// after its setup).
+    pub start_now: bool,
 }
 
 /// Who sent a request (for the trace).
@@ -237,10 +252,19 @@ impl Mount {
             Some(_) => std::env::temp_dir().join("blkdebugfs-journal"),
             None => image_path.clone(),
         };
-        let cache = match media.write_cache {
-            true => Some(WriteCache::new(&journal_beside)?),
+        let recorder = match &media.record {
+            Some(setup) => Some(Recorder::create(&setup.dir, setup.image.clone())?),
+            None => None,
+        };
+        let cache = match media.write_cache || recorder.is_some() {
+            true => Some(WriteCache::new(&journal_beside, recorder)?),
             false => None,
         };
+        if let Some(rec) = cache.as_ref().and_then(|c| c.recorder())
+            && media.record.as_ref().is_some_and(|r| r.start_now)
+        {
+            rec.start_now(0)?;
+        }
         Ok(Mount {
             engine: Mutex::new(engine),
             image,

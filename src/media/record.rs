@@ -1,0 +1,612 @@
+//! Recordings (`spec/explore.md` §1): the write cache's journal kept whole, on disk.
+//!
+//! A recording is a directory:
+//! - `events`: fixed [`EVENT_SIZE`]-byte little-endian records, in the order the write
+//!   cache ordered them (a write when it completed, a flush when it succeeded, a mark when
+//!   it was asked for): `[kind, seq, a, b, c]` as five `u64`s; see [`EventKind`].
+//! - `data`: the bytes each write stored (its after-image).
+//! - `before`: the before-image of every sector the first time a write touched it, so the
+//!   base comes back from an image the run changed (`mount --record` writes through).
+//! - `labels`: the marks' labels.
+//! - `recording.json`: written when the recording stops: the image it was made over (path,
+//!   size and a content hash, [`image_hash`]), the view's size, counts.
+//!
+//! Cost: O(bytes written) on disk, one 40-byte event per write; memory holds only the set
+//! of sectors touched so far. Nothing is buffered: each event and its bytes are written
+//! with positional I/O at offsets reserved under a short lock, so writes record in
+//! parallel, and a `kill -9` leaves every completed event readable.
+//!
+//! Ordering: a write's event is reserved under the write cache's journal lock, at the
+//! moment the cache gives it its sequence number; a flush's at the moment it succeeds
+//! (`end_flush`); a mark's when it is asked for. So the file's order is the order the
+//! cache saw, and a flush's `seq` says which writes it covered (those with a smaller one).
+//!
+//! Lock rule: `state` is taken under the journal's lock (journal → recorder) or alone,
+//! never across I/O.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write as _};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use crate::engine::ranges::{SECTOR, SectorSet};
+
+/// Bytes of one event record.
+pub const EVENT_SIZE: u64 = 40;
+
+/// A `Before` event's `c` when the before-image is zeroes (no bytes kept).
+pub const ZEROES: u64 = u64::MAX;
+
+/// The recording format's version, in `recording.json`.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// What an event record is. `seq` is the write cache's sequence number: a write's own, or
+/// for the others the next write's (so "writes with a smaller seq came before").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Recording starts here: every write before it (and its flush) is the base.
+    Start = 1,
+    /// A write of `b` bytes at `a`, its bytes at `c` in `data`.
+    Write = 2,
+    /// `b` bytes at `a` became zeroes (write-zeroes, discard).
+    Zero = 3,
+    /// A successful flush: every write with a smaller `seq` is durable.
+    Flush = 4,
+    /// A mark: label `b` bytes at `a` in `labels`.
+    Mark = 5,
+    /// The before-image of `b` bytes at `a` (whole sectors), at `c` in `before`, or
+    /// zeroes when `c` is [`ZEROES`].
+    Before = 6,
+    /// Recording stops: nothing after it is part of the recording.
+    Stop = 7,
+}
+
+impl EventKind {
+    pub fn from_u64(kind: u64) -> Option<EventKind> {
+        Some(match kind {
+            1 => EventKind::Start,
+            2 => EventKind::Write,
+            3 => EventKind::Zero,
+            4 => EventKind::Flush,
+            5 => EventKind::Mark,
+            6 => EventKind::Before,
+            7 => EventKind::Stop,
+            _ => return None,
+        })
+    }
+}
+
+/// One decoded event record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    pub kind: EventKind,
+    pub seq: u64,
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+}
+
+impl EventRecord {
+    pub fn encode(&self) -> [u8; EVENT_SIZE as usize] {
+        let mut out = [0u8; EVENT_SIZE as usize];
+        for (i, v) in [self.kind as u64, self.seq, self.a, self.b, self.c]
+            .into_iter()
+            .enumerate()
+        {
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// `None` for a record never written (a crash between its reservation and its write).
+    pub fn decode(bytes: &[u8]) -> Option<EventRecord> {
+        let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+        Some(EventRecord {
+            kind: EventKind::from_u64(word(0))?,
+            seq: word(1),
+            a: word(2),
+            b: word(3),
+            c: word(4),
+        })
+    }
+}
+
+/// The image a recording was made over, as `recording.json` names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub path: PathBuf,
+    pub size: u64,
+    /// [`image_hash`] of its content.
+    pub hash: String,
+}
+
+/// What the bytes a write stores are.
+#[derive(Clone, Copy, Debug)]
+pub enum Content<'a> {
+    Bytes(&'a [u8]),
+    Zeroes,
+}
+
+/// The recording of one mount; see the module doc.
+pub struct Recorder {
+    dir: PathBuf,
+    events: File,
+    data: File,
+    before: File,
+    labels: File,
+    /// The image as `explore` names it (its original, not the copy the view writes); `None`:
+    /// the recorder hashes the image it records when it stops (`mount --record`).
+    image: Option<ImageInfo>,
+    state: Mutex<RecorderState>,
+}
+
+struct RecorderState {
+    next_event: u64,
+    data_end: u64,
+    before_end: u64,
+    labels_end: u64,
+    /// Sectors whose before-image is kept.
+    touched: SectorSet,
+    /// The next successful flush starts the recording (`Mount::record_start`).
+    start_armed: bool,
+    started: bool,
+    stopped: bool,
+    /// Counts for `recording.json` and `ctl`.
+    writes: u64,
+    flushes: u64,
+    marks: u64,
+}
+
+impl Recorder {
+    /// A new recording in `dir` (created if missing; it must not hold a recording already).
+    pub fn create(dir: &Path, image: Option<ImageInfo>) -> io::Result<Recorder> {
+        std::fs::create_dir_all(dir)?;
+        if dir.join("events").exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} holds a recording already", dir.display()),
+            ));
+        }
+        let open = |name: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(dir.join(name))
+        };
+        Ok(Recorder {
+            dir: dir.to_path_buf(),
+            events: open("events")?,
+            data: open("data")?,
+            before: open("before")?,
+            labels: open("labels")?,
+            image,
+            state: Mutex::new(RecorderState {
+                next_event: 0,
+                data_end: 0,
+                before_end: 0,
+                labels_end: 0,
+                touched: SectorSet::new(),
+                start_armed: false,
+                started: false,
+                stopped: false,
+                writes: 0,
+                flushes: 0,
+                marks: 0,
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether writes are still recorded (until [`Recorder::stop`]).
+    pub fn recording(&self) -> bool {
+        !self.state.lock().stopped
+    }
+
+    /// Before a write of `[offset, offset+len)` runs, under its sector claim: keeps the
+    /// before-image of the sectors no write touched yet, read from `image`. Zeroes (holes
+    /// included, which are not even read) cost an event and no bytes.
+    pub fn before_write(&self, image: &File, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (first, last) = (offset / SECTOR, (offset + len - 1) / SECTOR);
+        let fresh: Vec<(u64, u64)> = {
+            let mut st = self.state.lock();
+            if st.stopped {
+                return Ok(());
+            }
+            let mut fresh = Vec::new();
+            let mut s = first;
+            while s <= last {
+                if st.touched.contains(s) {
+                    s += 1;
+                    continue;
+                }
+                let mut e = s;
+                while e < last && !st.touched.contains(e + 1) {
+                    e += 1;
+                }
+                fresh.push((s * SECTOR, (e - s + 1) * SECTOR));
+                st.touched.insert(s, e);
+                s = e + 1;
+            }
+            fresh
+        };
+        for (at, bytes) in fresh {
+            self.keep_before(image, at, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the before-image of `[at, at+bytes)`: its data extents read in blocks, zero
+    /// blocks and holes as zero events.
+    fn keep_before(&self, image: &File, at: u64, bytes: u64) -> io::Result<()> {
+        const BLOCK: u64 = 1 << 20;
+        let end = at + bytes;
+        let extents = match bytes <= BLOCK {
+            true => vec![(at, bytes)],
+            false => crate::media::cache_data_extents(image, at, bytes)?,
+        };
+        let mut cursor = at;
+        let mut buf = Vec::new();
+        for (s, l) in extents {
+            let (s, e) = (s.max(at), (s + l).min(end));
+            if s > cursor {
+                self.append(EventKind::Before, 0, cursor, s - cursor, ZEROES)?;
+            }
+            let mut here = s;
+            while here < e {
+                let n = (e - here).min(BLOCK);
+                buf.resize(n as usize, 0);
+                crate::media::read_full(image, &mut buf, here)?;
+                if buf.iter().all(|b| *b == 0) {
+                    self.append(EventKind::Before, 0, here, n, ZEROES)?;
+                } else {
+                    let place = {
+                        let mut st = self.state.lock();
+                        st.before_end += n;
+                        st.before_end - n
+                    };
+                    self.before.write_all_at(&buf, place)?;
+                    self.append(EventKind::Before, 0, here, n, place)?;
+                }
+                here += n;
+            }
+            cursor = cursor.max(e);
+        }
+        if cursor < end {
+            self.append(EventKind::Before, 0, cursor, end - cursor, ZEROES)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps a write's bytes before it runs; returns where they are in `data` (for
+    /// [`Recorder::written`]).
+    pub fn keep_data(&self, content: Content<'_>) -> io::Result<u64> {
+        let Content::Bytes(bytes) = content else {
+            return Ok(0);
+        };
+        let at = {
+            let mut st = self.state.lock();
+            st.data_end += bytes.len() as u64;
+            st.data_end - bytes.len() as u64
+        };
+        self.data.write_all_at(bytes, at)?;
+        Ok(at)
+    }
+
+    /// A write completed with sequence number `seq`. Called with the journal's lock held:
+    /// only reserves the event's place; the returned closure writes it after the lock.
+    pub fn written(
+        &self,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        content: Content<'_>,
+        data_at: u64,
+    ) -> Option<PendingEvent> {
+        let kind = match content {
+            Content::Bytes(_) => EventKind::Write,
+            Content::Zeroes => EventKind::Zero,
+        };
+        let mut st = self.state.lock();
+        if st.stopped {
+            return None;
+        }
+        st.writes += 1;
+        Some(reserve(
+            &mut st,
+            EventRecord {
+                kind,
+                seq,
+                a: offset,
+                b: len,
+                c: data_at,
+            },
+        ))
+    }
+
+    /// Makes the next successful flush start the recording.
+    pub fn arm_start(&self) {
+        self.state.lock().start_armed = true;
+    }
+
+    /// A flush succeeded, covering writes before `seq`; or, the first time after
+    /// [`Recorder::arm_start`], the flush that starts the recording (flushes before that
+    /// are part of the setup: nothing to record). Called with the journal's lock held.
+    pub fn flushed(&self, seq: u64) -> Option<PendingEvent> {
+        let mut st = self.state.lock();
+        if st.stopped {
+            return None;
+        }
+        let kind = if st.started {
+            st.flushes += 1;
+            EventKind::Flush
+        } else if st.start_armed {
+            st.started = true;
+            EventKind::Start
+        } else {
+            return None;
+        };
+        Some(reserve(
+            &mut st,
+            EventRecord {
+                kind,
+                seq,
+                a: 0,
+                b: 0,
+                c: 0,
+            },
+        ))
+    }
+
+    /// Starts the recording at once (`mount --record`, before any write: the image as it
+    /// is is the base).
+    pub fn start_now(&self, seq: u64) -> io::Result<()> {
+        self.arm_start();
+        if let Some(event) = self.flushed(seq) {
+            event.write(self)?;
+        }
+        Ok(())
+    }
+
+    /// A mark (`ctl MNT mark LABEL`). Called with the journal's lock held, so it is ordered
+    /// against the writes and flushes; `seq` is the next write's.
+    pub fn mark(&self, seq: u64, label: &str) -> Result<PendingMark, String> {
+        let mut st = self.state.lock();
+        if st.stopped {
+            return Err("the recording has stopped".into());
+        }
+        if !st.started {
+            return Err("the recording has not started yet".into());
+        }
+        let at = st.labels_end;
+        st.labels_end += label.len() as u64;
+        st.marks += 1;
+        let event = reserve(
+            &mut st,
+            EventRecord {
+                kind: EventKind::Mark,
+                seq,
+                a: at,
+                b: label.len() as u64,
+                c: 0,
+            },
+        );
+        Ok(PendingMark {
+            event,
+            label: label.to_string(),
+            at,
+        })
+    }
+
+    /// Stops recording (called with the journal's lock held); `false` if it had stopped.
+    pub fn stop(&self, seq: u64) -> Option<PendingEvent> {
+        let mut st = self.state.lock();
+        if st.stopped {
+            return None;
+        }
+        let event = reserve(
+            &mut st,
+            EventRecord {
+                kind: EventKind::Stop,
+                seq,
+                a: 0,
+                b: 0,
+                c: 0,
+            },
+        );
+        st.stopped = true;
+        Some(event)
+    }
+
+    /// `writes, flushes, marks` recorded so far.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let st = self.state.lock();
+        (st.writes, st.flushes, st.marks)
+    }
+
+    /// Writes `recording.json`: the image (hashed now, unless named at creation) and the
+    /// view's size. Call once no write runs any more.
+    pub fn finish(&self, image: &File, image_path: &Path, size: u64) -> io::Result<()> {
+        let info = match &self.image {
+            Some(info) => info.clone(),
+            None => ImageInfo {
+                path: std::fs::canonicalize(image_path).unwrap_or(image_path.to_path_buf()),
+                size: crate::media::device::size(image)
+                    .or_else(|_| image.metadata().map(|m| m.len()))?,
+                hash: image_hash(image)?,
+            },
+        };
+        let (writes, flushes, marks) = self.counts();
+        let st = self.state.lock();
+        let meta = serde_json::json!({
+            "format": FORMAT_VERSION,
+            "image": {
+                "path": info.path.to_string_lossy(),
+                "size": info.size,
+                "hash": info.hash,
+            },
+            "size": size,
+            "events": st.next_event,
+            "writes": writes,
+            "flushes": flushes,
+            "marks": marks,
+            "started": st.started,
+        });
+        drop(st);
+        let mut text = serde_json::to_string_pretty(&meta).map_err(io::Error::other)?;
+        text.push('\n');
+        let tmp = self.dir.join("recording.json.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join("recording.json"))?;
+        for f in [&self.events, &self.data, &self.before, &self.labels] {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn append(&self, kind: EventKind, seq: u64, a: u64, b: u64, c: u64) -> io::Result<()> {
+        let event = reserve(&mut self.state.lock(), EventRecord { kind, seq, a, b, c });
+        event.write(self)
+    }
+}
+
+/// An event whose place is reserved; written after the lock that ordered it is released.
+#[must_use = "an event reserved but never written reads as a hole"]
+pub struct PendingEvent {
+    at: u64,
+    record: EventRecord,
+}
+
+impl PendingEvent {
+    pub fn write(self, recorder: &Recorder) -> io::Result<()> {
+        recorder
+            .events
+            .write_all_at(&self.record.encode(), self.at * EVENT_SIZE)
+    }
+}
+
+/// A mark whose place is reserved: its event and its label.
+#[must_use = "a mark reserved but never written reads as a hole"]
+pub struct PendingMark {
+    event: PendingEvent,
+    label: String,
+    at: u64,
+}
+
+impl PendingMark {
+    pub fn write(self, recorder: &Recorder) -> io::Result<()> {
+        recorder
+            .labels
+            .write_all_at(self.label.as_bytes(), self.at)?;
+        self.event.write(recorder)
+    }
+}
+
+fn reserve(st: &mut RecorderState, record: EventRecord) -> PendingEvent {
+    let at = st.next_event;
+    st.next_event += 1;
+    PendingEvent { at, record }
+}
+
+/// Bytes hashed per block by [`image_hash`].
+const HASH_BLOCK: u64 = 1 << 20;
+
+/// A hash of an image's content (its size and bytes), the same for a sparse copy and its
+/// original: blocks that read as zeroes (holes included, never read) count only by their
+/// absence. BLAKE3, hex.
+pub fn image_hash(image: &File) -> io::Result<String> {
+    let size = match crate::media::device::size(image) {
+        Ok(size) if size > 0 => size,
+        _ => image.metadata()?.len(),
+    };
+    let extents = crate::media::cache_data_extents(image, 0, size)?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"blkdebugfs image v1");
+    hasher.update(&size.to_le_bytes());
+    let mut buf = vec![0u8; HASH_BLOCK as usize];
+    let mut block_seen = u64::MAX;
+    for (s, l) in extents {
+        let mut block = s / HASH_BLOCK;
+        while block * HASH_BLOCK < s + l {
+            if block != block_seen {
+                block_seen = block;
+                let at = block * HASH_BLOCK;
+                let n = HASH_BLOCK.min(size - at) as usize;
+                crate::media::read_full(image, &mut buf[..n], at)?;
+                if buf[..n].iter().any(|b| *b != 0) {
+                    hasher.update(&block.to_le_bytes());
+                    hasher.update(&buf[..n]);
+                }
+            }
+            block += 1;
+        }
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip() {
+        let e = EventRecord {
+            kind: EventKind::Write,
+            seq: 7,
+            a: 4096,
+            b: 512,
+            c: 99,
+        };
+        assert_eq!(EventRecord::decode(&e.encode()), Some(e));
+        assert_eq!(EventRecord::decode(&[0u8; 40]), None);
+    }
+
+    #[test]
+    fn the_hash_sees_content_not_sparseness() {
+        let dir = tempfile::tempdir().unwrap();
+        let sparse = dir.path().join("a");
+        let dense = dir.path().join("b");
+        let f = File::create(&sparse).unwrap();
+        f.set_len(3 << 20).unwrap();
+        f.write_all_at(b"x", (2 << 20) + 5).unwrap();
+        let mut bytes = vec![0u8; 3 << 20];
+        bytes[(2 << 20) + 5] = b'x';
+        std::fs::write(&dense, &bytes).unwrap();
+        let h = |p: &Path| image_hash(&File::open(p).unwrap()).unwrap();
+        assert_eq!(h(&sparse), h(&dense));
+        bytes[7] = 1;
+        std::fs::write(&dense, &bytes).unwrap();
+        assert_ne!(h(&sparse), h(&dense));
+    }
+
+    #[test]
+    fn before_images_are_kept_once_per_sector() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        std::fs::write(&img, vec![7u8; 8 * 512]).unwrap();
+        let image = File::open(&img).unwrap();
+        let rec = Recorder::create(&dir.path().join("rec"), None).unwrap();
+        rec.before_write(&image, 512, 1024).unwrap();
+        rec.before_write(&image, 100, 2000).unwrap();
+        let st = rec.state.lock();
+        // Sectors 1-2 first, then 0 and 3-4 (100..2100 covers sectors 0-4).
+        assert_eq!(st.before_end, 5 * 512);
+        drop(st);
+        // Zeroes keep no bytes.
+        let zeroes = dir.path().join("zeroes");
+        std::fs::write(&zeroes, vec![0u8; 4 << 20]).unwrap();
+        rec.before_write(&File::open(&zeroes).unwrap(), 1 << 20, 2 << 20)
+            .unwrap();
+        assert_eq!(rec.state.lock().before_end, 5 * 512);
+    }
+}
