@@ -6,6 +6,7 @@ mod clients;
 mod control;
 mod differential;
 mod ecosystem;
+mod explore;
 mod fault_clients;
 mod faults;
 mod hardening;
