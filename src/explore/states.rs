@@ -9,7 +9,7 @@
 //! only in the sectors that epoch wrote (`T`), so with `A` = the epoch's starting sum minus
 //! its share over `T`, a state's hash is `A` plus its own share over `T`: O(|T|) per state.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
@@ -246,7 +246,7 @@ mod tests {
     use super::*;
     use crate::media::WriteCache;
     use crate::media::record::{Content, Recorder};
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::os::unix::fs::FileExt;
 
     /// Records `epochs` (each a list of `(offset, len, byte)` writes, a flush after each but
