@@ -334,6 +334,9 @@ mod tests {
                 (1024, 512, 0xb2),
                 (4096, 512, 0x11),
                 (512, 512, 0xb5),
+                // Unaligned, into a sector no write touched: its before-image is the
+                // whole sector, edges included.
+                (5000, 100, 0xb8),
             ],
         ];
         let size = 8192;

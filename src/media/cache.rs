@@ -367,14 +367,14 @@ impl WriteCache {
             return io();
         }
         let _range = self.claim(offset, len);
-        // The recording keeps the first before-image of each sector and the bytes stored,
-        // under the claim (so the before-image is what the write before left).
-        let data_at = match &self.recorder {
-            Some(rec) if rec.recording() => {
-                rec.before_write(image, offset, len)?;
-                rec.keep_data(content)?
-            }
-            _ => 0,
+        // The recording keeps the first before-image of each sector (from the reads below,
+        // under the claim, so it is what the write before left) and the bytes stored.
+        let (mut fresh, data_at) = match &self.recorder {
+            Some(rec) if rec.recording() => (
+                Some((rec, rec.claim_fresh(offset, len))),
+                rec.keep_data(content)?,
+            ),
+            _ => (None, 0),
         };
         // A small write reads its range whole; only a large range (a big write-zeroes) asks
         // the filesystem where its data is first: SEEK_HOLE on tmpfs walks the file to its
@@ -394,6 +394,11 @@ impl WriteCache {
                     let n = (s + l - at).min(READ_WHOLE_MAX);
                     buf.resize(n as usize, 0);
                     read_full(image, &mut buf, at)?;
+                    if let Some((rec, fresh)) = &mut fresh
+                        && !fresh.is_empty()
+                    {
+                        fresh.keep(rec, at, &buf)?;
+                    }
                     // Zeroes need no bytes: restoring them punches a hole (which reads the
                     // same), so a sparse image stays sparse and its holes cost no journal.
                     if buf.iter().any(|b| *b != 0) {
@@ -418,6 +423,9 @@ impl WriteCache {
                     }
                     at += n;
                 }
+            }
+            if let Some((rec, fresh)) = fresh {
+                fresh.finish(rec, image)?;
             }
             io()
         })();

@@ -153,6 +153,11 @@ struct RecorderState {
     start_armed: bool,
     started: bool,
     stopped: bool,
+    /// Encoded events not written yet, from event number `buffered_from` on: written in
+    /// chunks (one `pwrite` per [`EVENT_CHUNK`] bytes, not one per write), and at once at
+    /// every flush, mark, start and stop.
+    buffered: Vec<u8>,
+    buffered_from: u64,
     /// Counts for `recording.json` and `ctl`.
     writes: u64,
     flushes: u64,
@@ -189,6 +194,8 @@ impl Recorder {
                 before_end: 0,
                 labels_end: 0,
                 touched: SectorSet::new(),
+                buffered: Vec::new(),
+                buffered_from: 0,
                 start_armed: false,
                 started: false,
                 stopped: false,
@@ -208,82 +215,53 @@ impl Recorder {
         !self.state.lock().stopped
     }
 
-    /// Before a write of `[offset, offset+len)` runs, under its sector claim: keeps the
-    /// before-image of the sectors no write touched yet, read from `image`. Zeroes (holes
-    /// included, which are not even read) cost an event and no bytes.
-    pub fn before_write(&self, image: &File, offset: u64, len: u64) -> io::Result<()> {
+    /// Before a write of `[offset, offset+len)` runs, under its sector claim: claims the
+    /// sectors no write touched yet, whose before-image the recording must keep. The
+    /// caller reads the range (the write cache does anyway), hands each piece it read to
+    /// [`Fresh::keep`], and ends with [`Fresh::finish`]: one read of the image serves the
+    /// cache's journal and the recording.
+    pub fn claim_fresh(&self, offset: u64, len: u64) -> Fresh {
+        let mut runs = Vec::new();
         if len == 0 {
-            return Ok(());
+            return Fresh { runs };
         }
         let (first, last) = (offset / SECTOR, (offset + len - 1) / SECTOR);
-        let fresh: Vec<(u64, u64)> = {
-            let mut st = self.state.lock();
-            if st.stopped {
-                return Ok(());
-            }
-            let mut fresh = Vec::new();
-            let mut s = first;
-            while s <= last {
-                if st.touched.contains(s) {
-                    s += 1;
-                    continue;
-                }
-                let mut e = s;
-                while e < last && !st.touched.contains(e + 1) {
-                    e += 1;
-                }
-                fresh.push((s * SECTOR, (e - s + 1) * SECTOR));
-                st.touched.insert(s, e);
-                s = e + 1;
-            }
-            fresh
-        };
-        for (at, bytes) in fresh {
-            self.keep_before(image, at, bytes)?;
+        let mut st = self.state.lock();
+        if st.stopped {
+            return Fresh { runs };
         }
-        Ok(())
+        let mut s = first;
+        while s <= last {
+            if st.touched.contains(s) {
+                s += 1;
+                continue;
+            }
+            let mut e = s;
+            while e < last && !st.touched.contains(e + 1) {
+                e += 1;
+            }
+            runs.push((s * SECTOR, (e + 1) * SECTOR));
+            st.touched.insert(s, e);
+            s = e + 1;
+        }
+        Fresh { runs }
     }
 
-    /// Keeps the before-image of `[at, at+bytes)`: its data extents read in blocks, zero
-    /// blocks and holes as zero events.
-    fn keep_before(&self, image: &File, at: u64, bytes: u64) -> io::Result<()> {
-        const BLOCK: u64 = 1 << 20;
-        let end = at + bytes;
-        let extents = match bytes <= BLOCK {
-            true => vec![(at, bytes)],
-            false => crate::media::cache_data_extents(image, at, bytes)?,
+    /// Keeps the before-image bytes `bytes` of `[at, at+len)`: zeroes as an event alone.
+    fn keep_before(&self, at: u64, bytes: Option<&[u8]>, len: u64) -> io::Result<()> {
+        let place = match bytes {
+            Some(b) if b.iter().any(|x| *x != 0) => {
+                let place = {
+                    let mut st = self.state.lock();
+                    st.before_end += len;
+                    st.before_end - len
+                };
+                self.before.write_all_at(b, place)?;
+                place
+            }
+            _ => ZEROES,
         };
-        let mut cursor = at;
-        let mut buf = Vec::new();
-        for (s, l) in extents {
-            let (s, e) = (s.max(at), (s + l).min(end));
-            if s > cursor {
-                self.append(EventKind::Before, 0, cursor, s - cursor, ZEROES)?;
-            }
-            let mut here = s;
-            while here < e {
-                let n = (e - here).min(BLOCK);
-                buf.resize(n as usize, 0);
-                crate::media::read_full(image, &mut buf, here)?;
-                if buf.iter().all(|b| *b == 0) {
-                    self.append(EventKind::Before, 0, here, n, ZEROES)?;
-                } else {
-                    let place = {
-                        let mut st = self.state.lock();
-                        st.before_end += n;
-                        st.before_end - n
-                    };
-                    self.before.write_all_at(&buf, place)?;
-                    self.append(EventKind::Before, 0, here, n, place)?;
-                }
-                here += n;
-            }
-            cursor = cursor.max(e);
-        }
-        if cursor < end {
-            self.append(EventKind::Before, 0, cursor, end - cursor, ZEROES)?;
-        }
-        Ok(())
+        self.append(EventKind::Before, 0, at, len, place)
     }
 
     /// Keeps a write's bytes before it runs; returns where they are in `data` (for
@@ -445,6 +423,13 @@ impl Recorder {
             },
         };
         let (writes, flushes, marks) = self.counts();
+        let due = {
+            let mut st = self.state.lock();
+            let at = st.buffered_from * EVENT_SIZE;
+            st.buffered_from = st.next_event;
+            (at, std::mem::take(&mut st.buffered))
+        };
+        self.events.write_all_at(&due.1, due.0)?;
         let st = self.state.lock();
         let meta = serde_json::json!({
             "format": FORMAT_VERSION,
@@ -480,18 +465,90 @@ impl Recorder {
     }
 }
 
-/// An event whose place is reserved; written after the lock that ordered it is released.
-#[must_use = "an event reserved but never written reads as a hole"]
+/// The sectors of one write whose before-images the recording still needs (see
+/// [`Recorder::claim_fresh`]): byte ranges `[start, end)`, ascending.
+#[must_use = "claimed sectors whose before-image is never kept would read as the image"]
+pub struct Fresh {
+    runs: Vec<(u64, u64)>,
+}
+
+impl Fresh {
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// The image read `buf` at `at`: keeps what of it is fresh.
+    pub fn keep(&mut self, rec: &Recorder, at: u64, buf: &[u8]) -> io::Result<()> {
+        let end = at + buf.len() as u64;
+        let mut left = Vec::with_capacity(self.runs.len());
+        for &(s, e) in &self.runs {
+            let (a, b) = (s.max(at), e.min(end));
+            if a >= b {
+                left.push((s, e));
+                continue;
+            }
+            rec.keep_before(a, Some(&buf[(a - at) as usize..(b - at) as usize]), b - a)?;
+            if s < a {
+                left.push((s, a));
+            }
+            if b < e {
+                left.push((b, e));
+            }
+        }
+        self.runs = left;
+        Ok(())
+    }
+
+    /// Keeps what the caller did not read (a sector's edges beyond an unaligned write,
+    /// the holes of a large range) from `image`: data extents read, holes as zeroes.
+    pub fn finish(self, rec: &Recorder, image: &File) -> io::Result<()> {
+        const BLOCK: u64 = 1 << 20;
+        let mut buf = Vec::new();
+        for (start, end) in self.runs {
+            let extents = match end - start <= BLOCK {
+                true => vec![(start, end - start)],
+                false => crate::media::cache_data_extents(image, start, end - start)?,
+            };
+            let mut cursor = start;
+            for (s, l) in extents {
+                let (s, e) = (s.max(start), (s + l).min(end));
+                if s > cursor {
+                    rec.keep_before(cursor, None, s - cursor)?;
+                }
+                let mut here = s;
+                while here < e {
+                    let n = (e - here).min(BLOCK);
+                    buf.resize(n as usize, 0);
+                    crate::media::read_full(image, &mut buf, here)?;
+                    rec.keep_before(here, Some(&buf), n)?;
+                    here += n;
+                }
+                cursor = cursor.max(e);
+            }
+            if cursor < end {
+                rec.keep_before(cursor, None, end - cursor)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Buffered event bytes written at once (about 1,600 events).
+const EVENT_CHUNK: usize = 64 << 10;
+
+/// An event in its place in the order; what of the buffer it made due is written after the
+/// lock that ordered it is released.
+#[must_use = "a buffer that came due must be written"]
 pub struct PendingEvent {
-    at: u64,
-    record: EventRecord,
+    due: Option<(u64, Vec<u8>)>,
 }
 
 impl PendingEvent {
     pub fn write(self, recorder: &Recorder) -> io::Result<()> {
-        recorder
-            .events
-            .write_all_at(&self.record.encode(), self.at * EVENT_SIZE)
+        match self.due {
+            Some((at, bytes)) => recorder.events.write_all_at(&bytes, at),
+            None => Ok(()),
+        }
     }
 }
 
@@ -512,10 +569,24 @@ impl PendingMark {
     }
 }
 
+/// Puts `record` next in the order. Flushes, marks, starts and stops write the buffer out
+/// at once (a recording cut short by a crash keeps every closed epoch); other events when
+/// the buffer is full.
 fn reserve(st: &mut RecorderState, record: EventRecord) -> PendingEvent {
-    let at = st.next_event;
     st.next_event += 1;
-    PendingEvent { at, record }
+    st.buffered.extend_from_slice(&record.encode());
+    let sync_point = !matches!(
+        record.kind,
+        EventKind::Write | EventKind::Zero | EventKind::Before
+    );
+    if !sync_point && st.buffered.len() < EVENT_CHUNK {
+        return PendingEvent { due: None };
+    }
+    let at = st.buffered_from * EVENT_SIZE;
+    st.buffered_from = st.next_event;
+    PendingEvent {
+        due: Some((at, std::mem::take(&mut st.buffered))),
+    }
 }
 
 /// Bytes hashed per block by [`image_hash`].
@@ -596,8 +667,16 @@ mod tests {
         std::fs::write(&img, vec![7u8; 8 * 512]).unwrap();
         let image = File::open(&img).unwrap();
         let rec = Recorder::create(&dir.path().join("rec"), None).unwrap();
-        rec.before_write(&image, 512, 1024).unwrap();
-        rec.before_write(&image, 100, 2000).unwrap();
+        let before = |offset: u64, len: u64, image: &File| {
+            // The caller reads what it writes; `finish` reads the sectors' edges past it.
+            let mut fresh = rec.claim_fresh(offset, len);
+            let mut buf = vec![0u8; len as usize];
+            crate::media::read_full(image, &mut buf, offset).unwrap();
+            fresh.keep(&rec, offset, &buf).unwrap();
+            fresh.finish(&rec, image).unwrap();
+        };
+        before(512, 1024, &image);
+        before(100, 2000, &image);
         let st = rec.state.lock();
         // Sectors 1-2 first, then 0 and 3-4 (100..2100 covers sectors 0-4).
         assert_eq!(st.before_end, 5 * 512);
@@ -605,8 +684,7 @@ mod tests {
         // Zeroes keep no bytes.
         let zeroes = dir.path().join("zeroes");
         std::fs::write(&zeroes, vec![0u8; 4 << 20]).unwrap();
-        rec.before_write(&File::open(&zeroes).unwrap(), 1 << 20, 2 << 20)
-            .unwrap();
+        before(1 << 20, 2 << 20, &File::open(&zeroes).unwrap());
         assert_eq!(rec.state.lock().before_end, 5 * 512);
     }
 }
