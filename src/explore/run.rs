@@ -237,6 +237,7 @@ pub fn run(opts: ExploreOptions) -> Result<Outcome, ExploreError> {
         &planned,
         &checker,
         work.path(),
+        &list.skipped,
     )?;
     report(
         &opts,
@@ -522,7 +523,7 @@ fn one_state(
         timeout: opts.timeout,
         marks: rec.marks.clone(),
     };
-    let results = check_all(opts, rec, priors, base_file, &planned, &checker, work)?;
+    let results = check_all(opts, rec, priors, base_file, &planned, &checker, work, &[])?;
     report(
         opts,
         rec,
@@ -667,6 +668,7 @@ fn check_all(
     planned: &[Planned],
     checker: &Checker,
     work: &Path,
+    skipped: &[usize],
 ) -> Result<Vec<Option<Checked>>, ExploreError> {
     let jobs = opts.jobs.min(planned.len().max(1));
     let states_dir = work.join("states");
@@ -742,7 +744,7 @@ fn check_all(
             });
         }
         drop(tx);
-        let mut printer = Printer::new(rec, planned, opts.shard.is_some());
+        let mut printer = Printer::new(rec, planned, skipped, opts.shard.is_some());
         let tty = io::stderr().is_terminal();
         let mut last_progress = Instant::now();
         loop {
@@ -796,16 +798,24 @@ fn wait_for_file(path: &Path) -> io::Result<()> {
 struct Printer<'a> {
     rec: &'a Recording,
     planned: &'a [Planned],
+    /// Duplicates skipped per epoch.
+    skipped: &'a [usize],
     /// Index of the first state of the next epoch to print.
     at: usize,
     shard: bool,
 }
 
 impl<'a> Printer<'a> {
-    fn new(rec: &'a Recording, planned: &'a [Planned], shard: bool) -> Printer<'a> {
+    fn new(
+        rec: &'a Recording,
+        planned: &'a [Planned],
+        skipped: &'a [usize],
+        shard: bool,
+    ) -> Printer<'a> {
         Printer {
             rec,
             planned,
+            skipped,
             at: 0,
             shard,
         }
@@ -830,8 +840,12 @@ impl<'a> Printer<'a> {
         let checked: Vec<&Checked> = results.iter().flatten().collect();
         let failed = checked.iter().filter(|c| c.result != Verdict::Pass).count();
         let e = &self.rec.epochs[epoch];
+        let skipped = match self.skipped.get(epoch) {
+            Some(&n) if n > 0 => format!(", {n} duplicates skipped"),
+            _ => String::new(),
+        };
         println!(
-            "epoch {epoch}: {} writes{}, {} states{} checked: {} passed, {failed} failed",
+            "epoch {epoch}: {} writes{}, {} states{} checked: {} passed, {failed} failed{skipped}",
             e.writes.len(),
             if e.closed {
                 ""

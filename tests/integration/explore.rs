@@ -451,3 +451,78 @@ fn explore_refuses_bad_input_with_exit_2_and_a_failing_workload_with_exit_3() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is not the image the recording"), "{err}");
 }
+
+/// A recording without a filesystem: `n` 4 KiB direct writes, each fsync'd, into the view.
+fn raw_recording(b: &Bench, n: usize) -> String {
+    let rec = b.path("rec").display().to_string();
+    let workload = format!(
+        "for i in $(seq 0 {}); do dd if=/dev/urandom of=\"$BLKDEBUGFS_VIEW\" bs=4096 seek=$i \
+         count=1 oflag=direct conv=notrunc,fsync 2>/dev/null; done",
+        n - 1
+    );
+    let (code, out, err) = explore(&[
+        &b.image(),
+        "--workload",
+        &workload,
+        "--check",
+        "true",
+        "--record",
+        &rec,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    rec
+}
+
+#[test]
+fn a_check_past_its_timeout_is_killed_with_its_process_group_and_the_state_is_timeout() {
+    let b = Bench::new();
+    let rec = raw_recording(&b, 3);
+    let pidfile = b.path("child.pid");
+    // The check leaves a grandchild behind that would hold the state: it must die too.
+    let check = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+    let report = b.path("r.jsonl").display().to_string();
+    let started = std::time::Instant::now();
+    let (code, out, err) = explore(&[
+        "--from",
+        &rec,
+        "--check",
+        &check,
+        "--timeout",
+        "300ms",
+        "--stop-at-first",
+        "--report",
+        &report,
+    ]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("ran past 0.3s"), "{out}");
+    assert!(
+        out.contains("not checked (--stop-at-first or --budget)"),
+        "{out}"
+    );
+    let (states, first) = report_states(Path::new(&report));
+    assert_eq!(first.as_deref(), Some("0.durable.0"));
+    assert_eq!(states.len(), 1, "--stop-at-first: {states:?}");
+    assert_eq!(states[0].2, "timeout");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_for(DEADLINE, || unsafe { libc::kill(pid, 0) } != 0),
+        "the check's sleep {pid} survived its timeout"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[test]
+fn a_budget_ends_checking_and_says_how_many_states_were_not_reached() {
+    let b = Bench::new();
+    let rec = raw_recording(&b, 4);
+    let (code, out, err) = explore(&["--from", &rec, "--check", "sleep 0.3", "--budget", "1s"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("not checked (--stop-at-first or --budget)"),
+        "{out}"
+    );
+}
