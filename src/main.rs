@@ -77,7 +77,8 @@ struct ExploreArgs {
     /// each check (then the filesystem's read-only fsck runs too).
     #[arg(long, value_name = "TYPE[:OPTIONS]", value_parser = blkdebugfs::explore::FsSpec::parse)]
     fs: Option<blkdebugfs::explore::FsSpec>,
-    /// Run before recording starts (make the filesystem, populate it).
+    /// Run before recording starts, in the current directory (make the filesystem,
+    /// populate it).
     #[arg(long, value_name = "CMD")]
     setup: Option<String>,
     /// Keep the recording in DIR (for --from, --state, another machine).

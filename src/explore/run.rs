@@ -371,7 +371,10 @@ fn record(
         None => None,
     };
     if let Some(setup) = &opts.setup {
-        let r = run_sh(setup, &scratch, &env, None, &log).map_err(run_err("running --setup"))?;
+        // The setup runs where explore was started (it may want files from there); the
+        // workload and the checks run in the filesystem (or a scratch directory).
+        let here = std::env::current_dir().unwrap_or(scratch.clone());
+        let r = run_sh(setup, &here, &env, None, &log).map_err(run_err("running --setup"))?;
         if r.rc != Some(0) {
             return Err(ExploreError::Run(format!(
                 "--setup exited {}:\n{}",
