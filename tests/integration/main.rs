@@ -10,6 +10,7 @@ mod fault_clients;
 mod faults;
 mod hardening;
 mod memory;
+mod nbd;
 mod newuser;
 mod power;
 mod power_clients;
