@@ -1,8 +1,9 @@
 //! The `blkdebugfs` command line: parse, validate, run, exit once with a documented code.
 //!
 //! Exit codes: 0 success; 1 runtime failure (image missing, unreadable or in use, bad mount
-//! point, already mounted, FUSE mount refused); 2 usage or configuration error (bad option,
-//! bad rule, bad config file). Errors are printed once, on stderr, before anything is
+//! point, already mounted, FUSE mount refused, NBD address in use); 2 usage or configuration
+//! error (bad option, bad rule, bad config file, a remote NBD address without
+//! `--allow-remote`). Errors are printed once, on stderr, before anything is
 //! mounted.
 
 use std::io::Write;
@@ -19,10 +20,11 @@ use blkdebugfs::{Error, MountOptions, Shutdown, errno, rules::Event};
 
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (image missing, \
 unreadable or in use by QEMU or another mount, bad mount point, already mounted, FUSE mount \
-refused; ctl: the command was refused or failed); 2 usage or configuration \
-error (bad option, rule or config file; nothing is mounted).";
+refused, NBD address in use; ctl: the command was refused or failed); 2 usage or configuration \
+error (bad option, rule or config file, a remote NBD address without --allow-remote; nothing \
+is mounted).";
 
-/// Mount a faulty view of a disk image: QEMU blkdebug's fault-injection rules over FUSE.
+/// Serve a faulty view of a disk image: QEMU blkdebug's fault-injection rules over FUSE or NBD.
 #[derive(Parser)]
 #[command(name = "blkdebugfs", version, after_help = EXIT_CODES)]
 struct Cli {
