@@ -345,6 +345,8 @@ fn fio_over_nbd_verifies_with_several_connections() {
             "--size=2M",
             "--verify=crc32c",
             "--do_verify=1",
+            // No verify state files in the working directory.
+            "--verify_state_save=0",
             "--group_reporting",
         ],
     );
