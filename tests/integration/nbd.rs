@@ -384,17 +384,27 @@ fn nbdfuse_maps_the_export_back_to_a_file() {
         assert_eq!(read_at(&f, 0, 4096), Ok(pattern(MIB)[..4096].to_vec()));
         assert_eq!(read_at(&f, 8192, 512), Err(libc::EIO));
     });
-    let _ = Command::new("fusermount3")
-        .arg("-u")
-        .arg(&fuse_dir)
-        .status();
+    // Unmounting ends nbdfuse. `umount` as root (the tests' user); fusermount3 otherwise.
+    let unmounted = Command::new("umount").arg(&fuse_dir).status();
+    if !unmounted.is_ok_and(|st| st.success()) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&fuse_dir)
+            .status();
+    }
     if !wait_for(DEADLINE, || nbdfuse.try_wait().ok().flatten().is_some()) {
         let _ = nbdfuse.kill();
         let _ = nbdfuse.wait();
     }
+    // Never leave a mount behind, even when something above failed.
+    let stayed = is_mounted(&fuse_dir);
+    if stayed {
+        let _ = Command::new("umount").arg("-l").arg(&fuse_dir).status();
+    }
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
+    assert!(!stayed, "nbdfuse's mount stayed after umount");
     assert!(d.stop().success());
 }
 
