@@ -34,6 +34,12 @@
 #   QEMU x100       qemu-storage-daemon: file -> blkdebug (the 100-rule config) -> raw,
 #                   FUSE export onto a regular file (as tests/integration/differential.rs)
 #
+# NBD rows, in the same run (a second table): `blkdebugfs serve` with 0 rules against
+# `nbdkit file` behind `--filter=error error-rate=0`, with fio --ioengine=nbd (4k random
+# read and write at QD1 and QD16, 1 MiB sequential read and write; goal: at least nbdkit's
+# IOPS on every row, 1.5x on the 4 KiB rows), and QEMU's own client (`qemu-img bench`, 4k
+# QD16 read and write) through NBD against through the FUSE view of the 0-rule mount.
+#
 # Workloads (fio, direct=1, time-based): 4k random read psync QD1, 4k random read libaio
 # QD16, 4k random write libaio QD16, the same with an fsync every 64 writes (0 rules and
 # --write-cache only), 1 MiB sequential read psync, 1 MiB sequential write psync. The
@@ -106,6 +112,7 @@ command -v python3 >/dev/null 2>&1 || die "python3 is needed to read fio's JSON"
 need=()
 command -v fio >/dev/null 2>&1 || need+=(fio)
 command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-utils)
+command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing: ${need[*]}"
   apt-get update -qq
@@ -463,6 +470,128 @@ EOF
   done
 done
 
+# ---------------------------------------------------------------------------------------
+# NBD: blkdebugfs serve (0 rules) against nbdkit's file plugin behind its error filter
+# (error-rate=0: the filter is in the path and injects nothing), with fio's NBD engine
+# (libnbd; one connection per job); then QEMU's own client, qemu-img bench, through NBD
+# against through the FUSE view of the 0-rule mount above. Both servers serve the same
+# image in /dev/shm; their logs are *.nbdlog (not checked with the mounts' logs below).
+# ---------------------------------------------------------------------------------------
+nbd_results=$work/nbd-results.tsv
+qemu_bench_rows=$work/qemu-bench.tsv
+: >"$nbd_results"
+: >"$qemu_bench_rows"
+nbd_labels=("blkdebugfs serve, 0 rules" "nbdkit file --filter=error error-rate=0")
+# start_nbd NAME: starts one NBD server (bdfs or nbdkit) in the background, registered for
+# cleanup by its PID; sets nbd_uri_NAME.
+start_nbd() {
+  local name=$1 sock=$work/nbd-$1.sock idx t
+  mounts+=("$sock")
+  pids+=("")
+  idx=$((${#mounts[@]} - 1))
+  case $name in
+    bdfs)
+      log "starting blkdebugfs serve, 0 rules"
+      "$bdfs" serve --seed 1 --force-share --daemonize --pidfile "$work/nbd-bdfs.pid" \
+        --log-file "$work/bdfs.nbdlog" "$image" --listen "unix:$sock" \
+        2>"$work/bdfs-start.nbdlog" ||
+        die "blkdebugfs serve failed: $(cat "$work/bdfs-start.nbdlog")"
+      ;;
+    nbdkit)
+      log "starting nbdkit file --filter=error error-rate=0"
+      nbdkit --unix "$sock" --pidfile "$work/nbd-nbdkit.pid" --filter=error \
+        file "$image" error-rate=0 2>"$work/nbdkit.nbdlog" ||
+        die "nbdkit failed: $(cat "$work/nbdkit.nbdlog")"
+      ;;
+  esac
+  for ((t = 0; t < 100; t++)); do
+    [ -s "$work/nbd-$name.pid" ] && [ -S "$sock" ] && break
+    sleep 0.1
+  done
+  [ -S "$sock" ] || die "$name did not listen on $sock in 10 s"
+  pids[idx]=$(cat "$work/nbd-$name.pid")
+  printf -v "nbd_uri_$name" '%s' "nbd+unix:///?socket=$sock"
+}
+
+# qemu_bench ROW ARGS...: one qemu-img bench run of 4 KiB requests at depth 16; prints
+# "ROW<TAB>IOPS".
+qemu_bench() {
+  local row=$1 secs
+  shift
+  secs=$({ timeout 300 qemu-img bench -f raw -c "$bench_count" -d 16 -s 4096 "$@" 2>&1 ||
+    true; } | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p')
+  if [ -n "$secs" ]; then
+    printf '%s\t%s\n' "$row" "$(python3 -c "print(round($bench_count / $secs))")"
+  else
+    printf '%s\tFAILED\n' "$row"
+  fi
+}
+
+if command -v nbdkit >/dev/null 2>&1 && fio --enghelp 2>/dev/null | grep -qx '[[:space:]]*nbd'; then
+  start_nbd bdfs
+  start_nbd nbdkit
+  nbd_targets=(bdfs nbdkit)
+  nbd_workloads=(
+    "4k randread QD1|--rw=randread --bs=4k --iodepth=1|read"
+    "4k randread QD16|--rw=randread --bs=4k --iodepth=16|read"
+    "4k randwrite QD1|--rw=randwrite --bs=4k --iodepth=1|write"
+    "4k randwrite QD16|--rw=randwrite --bs=4k --iodepth=16|write"
+    "1M seqread QD1|--rw=read --bs=1M --iodepth=1|read"
+    "1M seqwrite QD1|--rw=write --bs=1M --iodepth=1|write"
+  )
+  for w in "${nbd_workloads[@]}"; do
+    IFS='|' read -r wname wopts wdir <<<"$w"
+    read -r -a opts <<<"$wopts"
+    for t in "${!nbd_targets[@]}"; do
+      uri_var=nbd_uri_${nbd_targets[t]}
+      log "NBD $wname on ${nbd_labels[t]}"
+      out=$work/fio-nbd-$t.json
+      timeout --kill-after=10 $((runtime + 60)) \
+        fio --name=bench --ioengine=nbd --uri="${!uri_var}" --size="${size_mib}M" \
+        --thread --time_based --runtime="$runtime" --ramp_time="$ramp" --norandommap \
+        --randrepeat=0 --output-format=json --output="$out" "${opts[@]}" \
+        2>"$work/fio.err" >/dev/null &
+      fio_pid=$!
+      rc=0
+      wait "$fio_pid" || rc=$?
+      fio_pid=""
+      if [ "$rc" = 0 ]; then
+        python3 - "$out" "$wdir" "$wname" "$t" >>"$nbd_results" <<'EOF'
+import json, sys
+path, direction, name, target = sys.argv[1:]
+with open(path) as f:
+    text = f.read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
+d = job[direction]
+p99 = d["clat_ns"]["percentile"]["99.000000"] / 1000
+print(f"{name}\t{target}\t{d['iops']:.0f}\t{d['bw_bytes'] / 1e6:.1f}\t{p99:.0f}")
+EOF
+      else
+        log "error: fio (nbd) failed on ${nbd_labels[t]}: $(cat "$work/fio.err")"
+        printf '%s\t%s\tFAILED\n' "$wname" "$t" >>"$nbd_results"
+        failed=1
+      fi
+    done
+  done
+
+  # QEMU's block layer as the client: its NBD driver, and its file driver (O_DIRECT, native
+  # AIO) on the FUSE view of the 0-rule mount.
+  bench_count=$([ "$quick" = 1 ] && echo 20000 || echo 200000)
+  for dir in read write; do
+    wflag=()
+    [ "$dir" = write ] && wflag=(-w)
+    log "qemu-img bench 4k $dir QD16 through NBD and through the FUSE view"
+    qemu_bench "4k $dir QD16|NBD (blkdebugfs serve)" "${wflag[@]}" "$nbd_uri_bdfs" \
+      >>"$qemu_bench_rows"
+    qemu_bench "4k $dir QD16|FUSE view (blkdebugfs mount)" "${wflag[@]}" -t none \
+      -i native "${files[zero_idx]}" >>"$qemu_bench_rows"
+  done
+  grep -q FAILED "$qemu_bench_rows" && failed=1
+else
+  log "error: no nbdkit, or fio without its nbd engine: no NBD rows (bash .ci/run installs them)"
+  failed=1
+fi
+
 elapsed=$((SECONDS - start))
 log "load average after: $(cut -d' ' -f1-3 /proc/loadavg); measuring took ${elapsed} s"
 
@@ -583,5 +712,46 @@ print(f"{labels[int(bad)]} (none touched) vs 0 rules, goal about 1.0×: " + "; "
 EOF
 echo
 printf 'Daemon resident size before -> after all workloads: %s\n\n' "${rss_report%; }"
+
+if [ -s "$nbd_results" ]; then
+  printf 'NBD: fio --ioengine=nbd (libnbd, one connection per job), same image and settings\n\n'
+  python3 - "$nbd_results" "${nbd_labels[0]}" "${nbd_labels[1]}" "$qemu_bench_rows" <<'EOF'
+import sys
+path, bdfs, kit, qemu_rows = sys.argv[1:]
+labels = [bdfs, kit]
+rows, order = {}, []
+for line in open(path):
+    f = line.rstrip("\n").split("\t")
+    if f[0] not in order:
+        order.append(f[0])
+    rows[(f[0], f[1])] = f[2:]
+print("| workload | server | IOPS | MB/s | p99 µs | vs nbdkit | goal |")
+print("|---|---|--:|--:|--:|--:|--:|")
+for w in order:
+    for t in ("0", "1"):
+        r = rows.get((w, t))
+        if r is None:
+            continue
+        if r[0] == "FAILED":
+            print(f"| {w} | {labels[int(t)]} | FAILED | | | | |")
+            continue
+        vs, goal = "", ""
+        k = rows.get((w, "1"), ["FAILED"])
+        if t == "0" and k[0] != "FAILED" and float(k[0]) > 0:
+            vs = f"{float(r[0]) / float(k[0]):.2f}×"
+            goal = "1.5×" if w.startswith("4k") else "1.0×"
+        print(f"| {w} | {labels[int(t)]} | {r[0]} | {r[1]} | {r[2]} | {vs} | {goal} |")
+print()
+print("qemu-img bench (QEMU's own client, 4 KiB requests, depth 16):")
+print()
+print("| workload | path | IOPS |")
+print("|---|---|--:|")
+for line in open(qemu_rows):
+    name, iops = line.rstrip("\n").split("\t")
+    w, via = name.split("|")
+    print(f"| {w} | {via} | {iops} |")
+EOF
+  echo
+fi
 
 [ "$failed" = 0 ] || die "some jobs failed (see above)"

@@ -55,6 +55,7 @@ pub(crate) mod mount;
 // The control folder's socket and log ring under their old paths.
 pub use control::{logring, socket};
 pub use frontend::Shutdown;
+pub use frontend::nbd::{Listen, NbdOptions};
 
 // The mount's trace and counters under their old paths (`blkdebugfs::trace::FIELDS`).
 pub use mount::{RecordSetup, RuleStatus, stats, trace};
@@ -87,6 +88,7 @@ use crate::control::{Control, ReloadSource};
 use crate::engine::{Engine, Event, Rule};
 use crate::frontend::fuse::{BlkdebugFs, Layout, OpenPolicy};
 use crate::frontend::mounttable::DetachWatch;
+use crate::frontend::nbd::{ListenError, Listeners, NbdServer};
 use crate::mount::{ImageMode, MediaSetup, Mount};
 
 /// Everything a mount is made of, as parsed from the command line.
@@ -123,6 +125,11 @@ pub struct MountOptions {
     pub force_share: bool,
     /// Record the run (`--record DIR`; `explore`): implies `--write-cache`.
     pub record: Option<mount::RecordSetup>,
+    /// Mount the FUSE view at `mountpoint` (`mount`); `false` for `serve`, which serves over
+    /// NBD only and needs neither root nor `/dev/fuse`.
+    pub fuse: bool,
+    /// The NBD server's sockets and export (`--listen`, `--allow-remote`, `--export`).
+    pub nbd: NbdOptions,
 }
 
 impl MountOptions {
@@ -148,6 +155,20 @@ impl MountOptions {
             bad: None,
             force_share: false,
             record: None,
+            fuse: true,
+            nbd: NbdOptions::default(),
+        }
+    }
+
+    /// Options for `serve`: the image over NBD on `listen`, no FUSE mount.
+    pub fn serve(image: impl Into<PathBuf>, listen: Vec<Listen>) -> MountOptions {
+        MountOptions {
+            fuse: false,
+            nbd: NbdOptions {
+                listen,
+                ..NbdOptions::default()
+            },
+            ..MountOptions::new(image, PathBuf::new())
         }
     }
 }
@@ -200,6 +221,8 @@ pub enum Error {
     },
     /// A control command was refused or failed (`blkdebugfs ctl`, exit 1).
     Ctl(String),
+    /// An NBD `--listen` address could not be bound (exit 1).
+    Listen(String),
     /// A control command run through [`Mounted`] was refused or failed: its errno (EINVAL
     /// bad syntax, ENOENT unknown tag or rule, ETIMEDOUT a `wait_break` timed out, ...) and
     /// reason.
@@ -262,7 +285,7 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
-            Error::Ctl(e) => f.write_str(e),
+            Error::Ctl(e) | Error::Listen(e) => f.write_str(e),
             Error::Command(e) => write!(f, "{} ({})", e.message, errno::describe(e.errno)),
         }
     }
@@ -276,12 +299,14 @@ impl From<ConfigError> for Error {
     }
 }
 
-/// A validated mount, ready to run: the image is open and locked, the mount point checked.
+/// A validated mount, ready to run: the image is open and locked, the mount point checked,
+/// the NBD sockets bound.
 pub struct Prepared {
     options: MountOptions,
     image: File,
-    layout: Layout,
-    mountpoint: PathBuf,
+    /// The FUSE view's layout and mount point (`None`: `serve`, NBD only).
+    fuse: Option<(Layout, PathBuf)>,
+    listeners: Listeners,
     /// QEMU's image locks, held until `run` returns (`None`: `--force-share`, or no locks
     /// on this filesystem).
     lock: Option<media::lock::ImageLock>,
@@ -339,6 +364,43 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
         }
     }
 
+    let fuse = match options.fuse {
+        true => Some(check_mountpoint(&options, &md)?),
+        false => None,
+    };
+    if !options.fuse && options.nbd.listen.is_empty() {
+        return Err(Error::Usage(
+            "nothing to serve on: give --listen unix:PATH or --listen tcp:HOST:PORT".into(),
+        ));
+    }
+    let lock = if options.force_share {
+        None
+    } else {
+        lock_image(&options)?
+    };
+    // Bound last, so that a refused mount leaves no socket behind.
+    let listeners = Listeners::bind(&options.nbd).map_err(|e| match e {
+        ListenError::Remote(e) => Error::Usage(e),
+        ListenError::Bind(e) => Error::Listen(e),
+    })?;
+    Ok(Prepared {
+        options,
+        image,
+        fuse,
+        listeners,
+        lock,
+    })
+}
+
+/// Checks the FUSE mount point: the view's layout and the canonical mount point.
+fn check_mountpoint(
+    options: &MountOptions,
+    md: &std::fs::Metadata,
+) -> Result<(Layout, PathBuf), Error> {
+    let image_err = |why: String| Error::Image {
+        path: options.image.clone(),
+        why,
+    };
     let mp_err = |why: String| Error::Mountpoint {
         path: options.mountpoint.clone(),
         why,
@@ -374,18 +436,7 @@ pub fn prepare(options: MountOptions) -> Result<Prepared, Error> {
         Ok(None) => {}
         Err(e) => return Err(mp_err(format!("cannot read the mount table: {e}"))),
     }
-    let lock = if options.force_share {
-        None
-    } else {
-        lock_image(&options)?
-    };
-    Ok(Prepared {
-        options,
-        image,
-        layout,
-        mountpoint,
-        lock,
-    })
+    Ok((layout, mountpoint))
 }
 
 /// How long a mount waits for another blkdebugfs daemon's locks to go (see `lock_image`).
@@ -546,14 +597,16 @@ pub fn run(
     let Prepared {
         mut options,
         image,
-        layout,
-        mountpoint,
+        fuse,
+        listeners,
         lock: _lock,
     } = prepared;
     if let Some(warning) = media::imagefmt::sniff(&image, &options.image) {
         warn!("{warning}");
     }
-    if matches!(layout, Layout::File) && options.control_socket.is_none() {
+    if let Some((Layout::File, mountpoint)) = &fuse
+        && options.control_socket.is_none()
+    {
         warn!(
             "{} is a regular file, so the mount has no .control file, and no --control socket \
              was given: rules and breakpoints cannot change at run time (signals still work: \
@@ -600,6 +653,13 @@ pub fn run(
         Some(path) => Some(ControlSocket::bind(path, control.clone()).map_err(Error::Usage)?),
         None => None,
     };
+    // `none` fires once at start, before any request can arrive.
+    mount.fire(Event::None);
+    let Some((layout, mountpoint)) = fuse else {
+        return serve_nbd(
+            options, mount, control, socket, listeners, shutdown, on_ready, seed,
+        );
+    };
     let fs = BlkdebugFs::new(
         control.clone(),
         layout,
@@ -623,8 +683,6 @@ pub fn run(
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
 
-    // `none` fires once at mount start, before any request can arrive.
-    mount.fire(Event::None);
     let fuse_err = |source| Error::Fuse {
         path: mountpoint.clone(),
         source,
@@ -652,6 +710,13 @@ pub fn run(
         options.rules.len(),
         options.threads
     );
+    let nbd = match listeners.is_empty() {
+        true => None,
+        false => Some(
+            NbdServer::start(mount.clone(), listeners, options.nbd.export.clone())
+                .map_err(|e| Error::Listen(format!("cannot start the NBD server: {e}")))?,
+        ),
+    };
     let timer = {
         let mount = mount.clone();
         let max_suspend = options.max_suspend;
@@ -683,6 +748,8 @@ pub fn run(
     let asked = ended_first.is_none();
     // Suspended requests complete normally before the mount goes away.
     mount.release_everything();
+    // NBD clients get their replies, then their connections close.
+    drop(nbd);
     let _ = timer.join();
     drop(socket);
     drop(detach_watch);
@@ -713,6 +780,52 @@ pub fn run(
         let _ = server.join();
     }
     session_outcome(served, asked, &mountpoint)
+}
+
+/// `serve`: the mount over NBD only, until `shutdown`; then, as [`run`] does for a FUSE
+/// mount, releases every parked request, lets every connection reply and close, and flushes
+/// the image.
+#[allow(clippy::too_many_arguments)]
+fn serve_nbd(
+    options: MountOptions,
+    mount: Arc<Mount>,
+    control: Arc<Control>,
+    socket: Option<ControlSocket>,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    on_ready: impl FnOnce(Arc<Control>),
+    seed: u64,
+) -> Result<(), Error> {
+    let timer = {
+        let mount = mount.clone();
+        let max_suspend = options.max_suspend;
+        std::thread::Builder::new()
+            .name("blkdebugfs-timer".into())
+            .spawn(move || mount.run_timer(max_suspend))
+            .map_err(|e| Error::Listen(format!("cannot start the timer thread: {e}")))?
+    };
+    let nbd = NbdServer::start(mount.clone(), listeners, options.nbd.export.clone())
+        .map_err(|e| Error::Listen(format!("cannot start the NBD server: {e}")))?;
+    info!(
+        "serving {} over NBD ({} rules, seed {seed}: replay with --seed {seed})",
+        options.image.display(),
+        options.rules.len(),
+    );
+    on_ready(control);
+    shutdown.wait();
+    mount.release_everything();
+    nbd.stop();
+    let _ = timer.join();
+    drop(socket);
+    if let Err(e) = mount.sync() {
+        warn!("final flush of {} failed: {e}", options.image.display());
+    }
+    if let Err(e) = mount.finish_recording() {
+        error!("{e}");
+    }
+    mount.finish_trace();
+    info!("stopped serving {}", options.image.display());
+    Ok(())
 }
 
 /// Polls `cond` until it holds or `timeout` passes. For callers that must wait on an outside

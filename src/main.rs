@@ -1,8 +1,9 @@
 //! The `blkdebugfs` command line: parse, validate, run, exit once with a documented code.
 //!
 //! Exit codes: 0 success; 1 runtime failure (image missing, unreadable or in use, bad mount
-//! point, already mounted, FUSE mount refused); 2 usage or configuration error (bad option,
-//! bad rule, bad config file). Errors are printed once, on stderr, before anything is
+//! point, already mounted, FUSE mount refused, NBD address in use); 2 usage or configuration
+//! error (bad option, bad rule, bad config file, a remote NBD address without
+//! `--allow-remote`). Errors are printed once, on stderr, before anything is
 //! mounted.
 
 use std::io::Write;
@@ -19,10 +20,11 @@ use blkdebugfs::{Error, MountOptions, Shutdown, errno, rules::Event};
 
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 runtime failure (image missing, \
 unreadable or in use by QEMU or another mount, bad mount point, already mounted, FUSE mount \
-refused; ctl: the command was refused or failed); 2 usage or configuration \
-error (bad option, rule or config file; nothing is mounted).";
+refused, NBD address in use; ctl: the command was refused or failed); 2 usage or configuration \
+error (bad option, rule or config file, a remote NBD address without --allow-remote; nothing \
+is mounted).";
 
-/// Mount a faulty view of a disk image: QEMU blkdebug's fault-injection rules over FUSE.
+/// Serve a faulty view of a disk image: QEMU blkdebug's fault-injection rules over FUSE or NBD.
 #[derive(Parser)]
 #[command(name = "blkdebugfs", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -35,8 +37,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Mount IMAGE at MOUNTPOINT with fault-injection rules.
+    /// Mount IMAGE at MOUNTPOINT with fault-injection rules (with --listen, serve it over NBD
+    /// too).
     Mount(MountArgs),
+    /// Serve IMAGE over NBD with fault-injection rules: no FUSE, no root (needs --listen).
+    Serve(ServeArgs),
     /// Validate rules without mounting and print them as understood.
     Check(CheckArgs),
     /// Run a self-contained demonstration on a temporary image.
@@ -351,12 +356,8 @@ struct MountArgs {
     mountpoint: PathBuf,
     #[command(flatten)]
     rules: RuleArgs,
-    /// Serve the image read-only.
-    #[arg(long)]
-    read_only: bool,
-    /// Writes past the end grow the image.
-    #[arg(long)]
-    growable: bool,
+    #[command(flatten)]
+    daemon: DaemonArgs,
     /// Let the kernel page cache serve reads (faster; cached reads never reach the rules).
     #[arg(long)]
     cache: bool,
@@ -366,6 +367,48 @@ struct MountArgs {
     /// Let other users access the mount (needs user_allow_other for non-root).
     #[arg(long)]
     allow_other: bool,
+    #[command(flatten)]
+    nbd: NbdArgs,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The backing image (a regular file or a block device, e.g. /dev/loop3), or QEMU's
+    /// blkdebug:CONFIG:IMAGE (CONFIG may be empty).
+    image: String,
+    #[command(flatten)]
+    rules: RuleArgs,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    #[command(flatten)]
+    nbd: NbdArgs,
+}
+
+/// The NBD server's options, shared by `serve` (which needs --listen) and `mount`.
+#[derive(Args)]
+struct NbdArgs {
+    /// Serve the image over NBD on ADDR: unix:PATH (a socket, mode 0600, removed on exit) or
+    /// tcp:HOST:PORT (repeatable).
+    #[arg(long, value_name = "ADDR", value_parser = clap::value_parser!(blkdebugfs::Listen))]
+    listen: Vec<blkdebugfs::Listen>,
+    /// Serve NBD on TCP addresses other than loopback. NBD has no authentication here:
+    /// anyone who reaches the port can read and write the image.
+    #[arg(long)]
+    allow_remote: bool,
+    /// The NBD export's name (default: the image's file name; the empty name works too).
+    #[arg(long, value_name = "NAME")]
+    export: Option<String>,
+}
+
+/// What `mount` and `serve` share: the image's mode, the daemon, the rules' runtime.
+#[derive(Args)]
+struct DaemonArgs {
+    /// Serve the image read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Writes past the end grow the image.
+    #[arg(long)]
+    growable: bool,
     /// Return once the mount is live (exit 0) or has failed (non-zero), serving in the
     /// background.
     #[arg(long)]
@@ -373,8 +416,8 @@ struct MountArgs {
     /// Write the serving process's PID to FILE once the mount is live.
     #[arg(long, value_name = "FILE")]
     pidfile: Option<PathBuf>,
-    /// Also serve control commands on a UNIX socket at PATH (needed when mounting onto a
-    /// regular file, which has no directory for .control).
+    /// Also serve control commands on a UNIX socket at PATH (the way to reach `serve`, or a
+    /// mount onto a regular file, which has no directory for .control).
     #[arg(long = "control", value_name = "PATH")]
     control_socket: Option<PathBuf>,
     /// Resume, with a warning, any request suspended longer than SECS.
@@ -457,7 +500,10 @@ fn main() -> ExitCode {
         _ => Some(cli.verbose),
     });
     let sub = matches.subcommand().map(|(_, m)| m);
-    if !matches!(cli.command, Command::Mount(_) | Command::Demo) {
+    if !matches!(
+        cli.command,
+        Command::Mount(_) | Command::Serve(_) | Command::Demo
+    ) {
         // A command that only prints ends quietly when its reader goes away (`check | head`),
         // as command-line tools do; Rust ignores SIGPIPE, which makes `println!` panic. Not
         // for the daemon: a client that hangs up its control socket must not end the mount.
@@ -468,6 +514,10 @@ fn main() -> ExitCode {
         Command::Mount(mut args) => {
             args.rules.ordered = sub.map(ordered_rules).unwrap_or_default();
             mount(args)
+        }
+        Command::Serve(mut args) => {
+            args.rules.ordered = sub.map(ordered_rules).unwrap_or_default();
+            serve(args)
         }
         Command::Check(mut args) => {
             args.rules.ordered = sub.map(ordered_rules).unwrap_or_default();
@@ -587,21 +637,54 @@ fn check(args: CheckArgs) -> Result<(), Error> {
 }
 
 fn mount(args: MountArgs) -> Result<(), Error> {
-    let (extra_config, image) = match config::parse_blkdebug_filename(&args.image) {
+    let (set, reload, image) = load_rules(&args.image, &args.rules)?;
+    let mut options = MountOptions::new(image, &args.mountpoint);
+    options.cache = args.cache;
+    options.allow_other = args.allow_other;
+    if let Some(n) = args.threads {
+        options.threads = n as usize;
+    }
+    start(options, set, reload, &args.rules, &args.daemon, &args.nbd)
+}
+
+fn serve(args: ServeArgs) -> Result<(), Error> {
+    if args.nbd.listen.is_empty() {
+        return Err(Error::Usage(
+            "serve needs --listen unix:PATH or --listen tcp:HOST:PORT".into(),
+        ));
+    }
+    let (set, reload, image) = load_rules(&args.image, &args.rules)?;
+    let options = MountOptions::serve(image, Vec::new());
+    start(options, set, reload, &args.rules, &args.daemon, &args.nbd)
+}
+
+/// The image path and the rules of `mount` and `serve`: IMAGE may be QEMU's
+/// `blkdebug:CONFIG:IMAGE`.
+fn load_rules(image: &str, rules: &RuleArgs) -> Result<(RuleSet, ReloadSource, PathBuf), Error> {
+    let (extra_config, image) = match config::parse_blkdebug_filename(image) {
         Some((conf, image)) => (conf, image),
-        None => (None, PathBuf::from(&args.image)),
+        None => (None, PathBuf::from(image)),
     };
-    let (set, reload) = args.rules.load(extra_config.as_deref())?;
+    let (set, reload) = rules.load(extra_config.as_deref())?;
     for w in set.warnings() {
         log::warn!("{w}");
     }
-    let mut options = MountOptions::new(image, &args.mountpoint);
+    Ok((set, reload, image))
+}
+
+/// Prepares, daemonizes if asked, and serves until a signal: `mount` and `serve` alike.
+fn start(
+    mut options: MountOptions,
+    set: RuleSet,
+    reload: ReloadSource,
+    rules: &RuleArgs,
+    args: &DaemonArgs,
+    nbd: &NbdArgs,
+) -> Result<(), Error> {
     options.rules = set.rules;
-    options.limits = args.rules.limits();
+    options.limits = rules.limits();
     options.read_only = args.read_only;
     options.growable = args.growable;
-    options.cache = args.cache;
-    options.allow_other = args.allow_other;
     options.control_socket = args.control_socket.clone();
     options.max_suspend = args.max_suspend;
     options.reload = reload;
@@ -609,16 +692,18 @@ fn mount(args: MountArgs) -> Result<(), Error> {
     options.trace = args.trace.clone();
     options.trace_all = args.trace_all;
     options.write_cache = args.write_cache;
-    options.record = args.record.map(|dir| blkdebugfs::RecordSetup {
+    options.record = args.record.clone().map(|dir| blkdebugfs::RecordSetup {
         dir: std::path::absolute(&dir).unwrap_or(dir),
         image: None,
         start_now: true,
     });
     options.bad = set.bad;
     options.force_share = args.force_share;
-    if let Some(n) = args.threads {
-        options.threads = n as usize;
-    }
+    options.nbd = blkdebugfs::NbdOptions {
+        listen: nbd.listen.clone(),
+        allow_remote: nbd.allow_remote,
+        export: nbd.export.clone(),
+    };
     let prepared = blkdebugfs::prepare(options)?;
 
     // Daemonize before any thread exists: the parent waits for the child's verdict.

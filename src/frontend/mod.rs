@@ -1,6 +1,7 @@
-//! Front ends: the protocols a client reaches the mount through. Today FUSE (`fuse.rs`, the
+//! Front ends: the protocols a client reaches the mount through: FUSE (`fuse.rs`, the
 //! adapter, and `mounttable.rs`, the mount table and the watch that ends the daemon when its
-//! mount goes); NBD lands here next (`nbd/`).
+//! mount goes) and NBD (`nbd/`, a server on unix and TCP sockets). Both can serve one `Mount`
+//! at once.
 //!
 //! Contract: a front end translates its protocol's requests into [`Mount`](crate::mount::Mount)
 //! verbs and their outcomes into replies, and nothing else: no rule logic, no size or
@@ -12,6 +13,7 @@
 
 pub(crate) mod fuse;
 pub(crate) mod mounttable;
+pub(crate) mod nbd;
 
 use std::sync::Arc;
 

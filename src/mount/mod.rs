@@ -58,6 +58,7 @@ pub mod stats;
 mod timer;
 pub mod trace;
 
+pub use crate::engine::errno::describe as describe_errno;
 pub use crate::media::buffers::ReadBuf;
 pub use parking::{WaiterId, op_range};
 

@@ -11,6 +11,7 @@ mod fault_clients;
 mod faults;
 mod hardening;
 mod memory;
+mod nbd;
 mod newuser;
 mod power;
 mod power_clients;

@@ -1,0 +1,477 @@
+//! The transmission phase of one connection: its reader thread reads a request, checks it,
+//! and hands it to [`Mount`] with a completion that sends the reply. The reader never waits
+//! for a request's outcome: a delayed or suspended request holds its completion in the
+//! mount's parking, and the reader goes on with the next request; replies go out in the
+//! order requests finish, each identified by its cookie.
+//!
+//! Locks: a reply is sent whole under the connection's writer lock (`Conn::send`), taken by
+//! whichever thread completes a request and held for that one send only. The in-flight
+//! count has its own mutex, never held across a send or a `Mount` call.
+//!
+//! Backpressure: at most [`MAX_IN_FLIGHT`] requests of a connection may be in the mount at
+//! once (running or parked); the reader waits for one to finish before reading the next, so
+//! a client cannot make the server hold unbounded completions. Only that connection waits.
+//!
+//! Limits are checked before any I/O: a request past the export, with flags its command
+//! does not take, or of an unknown command gets an error reply; a write's payload is read
+//! off the socket first (so the stream stays in step), unless it is longer than
+//! [`MAX_PAYLOAD`]: then the connection is closed, as nothing it sends can be trusted.
+
+use std::io::{self, BufReader, Read};
+use std::sync::Arc;
+
+use log::{debug, warn};
+use parking_lot::{Condvar, Mutex};
+
+use super::ErrnoLog;
+use super::handshake::{MAX_PAYLOAD, Session};
+use super::proto::*;
+use super::sock::Sock;
+use crate::mount::{Caller, Mount, ReadBuf};
+
+/// Requests of one connection in the mount at once (see the module doc).
+pub const MAX_IN_FLIGHT: usize = 128;
+
+/// The write side and bookkeeping of a connection, shared by its reader and completions.
+pub struct Conn {
+    pub sock: Sock,
+    writer: Mutex<()>,
+    in_flight: Mutex<usize>,
+    finished: Condvar,
+    /// A reply could not be sent: the client is gone, later replies are dropped.
+    broken: std::sync::atomic::AtomicBool,
+    pub id: u64,
+}
+
+impl Conn {
+    pub fn new(sock: Sock, id: u64) -> Conn {
+        Conn {
+            sock,
+            writer: Mutex::new(()),
+            in_flight: Mutex::new(0),
+            finished: Condvar::new(),
+            broken: Default::default(),
+            id,
+        }
+    }
+
+    /// Sends one whole reply.
+    fn send(&self, parts: &[&[u8]]) {
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let _w = self.writer.lock();
+        if let Err(e) = self.sock.send_all(parts) {
+            if !self.broken.swap(true, Ordering::Relaxed) {
+                debug!("NBD connection {}: reply not sent ({e})", self.id);
+            }
+            // The client cannot follow the stream any more: stop reading from it too.
+            self.sock.shutdown(libc::SHUT_RDWR);
+        }
+    }
+
+    /// Counts a request in; waits while [`MAX_IN_FLIGHT`] are in the mount.
+    fn enter(&self) {
+        let mut n = self.in_flight.lock();
+        while *n >= MAX_IN_FLIGHT {
+            self.finished.wait(&mut n);
+        }
+        *n += 1;
+    }
+
+    fn leave(&self) {
+        let mut n = self.in_flight.lock();
+        *n -= 1;
+        self.finished.notify_all();
+    }
+
+    /// Waits until every request of this connection has replied.
+    fn drain(&self) {
+        let mut n = self.in_flight.lock();
+        while *n > 0 {
+            self.finished.wait(&mut n);
+        }
+    }
+}
+
+/// Counts a request in the mount until it replied: dropping it (after the reply, or on any
+/// path that never replies) lets the reader go on.
+struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    fn new(conn: &Arc<Conn>) -> InFlight {
+        conn.enter();
+        InFlight(conn.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// Replies to requests of one connection.
+#[derive(Clone)]
+struct Replier {
+    conn: Arc<Conn>,
+    structured: bool,
+    errnos: Arc<ErrnoLog>,
+}
+
+impl Replier {
+    fn ok(&self, cookie: u64) {
+        self.conn.send(&[&simple_reply(cookie, 0)]);
+    }
+
+    /// An error reply for `errno` as NBD carries it (logged when it changes).
+    fn errno(&self, cookie: u64, command: u16, errno: i32) {
+        let error = self.errnos.map(command, errno);
+        let message = crate::mount::describe_errno(errno);
+        self.error(cookie, error, &message, None);
+    }
+
+    /// An error reply with an NBD error and a message (structured replies carry it).
+    fn error(&self, cookie: u64, error: u32, message: &str, offset: Option<u64>) {
+        if self.structured {
+            self.conn
+                .send(&[&error_chunk(cookie, error, message, offset)]);
+        } else {
+            self.conn.send(&[&simple_reply(cookie, error)]);
+        }
+    }
+
+    fn einval(&self, cookie: u64, message: &str) {
+        debug!("NBD connection {}: EINVAL: {message}", self.conn.id);
+        self.error(cookie, NBD_EINVAL, message, None);
+    }
+
+    /// The reply to a read of `len` bytes at `offset` that produced `buf`.
+    fn read(&self, cookie: u64, offset: u64, len: u32, r: Result<ReadBuf, i32>) {
+        let buf = match r {
+            Ok(buf) => buf,
+            Err(e) => return self.errno(cookie, CMD_READ, e),
+        };
+        let got = buf.len().min(len as usize);
+        match (self.structured, got == len as usize) {
+            (false, true) => self.conn.send(&[&simple_reply(cookie, 0), &buf[..got]]),
+            // A short read: no way to send part of it in a simple reply.
+            (false, false) => self.errno(cookie, CMD_READ, libc::EIO),
+            (true, _) if len == 0 => self.conn.send(&[&none_chunk(cookie)]),
+            (true, true) => self
+                .conn
+                .send(&[&data_chunk_header(cookie, true, offset, got), &buf[..got]]),
+            (true, false) => {
+                let failed = offset + got as u64;
+                let error = error_chunk(
+                    cookie,
+                    NBD_EIO,
+                    &format!("short read: {got} of {len} bytes"),
+                    Some(failed),
+                );
+                if got == 0 {
+                    self.conn.send(&[&error]);
+                } else {
+                    self.conn.send(&[
+                        &data_chunk_header(cookie, false, offset, got),
+                        &buf[..got],
+                        &error,
+                    ]);
+                }
+            }
+        }
+    }
+
+    /// The reply to a `base:allocation` block status: one extent from the request's start.
+    fn extent(&self, cookie: u64, length: u32, status: u32) {
+        self.conn
+            .send(&[&block_status_chunk(cookie, &[(length, status)])]);
+    }
+}
+
+/// What the reader does after a request.
+enum Next {
+    Continue,
+    /// Stop reading (a disconnect request, or a stream that cannot be followed).
+    Stop,
+}
+
+/// Serves one connection's requests until the client disconnects, breaks the protocol or
+/// the server stops; then waits for every request in flight to reply and closes.
+pub fn serve(
+    conn: Arc<Conn>,
+    mut reader: BufReader<&Sock>,
+    mount: Arc<Mount>,
+    session: Session,
+    errnos: Arc<ErrnoLog>,
+) {
+    let replier = Replier {
+        conn: conn.clone(),
+        structured: session.structured,
+        errnos,
+    };
+    let mut payload = Vec::new();
+    loop {
+        let mut h = [0u8; REQUEST_LEN];
+        if let Err(e) = reader.read_exact(&mut h) {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                debug!("NBD connection {}: {e}", conn.id);
+            }
+            break;
+        }
+        let Some(req) = decode_request(&h) else {
+            warn!("NBD connection {}: bad request magic; closing it", conn.id);
+            break;
+        };
+        match request(&replier, &mut reader, &mount, &session, req, &mut payload) {
+            Next::Continue => {}
+            Next::Stop => break,
+        }
+        // A 32 MiB write once must not pin 32 MiB per idle connection.
+        if payload.len() > 4 << 20 {
+            payload = Vec::new();
+        }
+    }
+    conn.drain();
+    conn.sock.shutdown(libc::SHUT_RDWR);
+}
+
+/// Checks and starts one request.
+fn request(
+    replier: &Replier,
+    reader: &mut BufReader<&Sock>,
+    mount: &Arc<Mount>,
+    session: &Session,
+    req: Request,
+    payload: &mut Vec<u8>,
+) -> Next {
+    let Request {
+        flags,
+        kind,
+        cookie,
+        offset,
+        len,
+    } = req;
+    let caller = Caller { pid: 0 };
+    let in_range = offset
+        .checked_add(len as u64)
+        .is_some_and(|end| end <= session.size);
+    if kind == CMD_WRITE {
+        // The payload first, whatever the answer: the next request starts after it.
+        if len > MAX_PAYLOAD {
+            warn!(
+                "NBD connection {}: a write of {len} bytes (over {MAX_PAYLOAD}); closing it",
+                replier.conn.id
+            );
+            return Next::Stop;
+        }
+        if payload.len() < len as usize {
+            payload.resize(len as usize, 0);
+        }
+        if let Err(e) = reader.read_exact(&mut payload[..len as usize]) {
+            debug!("NBD connection {}: closed mid-write ({e})", replier.conn.id);
+            return Next::Stop;
+        }
+    }
+    if flags & !allowed_flags(kind) != 0 {
+        replier.einval(
+            cookie,
+            &format!("flags {flags:#x} on {}", command_name(kind)),
+        );
+        return Next::Continue;
+    }
+    let writes = matches!(kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && mount.read_only() {
+        replier.error(cookie, NBD_EPERM, "the export is read-only", None);
+        return Next::Continue;
+    }
+    let ranged = matches!(
+        kind,
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
+    );
+    if ranged && !in_range {
+        let message = format!(
+            "{} of {len} bytes at {offset} is past the end ({} bytes)",
+            command_name(kind),
+            session.size
+        );
+        debug!("NBD connection {}: {message}", replier.conn.id);
+        // proto.md: a write past the end is ENOSPC, any other request EINVAL.
+        let error = match kind {
+            CMD_WRITE | CMD_WRITE_ZEROES => NBD_ENOSPC,
+            _ => NBD_EINVAL,
+        };
+        replier.error(cookie, error, &message, None);
+        return Next::Continue;
+    }
+    let fua = flags & CMD_FLAG_FUA != 0;
+    match kind {
+        CMD_READ => {
+            if len > MAX_PAYLOAD {
+                replier.einval(cookie, "a read over 32 MiB");
+                return Next::Continue;
+            }
+            let inflight = InFlight::new(&replier.conn);
+            let r = replier.clone();
+            mount.read(
+                caller,
+                offset,
+                len,
+                Box::new(move |result| {
+                    r.read(cookie, offset, len, result);
+                    drop(inflight);
+                }),
+            );
+        }
+        CMD_WRITE => {
+            let inflight = InFlight::new(&replier.conn);
+            let r = replier.clone();
+            let m = mount.clone();
+            mount.write(
+                caller,
+                offset,
+                &payload[..len as usize],
+                Box::new(move |result| match result {
+                    Ok(n) if n == len => finish(&m, &r, cookie, kind, fua, inflight),
+                    Ok(n) => {
+                        r.error(
+                            cookie,
+                            NBD_EIO,
+                            &format!("short write: {n} of {len} bytes"),
+                            None,
+                        );
+                        drop(inflight);
+                    }
+                    Err(e) => {
+                        r.errno(cookie, kind, e);
+                        drop(inflight);
+                    }
+                }),
+            );
+        }
+        CMD_FLUSH => {
+            let inflight = InFlight::new(&replier.conn);
+            let r = replier.clone();
+            mount.flush(
+                caller,
+                Box::new(move |result| {
+                    match result {
+                        Ok(()) => r.ok(cookie),
+                        Err(e) => r.errno(cookie, kind, e),
+                    }
+                    drop(inflight);
+                }),
+            );
+        }
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            // TRIM is a discard (a punched hole), WRITE_ZEROES a zero-range write: their FUSE
+            // twins' fallocate modes, so the same plans and rules apply.
+            let mode = match kind {
+                CMD_TRIM => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                _ => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            };
+            let inflight = InFlight::new(&replier.conn);
+            let r = replier.clone();
+            let m = mount.clone();
+            mount.fallocate(
+                caller,
+                mode,
+                offset,
+                len as u64,
+                Box::new(move |result| match result {
+                    Ok(()) => finish(&m, &r, cookie, kind, fua, inflight),
+                    Err(e) => {
+                        r.errno(cookie, kind, e);
+                        drop(inflight);
+                    }
+                }),
+            );
+        }
+        CMD_BLOCK_STATUS => {
+            if !session.base_allocation {
+                replier.einval(cookie, "BLOCK_STATUS without base:allocation negotiated");
+                return Next::Continue;
+            }
+            if len == 0 {
+                replier.einval(cookie, "BLOCK_STATUS of 0 bytes");
+                return Next::Continue;
+            }
+            block_status(mount, replier, cookie, offset, len);
+        }
+        CMD_DISC => {
+            debug!("NBD connection {}: the client disconnects", replier.conn.id);
+            return Next::Stop;
+        }
+        _ => replier.einval(
+            cookie,
+            &format!("unknown command {kind} ({})", command_name(kind)),
+        ),
+    }
+    Next::Continue
+}
+
+/// After a write, trim or write-zeroes succeeded: with FUA, a flush makes it durable before
+/// the reply (what QEMU does for a node without native FUA), otherwise the reply.
+fn finish(mount: &Arc<Mount>, r: &Replier, cookie: u64, kind: u16, fua: bool, inflight: InFlight) {
+    if !fua {
+        r.ok(cookie);
+        return drop(inflight);
+    }
+    let r = r.clone();
+    mount.flush(
+        Caller { pid: 0 },
+        Box::new(move |result| {
+            match result {
+                Ok(()) => r.ok(cookie),
+                Err(e) => r.errno(cookie, kind, e),
+            }
+            drop(inflight);
+        }),
+    );
+}
+
+/// `BLOCK_STATUS` as its FUSE twin: `SEEK_DATA` from the offset, and when data starts there,
+/// `SEEK_HOLE` for its end. One extent is the answer (the protocol lets a server describe
+/// less than asked; the client asks again from its end).
+fn block_status(mount: &Arc<Mount>, replier: &Replier, cookie: u64, offset: u64, len: u32) {
+    let inflight = InFlight::new(&replier.conn);
+    let r = replier.clone();
+    let m = mount.clone();
+    let clamp = move |end: i64| (end as u64).saturating_sub(offset).clamp(1, len as u64) as u32;
+    mount.seek(
+        Caller { pid: 0 },
+        offset as i64,
+        libc::SEEK_DATA,
+        Box::new(move |found| match found {
+            Ok(data) if data as u64 > offset => {
+                r.extent(cookie, clamp(data), STATE_HOLE | STATE_ZERO);
+                drop(inflight);
+            }
+            // No data from here to the end: all hole.
+            Err(libc::ENXIO) => {
+                r.extent(cookie, len, STATE_HOLE | STATE_ZERO);
+                drop(inflight);
+            }
+            Ok(_) => {
+                let r2 = r.clone();
+                m.seek(
+                    Caller { pid: 0 },
+                    offset as i64,
+                    libc::SEEK_HOLE,
+                    Box::new(move |found| {
+                        match found {
+                            Ok(hole) => r2.extent(cookie, clamp(hole), 0),
+                            Err(e) => r2.errno(cookie, CMD_BLOCK_STATUS, e),
+                        }
+                        drop(inflight);
+                    }),
+                );
+            }
+            Err(e) => {
+                r.errno(cookie, CMD_BLOCK_STATUS, e);
+                drop(inflight);
+            }
+        }),
+    );
+}
