@@ -18,6 +18,9 @@
 #   run 4  the crash image, mounted again: the guest mounts the filesystem (replaying its
 #          journal), every file run 3 reported fsync'd must have the md5 it reported, and
 #          after unmounting, the guest's `e2fsck -fn` must be clean.
+#   run 5  run 3's guest workload with no cut, recorded with `mount --record`, the host
+#          marking each file the guest reports fsync'd; `explore --from` then checks every
+#          crash state: marked files intact, full-size files as written, e2fsck -fn clean.
 #
 # The guest is a Debian kernel plus a tiny busybox initramfs built here; QEMU opens the
 # view with cache=none (O_DIRECT), so every guest request reaches blkdebugfs.
@@ -628,6 +631,63 @@ check "run 4: every file fsync'd in run 3 is there with its md5" every_synced_fi
 check "run 4: guest unmounted it" has "$C4" 'VMTEST unmounted'
 check "run 4: no I/O error in the guest kernel log" lacks "$C4" 'I/O error'
 check "run 4: guest e2fsck -fn is clean (exit 0)" has "$C4" 'VMTEST fsck exit 0'
+
+# Run 5: the same guest workload (no cut), recorded with `mount --record`; the host marks
+# each file the guest reports fsync'd (`ctl mark`, recorded after the fsync returned), and
+# `explore --from` checks every crash state of the run: each marked file has its md5, every
+# full-size file has the md5 the guest reported (ext4's data=ordered), and e2fsck -fn is
+# clean.
+log "run 5: ext4, mount --record, the guest writes fsync'd files; explore --from checks every crash state"
+rm -f "$IMAGE"
+truncate -s "${IMAGE_MIB}M" "$IMAGE"
+mkfs.ext4 -q -F -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 "$IMAGE"
+REC5="$WORK/rec5"
+mount_view "$WORK/run5.log" --record "$REC5"
+: >"$WORK/run5.console"
+# The marker reads the console as QEMU writes it; its own process group, ended by PID.
+setsid bash -c 'tail -n +1 -F "$1" 2>/dev/null |
+  grep --line-buffered -aoE "VMTEST synced f[0-9]+ [0-9a-f]{32}" |
+  while read -r _ _ name sum; do "$2" ctl "$3" mark "$name $sum" >/dev/null; done' \
+  marker "$WORK/run5.console" "$BLKDEBUGFS" "$MNT" &
+MARKER_PID=$!
+boot_vm "$WORK/run5.console" vmtest.mode=powercut
+C5="$WORK/run5.console.txt"
+SYNCED5="$WORK/run5.synced"
+{ grep -aoE 'VMTEST synced f[0-9]+ [0-9a-f]{32}' "$C5" || true; } | awk '{print $3, $4}' >"$SYNCED5"
+# Wait until the marker has marked every file the guest reported.
+marks_recorded() { "$BLKDEBUGFS" ctl "$MNT" record status | grep -oE '[0-9]+ marks' | cut -d' ' -f1; }
+for _ in $(seq 100); do
+  [ "$(marks_recorded)" -ge "$(wc -l <"$SYNCED5")" ] && break
+  sleep 0.1
+done
+MARKS5="$(marks_recorded)"
+kill -- -"$MARKER_PID" 2>/dev/null || true
+wait "$MARKER_PID" 2>/dev/null || true
+stop_mount
+show_daemon_log "$WORK/run5.log"
+# The check, in the mounted crash state: marked files intact, full-size files as written.
+{
+  echo 'while read -r name sum; do'
+  echo '  [ "$(md5sum <"$name" 2>/dev/null | cut -d" " -f1)" = "$sum" ] ||'
+  echo '    { echo "$name was marked fsync'"'"'d but is missing or changed"; exit 1; }'
+  echo 'done <"$BLKDEBUGFS_MARKS"'
+  echo 'while read -r name sum; do'
+  echo '  [ -f "$name" ] && [ "$(stat -c %s "$name")" = 65536 ] || continue'
+  echo '  [ "$(md5sum <"$name" | cut -d" " -f1)" = "$sum" ] ||'
+  echo '    { echo "$name is full-size but not what the guest wrote"; exit 1; }'
+  echo "done <\"$SYNCED5\""
+} >"$WORK/check5.sh"
+EXPLORE5_RC=0
+"$BLKDEBUGFS" explore --from "$REC5" --fs ext4 --check "sh $WORK/check5.sh" --jobs 2 \
+  --seed 5 --per-epoch 8 --report "$WORK/run5.jsonl" >"$WORK/run5.explore" 2>&1 || EXPLORE5_RC=$?
+log "run 5: explore (exit $EXPLORE5_RC):"
+tail -n 5 "$WORK/run5.explore" | sed 's/^/    | /'
+STATES5="$(grep -c '"state"' "$WORK/run5.jsonl" 2>/dev/null || echo 0)"
+check "run 5: VM powered off by itself (status 0)" test "$VM_RC" -eq 0
+check "run 5: the guest fsync'd all $POWERCUT_FILES files" test "$(wc -l <"$SYNCED5")" -eq "$POWERCUT_FILES"
+check "run 5: the recording holds a mark per file ($MARKS5)" test "$MARKS5" -eq "$POWERCUT_FILES"
+check "run 5: explore checked crash states ($STATES5)" test "$STATES5" -gt "$POWERCUT_FILES"
+check "run 5: no crash state lost a marked file, tore a file or failed e2fsck -fn" test "$EXPLORE5_RC" -eq 0
 
 # ---------------------------------------------------------------------------------------
 # 5. Summary
