@@ -131,6 +131,10 @@ struct ExploreArgs {
     /// With --state: write that crash image to FILE (sparse), byte for byte.
     #[arg(long, value_name = "FILE")]
     image_out: Option<PathBuf>,
+    /// The disk's atomic write unit: a torn write keeps or loses whole units of BYTES
+    /// (512: any sector may tear apart from its neighbours; 4096 for 4Kn and 512e disks).
+    #[arg(long, value_name = "BYTES", default_value = "512", value_parser = size)]
+    physical_sector: u64,
 }
 
 #[derive(Clone)]
@@ -213,6 +217,7 @@ fn explore(args: ExploreArgs) -> ExitCode {
         no_fsck: args.no_fsck,
         state: args.state,
         image_out: args.image_out,
+        physical_sector: args.physical_sector,
     };
     let result = blkdebugfs::explore::run(options);
     blkdebugfs::logring::finish(std::time::Duration::from_secs(2));

@@ -16,8 +16,6 @@ use std::sync::Arc;
 
 use super::enumerate::Candidate;
 use super::recording::{Change, Recording, Src};
-use crate::engine::ranges::SECTOR;
-
 /// Non-overlapping ranges of bytes and where each comes from: `start -> (end, src)`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Layer {
@@ -69,9 +67,9 @@ impl Layer {
     }
 }
 
-/// The byte pieces of a write that a tear keeps: its sector-clipped units `kept`.
-pub fn torn_pieces(write: Change, kept: &[usize]) -> Vec<Change> {
-    let units = sector_units(write.offset, write.len);
+/// The byte pieces of a write that a tear keeps: its units `kept` (see [`atomic_units`]).
+pub fn torn_pieces(write: Change, kept: &[usize], unit: u64) -> Vec<Change> {
+    let units = atomic_units(write.offset, write.len, unit);
     kept.iter()
         .filter_map(|&i| units.get(i))
         .map(|&(at, len)| Change {
@@ -82,13 +80,14 @@ pub fn torn_pieces(write: Change, kept: &[usize]) -> Vec<Change> {
         .collect()
 }
 
-/// The sector-clipped pieces of `[offset, offset+len)`: the units a tear keeps or loses.
-pub fn sector_units(offset: u64, len: u64) -> Vec<(u64, u64)> {
+/// The pieces of `[offset, offset+len)` cut at multiples of `unit` (the disk's atomic write
+/// unit, `--physical-sector`): what a tear keeps or loses whole.
+pub fn atomic_units(offset: u64, len: u64, unit: u64) -> Vec<(u64, u64)> {
     let end = offset + len;
     let mut out = Vec::new();
     let mut at = offset;
     while at < end {
-        let next = ((at / SECTOR) + 1).saturating_mul(SECTOR).min(end);
+        let next = ((at / unit) + 1).saturating_mul(unit).min(end);
         out.push((at, next - at));
         at = next;
     }
@@ -105,14 +104,14 @@ pub struct StateImage {
 }
 
 impl StateImage {
-    /// The delta layer of `candidate` over its epoch's writes.
-    pub fn delta_of(rec: &Recording, candidate: &Candidate) -> Layer {
+    /// The delta layer of `candidate` over its epoch's writes (a tear keeps whole `unit`s).
+    pub fn delta_of(rec: &Recording, candidate: &Candidate, unit: u64) -> Layer {
         let writes = &rec.epochs[candidate.epoch].writes;
         let mut delta = Layer::default();
         for &w in &candidate.writes {
             match &candidate.tear {
                 Some(tear) if tear.write == w => {
-                    for piece in torn_pieces(writes[w], &tear.kept) {
+                    for piece in torn_pieces(writes[w], &tear.kept, unit) {
                         delta.put(piece);
                     }
                 }
@@ -207,6 +206,7 @@ pub fn sector_hash(sector: u64, bytes: &[u8]) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::ranges::SECTOR;
 
     fn c(offset: u64, len: u64, at: u64) -> Change {
         Change {
@@ -248,10 +248,20 @@ mod tests {
     }
 
     #[test]
+    fn a_larger_physical_sector_tears_only_at_its_own_boundaries() {
+        assert_eq!(
+            atomic_units(1024, 8192, 4096),
+            vec![(1024, 3072), (4096, 4096), (8192, 1024)]
+        );
+        assert_eq!(atomic_units(0, 4096, 4096), vec![(0, 4096)]);
+        assert_eq!(atomic_units(0, 4096, SECTOR).len(), 8);
+    }
+
+    #[test]
     fn a_tear_keeps_whole_sectors_of_the_write() {
         let w = c(100, 1200, 0);
         assert_eq!(
-            torn_pieces(w, &[0, 2]),
+            torn_pieces(w, &[0, 2], SECTOR),
             vec![
                 Change {
                     offset: 100,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 
 use super::enumerate::{Kind, Shape, parse_id};
-use super::overlay::sector_units;
+use super::overlay::atomic_units;
 use super::recording::Recording;
 use super::serve::{Slot, Slots, StatesMount};
 use super::states::{self, Planned, Priors};
@@ -88,6 +88,8 @@ pub struct ExploreOptions {
     pub no_fsck: bool,
     pub state: Option<String>,
     pub image_out: Option<PathBuf>,
+    /// The disk's atomic write unit in bytes (`--physical-sector`, default 512).
+    pub physical_sector: u64,
 }
 
 /// How a run ended when it ran to its end.
@@ -170,7 +172,7 @@ pub fn run(opts: ExploreOptions) -> Result<Outcome, ExploreError> {
         }
     }
     let base_file = Arc::new(base_file);
-    let priors = Arc::new(Priors::new(rec.clone()));
+    let priors = Arc::new(Priors::new(rec.clone(), opts.physical_sector));
 
     if let Some(id) = &opts.state {
         return one_state(
@@ -197,6 +199,7 @@ pub fn run(opts: ExploreOptions) -> Result<Outcome, ExploreError> {
             seed,
             per_epoch: opts.per_epoch,
             kinds: opts.kinds.clone(),
+            unit: opts.physical_sector,
         },
     )
     .map_err(run_err("building the crash states"))?;
@@ -274,6 +277,15 @@ fn validate(opts: &ExploreOptions) -> Result<(), ExploreError> {
     {
         return Err(ExploreError::Usage(format!(
             "--state {id}: an ID is EPOCH.KIND.N, e.g. 12.omit.3"
+        )));
+    }
+    if opts.physical_sector < 512
+        || !opts.physical_sector.is_power_of_two()
+        || opts.physical_sector > 1 << 20
+    {
+        return Err(ExploreError::Usage(format!(
+            "--physical-sector {}: a power of two from 512 to 1M bytes",
+            opts.physical_sector
         )));
     }
     if opts.jobs == 0 {
@@ -481,7 +493,7 @@ fn one_state(
     let units: Vec<usize> = e
         .writes
         .iter()
-        .map(|w| sector_units(w.offset, w.len).len())
+        .map(|w| atomic_units(w.offset, w.len, opts.physical_sector).len())
         .collect();
     let shape = Shape {
         epoch,
@@ -989,8 +1001,12 @@ fn report(
         Some(b) => format!(" --base {}", shell_quote(&b.display().to_string())),
         None => String::new(),
     };
+    let unit = match opts.physical_sector {
+        512 => String::new(),
+        n => format!(" --physical-sector {n}"),
+    };
     println!(
-        "rebuild it: blkdebugfs explore --from {}{base} --seed {seed} --state {id} --image-out state.img{}",
+        "rebuild it: blkdebugfs explore --from {}{base}{unit} --seed {seed} --state {id} --image-out state.img{}",
         shell_quote(&rec_dir.display().to_string()),
         if kept {
             ""

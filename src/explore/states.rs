@@ -17,7 +17,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::enumerate::{Candidate, Kind, Shape};
-use super::overlay::{Layer, StateImage, sector_hash, sector_units};
+use super::overlay::{Layer, StateImage, atomic_units, sector_hash};
 use super::recording::Recording;
 use crate::engine::ranges::SECTOR;
 
@@ -29,6 +29,9 @@ pub struct Options {
     pub per_epoch: usize,
     /// The kinds, in order (`--strategies`).
     pub kinds: Vec<Kind>,
+    /// The disk's atomic write unit in bytes (`--physical-sector`): what a tear keeps or
+    /// loses whole.
+    pub unit: u64,
 }
 
 /// A state to check.
@@ -63,7 +66,7 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
         let units: Vec<usize> = epoch
             .writes
             .iter()
-            .map(|w| sector_units(w.offset, w.len).len())
+            .map(|w| atomic_units(w.offset, w.len, opts.unit).len())
             .collect();
         let shape = Shape {
             epoch: e,
@@ -77,7 +80,7 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
             base_image: base_image.clone(),
             base: base.clone(),
             prior: prior_arc.clone(),
-            delta: StateImage::delta_of(rec, c),
+            delta: StateImage::delta_of(rec, c, opts.unit),
         };
         let durable = shape.candidate(Kind::Durable, 0).expect("always one");
         let a = start_sum.wrapping_sub(share(&image_of(&durable), &touched)?);
@@ -185,6 +188,7 @@ fn share(state: &StateImage, touched: &[(u64, u64)]) -> io::Result<u128> {
 /// checks are on at once (checks run in list order, so epochs ascend).
 pub struct Priors {
     rec: Arc<Recording>,
+    unit: u64,
     pub base: Arc<Layer>,
     /// `(epoch, its prior layer)`, newest last.
     built: Mutex<Vec<(usize, Arc<Layer>)>>,
@@ -194,9 +198,10 @@ pub struct Priors {
 const PRIORS_KEPT: usize = 4;
 
 impl Priors {
-    pub fn new(rec: Arc<Recording>) -> Priors {
+    pub fn new(rec: Arc<Recording>, unit: u64) -> Priors {
         Priors {
             base: Arc::new(base_layer(&rec)),
+            unit,
             rec,
             built: Mutex::new(Vec::new()),
         }
@@ -236,7 +241,7 @@ impl Priors {
             base_image: base_image.clone(),
             base: self.base.clone(),
             prior: self.before(candidate.epoch),
-            delta: StateImage::delta_of(&self.rec, candidate),
+            delta: StateImage::delta_of(&self.rec, candidate, self.unit),
         }
     }
 }
@@ -349,10 +354,11 @@ mod tests {
                 seed: 1,
                 per_epoch: 1000,
                 kinds: vec![Kind::Subset],
+                unit: SECTOR,
             },
         )
         .unwrap();
-        let priors = Priors::new(rec.clone());
+        let priors = Priors::new(rec.clone(), SECTOR);
         // Every subset of every epoch, as the model builds it.
         let mut distinct: BTreeSet<Vec<u8>> = BTreeSet::new();
         for (e, writes) in epochs.iter().enumerate() {
@@ -395,13 +401,14 @@ mod tests {
             seed: 9,
             per_epoch: 64,
             kinds: Kind::ALL.to_vec(),
+            unit: SECTOR,
         };
         let list = plan(&rec, &base, &opts).unwrap();
-        let priors = Priors::new(rec.clone());
+        let priors = Priors::new(rec.clone(), SECTOR);
         let units: Vec<usize> = rec.epochs[0]
             .writes
             .iter()
-            .map(|w| sector_units(w.offset, w.len).len())
+            .map(|w| atomic_units(w.offset, w.len, SECTOR).len())
             .collect();
         let mut seen = BTreeMap::new();
         for p in &list.states {
