@@ -48,6 +48,8 @@
 # delay, write-cache and bad-sector rows on stdout, ready for the README; progress goes to
 # stderr.
 # Nothing here judges a number: the goals are printed beside them (this machine is noisy).
+# Last, scripts/bench-explore.sh measures `explore`: states per second, the time to the first
+# failure, and what recording costs (with --quick when this runs with --quick).
 #
 # Environment:
 #   BLKDEBUGFS=PATH       use this binary instead of building with `cargo build --release`
@@ -753,5 +755,12 @@ for line in open(qemu_rows):
 EOF
   echo
 fi
+
+# explore: states per second, time to the first failure, what recording costs (its own
+# script, the same binary; --quick there too).
+echo
+explore_args=()
+[ "$quick" = 1 ] && explore_args=(--quick)
+BLKDEBUGFS="$bdfs" bash "$repo/scripts/bench-explore.sh" "${explore_args[@]}" || failed=1
 
 [ "$failed" = 0 ] || die "some jobs failed (see above)"
