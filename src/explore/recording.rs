@@ -96,6 +96,12 @@ impl Recording {
         if field(&meta, "format")? != FORMAT_VERSION {
             return Err(bad(dir, "an unknown format version"));
         }
+        if let Some(why) = meta.get("broken").and_then(|b| b.as_str()) {
+            return Err(bad(
+                dir,
+                format!("it is incomplete (an I/O error while recording: {why})"),
+            ));
+        }
         let img = meta
             .get("image")
             .ok_or_else(|| bad(dir, "recording.json names no image"))?;

@@ -685,7 +685,10 @@ fn check_all(
     work: &Path,
     skipped: &[usize],
 ) -> Result<Vec<Option<Checked>>, ExploreError> {
-    let jobs = opts.jobs.min(planned.len().max(1));
+    if planned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let jobs = opts.jobs.min(planned.len());
     let states_dir = work.join("states");
     std::fs::create_dir_all(&states_dir).map_err(run_err("working directory"))?;
     let slots = Slots::new(jobs, rec.size);

@@ -74,7 +74,8 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
             seed: opts.seed,
         };
         let touched = touched_sectors(rec, e);
-        let prior_arc = Arc::new(prior.clone());
+        // Shared with this epoch's states while they are hashed, then taken back (no copy).
+        let prior_arc = Arc::new(std::mem::take(&mut prior));
         let image_of = |c: &Candidate| StateImage {
             rec: rec.clone(),
             base_image: base_image.clone(),
@@ -129,6 +130,7 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
         }
         let full = shape.candidate(Kind::Full, 0).expect("always one");
         start_sum = a.wrapping_add(share(&image_of(&full), &touched)?);
+        prior = Arc::try_unwrap(prior_arc).unwrap_or_else(|shared| (*shared).clone());
         for w in &epoch.writes {
             prior.put(*w);
         }

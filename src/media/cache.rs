@@ -370,10 +370,9 @@ impl WriteCache {
         // The recording keeps the first before-image of each sector (from the reads below,
         // under the claim, so it is what the write before left) and the bytes stored.
         let (mut fresh, data_at) = match &self.recorder {
-            Some(rec) if rec.recording() => (
-                Some((rec, rec.claim_fresh(offset, len))),
-                rec.keep_data(content)?,
-            ),
+            Some(rec) if rec.recording() => {
+                (Some(rec.claim_fresh(offset, len)), rec.keep_data(content)?)
+            }
             _ => (None, 0),
         };
         // A small write reads its range whole; only a large range (a big write-zeroes) asks
@@ -394,10 +393,10 @@ impl WriteCache {
                     let n = (s + l - at).min(READ_WHOLE_MAX);
                     buf.resize(n as usize, 0);
                     read_full(image, &mut buf, at)?;
-                    if let Some((rec, fresh)) = &mut fresh
+                    if let Some(fresh) = &mut fresh
                         && !fresh.is_empty()
                     {
-                        fresh.keep(rec, at, &buf)?;
+                        fresh.keep(at, &buf)?;
                     }
                     // Zeroes need no bytes: restoring them punches a hole (which reads the
                     // same), so a sparse image stays sparse and its holes cost no journal.
@@ -424,8 +423,8 @@ impl WriteCache {
                     at += n;
                 }
             }
-            if let Some((rec, fresh)) = fresh {
-                fresh.finish(rec, image)?;
+            if let Some(fresh) = fresh {
+                fresh.finish(image)?;
             }
             io()
         })();

@@ -140,6 +140,9 @@ pub struct Recorder {
     /// the recorder hashes the image it records when it stops (`mount --record`).
     image: Option<ImageInfo>,
     state: Mutex<RecorderState>,
+    /// The first I/O error that left the recording incomplete: `recording.json` says so,
+    /// and explore refuses the recording rather than explore states it cannot rebuild.
+    broken: Mutex<Option<String>>,
 }
 
 struct RecorderState {
@@ -188,6 +191,7 @@ impl Recorder {
             before: open("before")?,
             labels: open("labels")?,
             image,
+            broken: Mutex::new(None),
             state: Mutex::new(RecorderState {
                 next_event: 0,
                 data_end: 0,
@@ -220,15 +224,15 @@ impl Recorder {
     /// caller reads the range (the write cache does anyway), hands each piece it read to
     /// [`Fresh::keep`], and ends with [`Fresh::finish`]: one read of the image serves the
     /// cache's journal and the recording.
-    pub fn claim_fresh(&self, offset: u64, len: u64) -> Fresh {
+    pub fn claim_fresh(&self, offset: u64, len: u64) -> Fresh<'_> {
         let mut runs = Vec::new();
         if len == 0 {
-            return Fresh { runs };
+            return Fresh { rec: self, runs };
         }
         let (first, last) = (offset / SECTOR, (offset + len - 1) / SECTOR);
         let mut st = self.state.lock();
         if st.stopped {
-            return Fresh { runs };
+            return Fresh { rec: self, runs };
         }
         let mut s = first;
         while s <= last {
@@ -244,7 +248,26 @@ impl Recorder {
             st.touched.insert(s, e);
             s = e + 1;
         }
-        Fresh { runs }
+        Fresh { rec: self, runs }
+    }
+
+    /// Notes the first error that left the recording incomplete.
+    fn noted<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            self.broke(format!("{e}"));
+        }
+        r
+    }
+
+    fn broke(&self, why: String) {
+        let mut broken = self.broken.lock();
+        if broken.is_none() {
+            log::error!(
+                "the recording in {} is incomplete from here on: {why}",
+                self.dir.display()
+            );
+            *broken = Some(why);
+        }
     }
 
     /// Keeps the before-image bytes `bytes` of `[at, at+len)`: zeroes as an event alone.
@@ -256,7 +279,7 @@ impl Recorder {
                     st.before_end += len;
                     st.before_end - len
                 };
-                self.before.write_all_at(b, place)?;
+                self.noted(self.before.write_all_at(b, place))?;
                 place
             }
             _ => ZEROES,
@@ -275,7 +298,7 @@ impl Recorder {
             st.data_end += bytes.len() as u64;
             st.data_end - bytes.len() as u64
         };
-        self.data.write_all_at(bytes, at)?;
+        self.noted(self.data.write_all_at(bytes, at))?;
         Ok(at)
     }
 
@@ -444,6 +467,7 @@ impl Recorder {
             "flushes": flushes,
             "marks": marks,
             "started": st.started,
+            "broken": *self.broken.lock(),
         });
         drop(st);
         let mut text = serde_json::to_string_pretty(&meta).map_err(io::Error::other)?;
@@ -468,17 +492,30 @@ impl Recorder {
 /// The sectors of one write whose before-images the recording still needs (see
 /// [`Recorder::claim_fresh`]): byte ranges `[start, end)`, ascending.
 #[must_use = "claimed sectors whose before-image is never kept would read as the image"]
-pub struct Fresh {
+pub struct Fresh<'a> {
+    rec: &'a Recorder,
     runs: Vec<(u64, u64)>,
 }
 
-impl Fresh {
+impl Drop for Fresh<'_> {
+    fn drop(&mut self) {
+        // Dropped before `finish`: the write failed before the before-images of sectors it
+        // claimed were kept, so the base under them is unknown.
+        if !self.runs.is_empty() {
+            self.rec
+                .broke("a write failed before its before-image was kept".into());
+        }
+    }
+}
+
+impl Fresh<'_> {
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty()
     }
 
     /// The image read `buf` at `at`: keeps what of it is fresh.
-    pub fn keep(&mut self, rec: &Recorder, at: u64, buf: &[u8]) -> io::Result<()> {
+    pub fn keep(&mut self, at: u64, buf: &[u8]) -> io::Result<()> {
+        let rec = self.rec;
         let end = at + buf.len() as u64;
         let mut left = Vec::with_capacity(self.runs.len());
         for &(s, e) in &self.runs {
@@ -501,13 +538,15 @@ impl Fresh {
 
     /// Keeps what the caller did not read (a sector's edges beyond an unaligned write,
     /// the holes of a large range) from `image`: data extents read, holes as zeroes.
-    pub fn finish(self, rec: &Recorder, image: &File) -> io::Result<()> {
+    pub fn finish(mut self, image: &File) -> io::Result<()> {
         const BLOCK: u64 = 1 << 20;
+        let rec = self.rec;
         let mut buf = Vec::new();
-        for (start, end) in self.runs {
+        let runs = std::mem::take(&mut self.runs);
+        for (start, end) in runs {
             let extents = match end - start <= BLOCK {
                 true => vec![(start, end - start)],
-                false => crate::media::cache_data_extents(image, start, end - start)?,
+                false => rec.noted(crate::media::cache_data_extents(image, start, end - start))?,
             };
             let mut cursor = start;
             for (s, l) in extents {
@@ -519,7 +558,7 @@ impl Fresh {
                 while here < e {
                     let n = (e - here).min(BLOCK);
                     buf.resize(n as usize, 0);
-                    crate::media::read_full(image, &mut buf, here)?;
+                    rec.noted(crate::media::read_full(image, &mut buf, here))?;
                     rec.keep_before(here, Some(&buf), n)?;
                     here += n;
                 }
@@ -546,7 +585,7 @@ pub struct PendingEvent {
 impl PendingEvent {
     pub fn write(self, recorder: &Recorder) -> io::Result<()> {
         match self.due {
-            Some((at, bytes)) => recorder.events.write_all_at(&bytes, at),
+            Some((at, bytes)) => recorder.noted(recorder.events.write_all_at(&bytes, at)),
             None => Ok(()),
         }
     }
@@ -562,9 +601,7 @@ pub struct PendingMark {
 
 impl PendingMark {
     pub fn write(self, recorder: &Recorder) -> io::Result<()> {
-        recorder
-            .labels
-            .write_all_at(self.label.as_bytes(), self.at)?;
+        recorder.noted(recorder.labels.write_all_at(self.label.as_bytes(), self.at))?;
         self.event.write(recorder)
     }
 }
@@ -672,8 +709,8 @@ mod tests {
             let mut fresh = rec.claim_fresh(offset, len);
             let mut buf = vec![0u8; len as usize];
             crate::media::read_full(image, &mut buf, offset).unwrap();
-            fresh.keep(&rec, offset, &buf).unwrap();
-            fresh.finish(&rec, image).unwrap();
+            fresh.keep(offset, &buf).unwrap();
+            fresh.finish(image).unwrap();
         };
         before(512, 1024, &image);
         before(100, 2000, &image);
