@@ -22,6 +22,22 @@ pub const MAX_SECTOR: u64 = (i64::MAX as u64) / SECTOR;
 /// enough that the chunk index stays small, small enough that an insert's move is cheap.
 pub const CHUNK_MAX: usize = 1024;
 
+/// The pieces of `[offset, offset+len)` cut at multiples of `unit`: what a disk writes
+/// atomically, so what a power cut (per sector) or a torn crash state (per physical sector,
+/// `explore --physical-sector`) keeps or loses whole. One function, so the two can never
+/// disagree on where a write may tear.
+pub fn atomic_units(offset: u64, len: u64, unit: u64) -> Vec<(u64, u64)> {
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let next = ((at / unit) + 1).saturating_mul(unit).min(end);
+        out.push((at, next - at));
+        at = next;
+    }
+    out
+}
+
 /// A set of sectors. See the module doc.
 #[derive(Clone, Default)]
 pub struct SectorSet {

@@ -80,19 +80,7 @@ pub fn torn_pieces(write: Change, kept: &[usize], unit: u64) -> Vec<Change> {
         .collect()
 }
 
-/// The pieces of `[offset, offset+len)` cut at multiples of `unit` (the disk's atomic write
-/// unit, `--physical-sector`): what a tear keeps or loses whole.
-pub fn atomic_units(offset: u64, len: u64, unit: u64) -> Vec<(u64, u64)> {
-    let end = offset + len;
-    let mut out = Vec::new();
-    let mut at = offset;
-    while at < end {
-        let next = ((at / unit) + 1).saturating_mul(unit).min(end);
-        out.push((at, next - at));
-        at = next;
-    }
-    out
-}
+pub use crate::engine::ranges::atomic_units;
 
 /// One crash state's bytes: the base image, the recording's layers and its own choice.
 pub struct StateImage {

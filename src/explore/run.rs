@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 
 use super::enumerate::{Kind, Shape, parse_id};
-use super::overlay::atomic_units;
 use super::recording::Recording;
 use super::serve::{Slot, Slots, StatesMount};
 use super::states::{self, Planned, Priors};
@@ -490,11 +489,7 @@ fn one_state(
             rec.epochs.len().saturating_sub(1)
         )));
     };
-    let units: Vec<usize> = e
-        .writes
-        .iter()
-        .map(|w| atomic_units(w.offset, w.len, opts.physical_sector).len())
-        .collect();
+    let units = states::epoch_units(rec, epoch, opts.physical_sector);
     let shape = Shape {
         epoch,
         units: &units,
@@ -839,13 +834,19 @@ impl<'a> Printer<'a> {
         }
     }
 
+    /// The next epoch's states: `(epoch, end index)`, or `None` past the last.
+    fn next_epoch(&self) -> Option<(usize, usize)> {
+        let epoch = self.planned.get(self.at)?.candidate.epoch;
+        let end = self.planned[self.at..]
+            .iter()
+            .position(|p| p.candidate.epoch != epoch)
+            .map_or(self.planned.len(), |n| self.at + n);
+        Some((epoch, end))
+    }
+
+    /// Prints every epoch whose states are all checked, in order.
     fn advance(&mut self, results: &[Option<Checked>]) {
-        while self.at < self.planned.len() {
-            let epoch = self.planned[self.at].candidate.epoch;
-            let end = self.planned[self.at..]
-                .iter()
-                .position(|p| p.candidate.epoch != epoch)
-                .map_or(self.planned.len(), |n| self.at + n);
+        while let Some((epoch, end)) = self.next_epoch() {
             if results[self.at..end].iter().any(|r| r.is_none()) {
                 return;
             }
@@ -878,12 +879,7 @@ impl<'a> Printer<'a> {
 
     /// Prints the epochs left, those cut short by `--stop-at-first` or `--budget`.
     fn finish(&mut self, results: &[Option<Checked>]) {
-        while self.at < self.planned.len() {
-            let epoch = self.planned[self.at].candidate.epoch;
-            let end = self.planned[self.at..]
-                .iter()
-                .position(|p| p.candidate.epoch != epoch)
-                .map_or(self.planned.len(), |n| self.at + n);
+        while let Some((epoch, end)) = self.next_epoch() {
             if results[self.at..end].iter().any(|r| r.is_some()) {
                 self.line(epoch, &results[self.at..end]);
             }

@@ -63,11 +63,7 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
     let mut skipped = vec![0; rec.epochs.len()];
     let last_epoch = rec.epochs.len().saturating_sub(1);
     for (e, epoch) in rec.epochs.iter().enumerate() {
-        let units: Vec<usize> = epoch
-            .writes
-            .iter()
-            .map(|w| atomic_units(w.offset, w.len, opts.unit).len())
-            .collect();
+        let units = epoch_units(rec, e, opts.unit);
         let shape = Shape {
             epoch: e,
             units: &units,
@@ -136,6 +132,16 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
         }
     }
     Ok(StateList { states, skipped })
+}
+
+/// How many atomic units (`unit` bytes, see [`atomic_units`]) each write of epoch `e` has:
+/// the epoch's shape, as enumeration sees it.
+pub fn epoch_units(rec: &Recording, e: usize, unit: u64) -> Vec<usize> {
+    rec.epochs[e]
+        .writes
+        .iter()
+        .map(|w| atomic_units(w.offset, w.len, unit).len())
+        .collect()
 }
 
 /// The recording's base layer: before-images, then the writes before it started.

@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::engine::faults::{CutMode, Draw};
-use crate::engine::ranges::{SECTOR, SectorSet};
+use crate::engine::ranges::{SECTOR, SectorSet, atomic_units};
 use crate::media::record::{Content, Recorder};
 
 /// One journaled write: the bytes it covered and its before-image's pieces that are not
@@ -568,7 +568,7 @@ impl WriteCache {
         let mut settled = SectorSet::new();
         let entries = std::mem::take(&mut j.entries);
         for e in entries.iter().rev() {
-            let units = sector_units(e.offset, e.len);
+            let units = atomic_units(e.offset, e.len, SECTOR);
             let keep_all = match mode {
                 CutMode::Lose => Some(false),
                 CutMode::Keep => Some(true),
@@ -664,19 +664,6 @@ impl Drop for RangeClaim<'_> {
         drop(busy);
         self.cache.busy_done.notify_all();
     }
-}
-
-/// The sector-clipped pieces of `[offset, offset+len)`: the units a cut keeps or loses.
-fn sector_units(offset: u64, len: u64) -> Vec<(u64, u64)> {
-    let end = offset + len;
-    let mut out = Vec::new();
-    let mut at = offset;
-    while at < end {
-        let next = ((at / SECTOR) + 1).saturating_mul(SECTOR).min(end);
-        out.push((at, next - at));
-        at = next;
-    }
-    out
 }
 
 /// Puts the before-image of `e` back over `[s, s+l)` (inside `e`'s range): data extents
