@@ -14,7 +14,8 @@
 //! - `decide.rs`: [`Engine`], its index by event and range, and the decision function
 //! - `faults.rs`: what a request-checked rule does ([`faults::Fault`] -> [`faults::Effect`]),
 //!   how a power cut resolves the cache ([`faults::CutMode`]), and the seeded draws
-//! - `ranges.rs`: sector sets (`sectors = 0-7,100`)
+//! - `ranges.rs`: sector sets (`sectors = 0-7,100`) and a disk's atomic units
+//! - `settle.rs`: what a crash leaves of cached writes (power cuts and `explore` share it)
 //! - `errno.rs`: errno names and descriptions
 //! - `units.rs`: QEMU numbers, sizes and durations
 
@@ -24,6 +25,7 @@ mod events;
 pub mod faults;
 pub mod ranges;
 pub mod rules;
+pub mod settle;
 pub mod units;
 
 pub use decide::Engine;

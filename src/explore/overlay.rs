@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use super::enumerate::Candidate;
 use super::recording::{Change, Recording, Src};
+use crate::engine::ranges::SECTOR;
+use crate::engine::settle::settle;
 /// Non-overlapping ranges of bytes and where each comes from: `start -> (end, src)`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Layer {
@@ -67,17 +69,14 @@ impl Layer {
     }
 }
 
-/// The byte pieces of a write that a tear keeps: its units `kept` (see [`atomic_units`]).
-pub fn torn_pieces(write: Change, kept: &[usize], unit: u64) -> Vec<Change> {
-    let units = atomic_units(write.offset, write.len, unit);
-    kept.iter()
-        .filter_map(|&i| units.get(i))
-        .map(|&(at, len)| Change {
-            offset: at,
-            len,
-            src: write.src.advance(at - write.offset),
-        })
-        .collect()
+/// The part of `change` inside `[a, b)` (which it overlaps).
+fn clip(change: Change, a: u64, b: u64) -> Change {
+    let (s, e) = (change.offset.max(a), (change.offset + change.len).min(b));
+    Change {
+        offset: s,
+        len: e - s,
+        src: change.src.advance(s - change.offset),
+    }
 }
 
 pub use crate::engine::ranges::atomic_units;
@@ -92,19 +91,74 @@ pub struct StateImage {
 }
 
 impl StateImage {
-    /// The delta layer of `candidate` over its epoch's writes (a tear keeps whole `unit`s).
+    /// The delta layer of `candidate` over its epoch's writes, by the crash rule of
+    /// `engine/settle.rs` (the power cut's): a write of S reached the disk (a torn one only
+    /// its kept `unit`s), and each sector it reached ends as the newest such write left it,
+    /// that is with the bytes of every write up to that one, S or not, applied in order
+    /// (the disk wrote the cache's copy of the whole sector).
     pub fn delta_of(rec: &Recording, candidate: &Candidate, unit: u64) -> Layer {
         let writes = &rec.epochs[candidate.epoch].writes;
-        let mut delta = Layer::default();
+        let spans: Vec<(u64, u64)> = writes.iter().map(|w| (w.offset, w.len)).collect();
+        let mut chosen = vec![false; writes.len()];
         for &w in &candidate.writes {
-            match &candidate.tear {
-                Some(tear) if tear.write == w => {
-                    for piece in torn_pieces(writes[w], &tear.kept, unit) {
-                        delta.put(piece);
+            chosen[w] = true;
+        }
+        let mut ends_as: BTreeMap<u64, usize> = BTreeMap::new();
+        settle(
+            &spans,
+            unit,
+            |i, u, _, _| {
+                chosen[i]
+                    && match &candidate.tear {
+                        Some(tear) if tear.write == i => tear.kept.binary_search(&u).is_ok(),
+                        _ => true,
+                    }
+            },
+            |i, at, len, reached| {
+                if reached {
+                    for sector in at / SECTOR..=(at + len - 1) / SECTOR {
+                        ends_as.insert(sector, i);
                     }
                 }
-                _ => delta.put(writes[w]),
+            },
+        );
+        let mut delta = Layer::default();
+        // Sectors the write they end as covers whole: that write's bytes alone, in runs.
+        let mut run: Option<Change> = None;
+        // Writes by the sectors they touch, for sectors a write covers only in part.
+        let mut by_sector: Option<BTreeMap<u64, Vec<usize>>> = None;
+        for (&sector, &k) in &ends_as {
+            let (a, b) = (sector * SECTOR, (sector + 1) * SECTOR);
+            let w = writes[k];
+            if w.offset <= a && b <= w.offset + w.len {
+                let piece = clip(w, a, b);
+                match &mut run {
+                    Some(r) if r.offset + r.len == a && r.src.advance(r.len) == piece.src => {
+                        r.len += piece.len;
+                    }
+                    _ => {
+                        if let Some(r) = run.replace(piece) {
+                            delta.put(r);
+                        }
+                    }
+                }
+                continue;
             }
+            let index = by_sector.get_or_insert_with(|| {
+                let mut index: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+                for (j, w) in writes.iter().enumerate().filter(|(_, w)| w.len > 0) {
+                    for s in w.offset / SECTOR..=(w.offset + w.len - 1) / SECTOR {
+                        index.entry(s).or_default().push(j);
+                    }
+                }
+                index
+            });
+            for &j in index[&sector].iter().take_while(|&&j| j <= k) {
+                delta.put(clip(writes[j], a, b));
+            }
+        }
+        if let Some(r) = run {
+            delta.put(r);
         }
         delta
     }
@@ -194,7 +248,6 @@ pub fn sector_hash(sector: u64, bytes: &[u8]) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::ranges::SECTOR;
 
     fn c(offset: u64, len: u64, at: u64) -> Change {
         Change {
@@ -243,25 +296,5 @@ mod tests {
         );
         assert_eq!(atomic_units(0, 4096, 4096), vec![(0, 4096)]);
         assert_eq!(atomic_units(0, 4096, SECTOR).len(), 8);
-    }
-
-    #[test]
-    fn a_tear_keeps_whole_sectors_of_the_write() {
-        let w = c(100, 1200, 0);
-        assert_eq!(
-            torn_pieces(w, &[0, 2], SECTOR),
-            vec![
-                Change {
-                    offset: 100,
-                    len: 412,
-                    src: Src::Data(0)
-                },
-                Change {
-                    offset: 1024,
-                    len: 276,
-                    src: Src::Data(924)
-                },
-            ]
-        );
     }
 }

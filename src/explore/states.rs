@@ -319,17 +319,26 @@ mod tests {
         buf
     }
 
-    /// The model: the epoch's base, then the chosen writes in completion order, whole.
+    /// The model, the slow way: the epoch's base; then each sector some chosen write
+    /// touches, as the newest such write left it (every write of the epoch up to that one
+    /// applied to the sector, chosen or not: the disk writes whole sectors).
     fn model(size: u64, epochs: &[&[(u64, u64, u8)]], e: usize, set: &[usize]) -> Vec<u8> {
         let mut img = vec![0x11u8; size as usize];
-        let apply = |img: &mut Vec<u8>, &(o, l, b): &(u64, u64, u8)| {
-            img[o as usize..(o + l) as usize].fill(b);
-        };
         for writes in &epochs[..e] {
-            writes.iter().for_each(|w| apply(&mut img, w));
+            for &(o, l, b) in *writes {
+                img[o as usize..(o + l) as usize].fill(b);
+            }
         }
-        for &w in set {
-            apply(&mut img, &epochs[e][w]);
+        let writes = epochs[e];
+        for sector in 0..size / SECTOR {
+            let (a, b) = (sector * SECTOR, (sector + 1) * SECTOR);
+            let touches = |&(o, l, _): &(u64, u64, u8)| o < b && a < o + l;
+            let Some(&k) = set.iter().rev().find(|&&w| touches(&writes[w])) else {
+                continue;
+            };
+            for &(o, l, byte) in writes[..=k].iter().filter(|w| touches(w)) {
+                img[o.max(a) as usize..(o + l).min(b) as usize].fill(byte);
+            }
         }
         img
     }
@@ -350,6 +359,10 @@ mod tests {
                 // Unaligned, into a sector no write touched: its before-image is the
                 // whole sector, edges included.
                 (5000, 100, 0xb8),
+                // Two unaligned writes sharing sector 14: the second alone reaching the
+                // disk carries the first's bytes in that sector too.
+                (7200, 100, 0xb9),
+                (7400, 100, 0xba),
             ],
         ];
         let size = 8192;

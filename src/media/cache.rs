@@ -45,7 +45,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::engine::faults::{CutMode, Draw};
-use crate::engine::ranges::{SECTOR, SectorSet, atomic_units};
+use crate::engine::ranges::{SECTOR, SectorSet};
+use crate::engine::settle::settle;
 use crate::media::record::{Content, Recorder};
 
 /// One journaled write: the bytes it covered and its before-image's pieces that are not
@@ -563,46 +564,55 @@ impl WriteCache {
             ..CutReport::default()
         };
         let mut draw = Draw::new(seed, u32::MAX, cut_number, 2);
-        // Sectors whose content is decided: a kept write settles its sectors, and no older
-        // write may change them again.
-        let mut settled = SectorSet::new();
         let entries = std::mem::take(&mut j.entries);
-        for e in entries.iter().rev() {
-            let units = atomic_units(e.offset, e.len, SECTOR);
-            let keep_all = match mode {
-                CutMode::Lose => Some(false),
-                CutMode::Keep => Some(true),
-                CutMode::Sectors => None,
-                CutMode::Random => match draw.below(3) {
-                    0 => Some(true),
-                    1 => Some(false),
-                    _ => None,
-                },
-            };
-            let mut kept_bytes = 0;
-            let mut restore: Vec<(u64, u64)> = Vec::new();
-            for (s, l) in units {
+        // Which sectors each write keeps or gives back is the one rule `engine/settle.rs`
+        // states (explore builds its crash states by it too); the mode only answers, per
+        // sector of each write, newest write first, whether it reached the disk: `random`
+        // draws once per write (all, none, or sector by sector), `sectors` per sector.
+        let writes: Vec<(u64, u64)> = entries.iter().map(|e| (e.offset, e.len)).collect();
+        let mut kept_bytes = vec![0u64; entries.len()];
+        let mut restore: Vec<Vec<(u64, u64)>> = vec![Vec::new(); entries.len()];
+        let (mut current, mut keep_all) = (usize::MAX, None);
+        settle(
+            &writes,
+            SECTOR,
+            |i, _, _, len| {
+                if i != current {
+                    current = i;
+                    keep_all = match mode {
+                        CutMode::Lose => Some(false),
+                        CutMode::Keep => Some(true),
+                        CutMode::Sectors => None,
+                        CutMode::Random => match draw.below(3) {
+                            0 => Some(true),
+                            1 => Some(false),
+                            _ => None,
+                        },
+                    };
+                }
                 let kept = keep_all.unwrap_or_else(|| draw.chance(0.5));
-                let sector = s / SECTOR;
                 if kept {
-                    kept_bytes += l;
+                    kept_bytes[i] += len;
                 }
-                if settled.contains(sector) {
-                    continue;
-                }
-                if kept {
-                    settled.insert(sector, sector);
-                } else {
-                    match restore.last_mut() {
-                        Some(last) if last.0 + last.1 == s => last.1 += l,
-                        _ => restore.push((s, l)),
+                kept
+            },
+            |i, at, len, reached| {
+                if !reached {
+                    let pieces = &mut restore[i];
+                    match pieces.last_mut() {
+                        Some(last) if last.0 + last.1 == at => last.1 += len,
+                        _ => pieces.push((at, len)),
                     }
                 }
-            }
-            for (s, l) in restore {
+            },
+        );
+        // Newest first: a write's before-image is what the one before it left, so an older
+        // lost write restores over a newer one.
+        for (i, e) in entries.iter().enumerate().rev() {
+            for &(s, l) in &restore[i] {
                 restore_range(image, &self.file, e, s, l)?;
             }
-            match kept_bytes {
+            match kept_bytes[i] {
                 0 => report.lost.push((e.offset, e.len)),
                 k if k == e.len => report.kept.push((e.offset, e.len)),
                 k => report.torn.push((e.offset, e.len, k)),
