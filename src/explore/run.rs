@@ -1172,8 +1172,14 @@ impl FsMount {
     fn mount(fs: &FsSpec, dev: &str, dir: &Path) -> Result<FsMount, String> {
         let mut c = Command::new("mount");
         c.args(["-t", &fs.kind]);
-        if let Some(o) = &fs.options {
-            c.args(["-o", o]);
+        let mut options: Vec<&str> = fs.options.iter().map(String::as_str).collect();
+        // Every state of a run is the same XFS filesystem (one UUID), and XFS refuses a
+        // second mount of a UUID already mounted: with --jobs 2 two states are.
+        if fs.kind == "xfs" && !options.iter().any(|o| o.split(',').any(|x| x == "nouuid")) {
+            options.push("nouuid");
+        }
+        if !options.is_empty() {
+            c.args(["-o", &options.join(",")]);
         }
         let out = c
             .arg(dev)
