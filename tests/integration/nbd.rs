@@ -410,9 +410,10 @@ fn nbdfuse_maps_the_export_back_to_a_file() {
 
 // ---------------------------------------------------------------- a raw client
 
-/// A minimal NBD client on a raw socket, for requests no well-behaved client sends.
-struct Raw {
-    s: UnixStream,
+/// A minimal NBD client on a raw socket, for requests no well-behaved client sends, and for
+/// sending exactly one command per operation (the differential test's NBD leg).
+pub struct Raw {
+    pub s: UnixStream,
 }
 
 const REQUEST_MAGIC: u32 = 0x2560_9513;
@@ -421,7 +422,7 @@ const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 
 impl Raw {
     /// Connects and negotiates the default export with `GO` (simple replies).
-    fn connect(sock: &Path) -> Raw {
+    pub fn connect(sock: &Path) -> Raw {
         let mut r = Raw::greeted(sock);
         r.option(7, &[0, 0, 0, 0, 0, 0]);
         loop {
@@ -434,7 +435,7 @@ impl Raw {
     }
 
     /// Connects, reads the greeting and sends the client flags.
-    fn greeted(sock: &Path) -> Raw {
+    pub fn greeted(sock: &Path) -> Raw {
         let mut s = UnixStream::connect(sock).expect("connect");
         s.set_read_timeout(Some(DEADLINE)).unwrap();
         let mut g = [0u8; 18];
@@ -444,7 +445,7 @@ impl Raw {
         Raw { s }
     }
 
-    fn option(&mut self, code: u32, data: &[u8]) {
+    pub fn option(&mut self, code: u32, data: &[u8]) {
         let mut b = IHAVEOPT.to_be_bytes().to_vec();
         b.extend_from_slice(&code.to_be_bytes());
         b.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -453,7 +454,7 @@ impl Raw {
     }
 
     /// (reply type, data).
-    fn option_reply(&mut self) -> (u32, Vec<u8>) {
+    pub fn option_reply(&mut self) -> (u32, Vec<u8>) {
         let mut h = [0u8; 20];
         self.s.read_exact(&mut h).unwrap();
         let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
@@ -463,12 +464,12 @@ impl Raw {
         (kind, data)
     }
 
-    fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
+    pub fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
         self.request_magic(REQUEST_MAGIC, kind, flags, cookie, offset, len, &[]);
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn request_magic(
+    pub fn request_magic(
         &mut self,
         magic: u32,
         kind: u16,
@@ -488,7 +489,7 @@ impl Raw {
         self.s.write_all(&b).unwrap();
     }
 
-    fn write(&mut self, cookie: u64, offset: u64, payload: &[u8]) {
+    pub fn write(&mut self, cookie: u64, offset: u64, payload: &[u8]) {
         self.request_magic(
             REQUEST_MAGIC,
             1,
@@ -501,7 +502,7 @@ impl Raw {
     }
 
     /// A simple reply: (error, cookie); `data_len` bytes follow a successful read.
-    fn reply(&mut self, data_len: usize) -> (u32, u64, Vec<u8>) {
+    pub fn reply(&mut self, data_len: usize) -> (u32, u64, Vec<u8>) {
         let mut h = [0u8; 16];
         self.s.read_exact(&mut h).expect("a reply");
         assert_eq!(
@@ -519,7 +520,7 @@ impl Raw {
     }
 
     /// Whether the server closed the connection (reads end).
-    fn closed(&mut self) -> bool {
+    pub fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.s.read(&mut b), Ok(0) | Err(_))
     }
