@@ -730,3 +730,78 @@ fn serve_refuses_a_remote_address_without_allow_remote() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--listen"), "{err}");
 }
+
+#[test]
+fn over_tcp_fast_zero_is_refused_and_the_trace_names_what_nbd_sent() {
+    let s = Scratch::new(MIB);
+    let trace = s.dir.path().join("trace.jsonl");
+    let d = Served::start(
+        &s,
+        &[
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--trace",
+            trace.to_str().unwrap(),
+            "--inject-error",
+            "event=read_aio,errno=ETIMEDOUT,sector=64",
+        ],
+    );
+    // The port the kernel chose, as the log names it.
+    let log = d.stderr_with("tcp:127.0.0.1:");
+    let port: u16 = log
+        .split("tcp:127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no TCP port in the log:\n{log}"));
+    let uri = format!("nbd://127.0.0.1:{port}/disk.img");
+    let (code, out) = qemu_io(
+        &uri,
+        &[
+            "write -P 171 0 4k",
+            "read -P 171 0 4k",
+            // FAST_ZERO (`-n`: no slow fallback) is refused with ENOTSUP, and writes nothing.
+            "write -z -n 16k 4k",
+            "write -z 8k 4k",
+            "read -P 0 8k 4k",
+            // Sector 64: ETIMEDOUT, which NBD carries as EIO.
+            "read 32k 512",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("read") || l.starts_with("wrote") || l.contains("failed"))
+        .collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    assert!(lines[0].starts_with("wrote 4096/4096"), "{out}");
+    assert!(lines[1].starts_with("read 4096/4096"), "{out}");
+    assert_eq!(lines[2], "write failed: Operation not supported", "{out}");
+    assert!(lines[3].starts_with("wrote 4096/4096"), "{out}");
+    assert!(lines[4].starts_with("read 4096/4096"), "{out}");
+    assert_eq!(lines[5], "read failed: Input/output error", "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // nbdinfo over TCP: the same export and flags.
+    let v: Value = serde_json::from_str(&tool_ok("nbdinfo", &["--json", &uri])).unwrap();
+    assert_eq!(v["exports"][0]["export-name"], "disk.img");
+    assert_eq!(v["exports"][0]["can_fast_zero"], true);
+    assert!(d.stop().success());
+    let image = s.image_bytes();
+    let want = pattern(MIB);
+    assert!(image[..4096].iter().all(|&b| b == 171));
+    assert_eq!(image[4096..8192], want[4096..8192]);
+    assert!(image[8192..12288].iter().all(|&b| b == 0));
+    assert_eq!(image[12288..], want[12288..], "FAST_ZERO wrote something");
+    // The trace line of the injected error names both the errno and what NBD sent.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let line: Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["action"] == "inject-error")
+        .unwrap_or_else(|| panic!("no inject-error line:\n{text}"));
+    assert_eq!(line["errno"], "ETIMEDOUT", "{line}");
+    assert_eq!(line["sent"], "EIO", "{line}");
+    assert_eq!(line["offset"], 32768, "{line}");
+}

@@ -29,6 +29,17 @@ use super::proto::*;
 use super::sock::Sock;
 use crate::mount::{Caller, Mount, ReadBuf};
 
+/// Who sends NBD's requests, for the trace: no process, and errnos as NBD carries them (the
+/// trace names what was sent beside an errno NBD has no number for).
+const NBD_CALLER: Caller = Caller {
+    pid: 0,
+    sends: Some(sent_as),
+};
+
+fn sent_as(errno: i32) -> i32 {
+    nbd_error(errno) as i32
+}
+
 /// Requests of one connection in the mount at once (see the module doc).
 pub const MAX_IN_FLIGHT: usize = 128;
 
@@ -253,7 +264,7 @@ fn request(
         offset,
         len,
     } = req;
-    let caller = Caller { pid: 0 };
+    let caller = NBD_CALLER;
     let in_range = offset
         .checked_add(len as u64)
         .is_some_and(|end| end <= session.size);
@@ -303,6 +314,20 @@ fn request(
             _ => NBD_EINVAL,
         };
         replier.error(cookie, error, &message, None);
+        return Next::Continue;
+    }
+    if kind == CMD_WRITE_ZEROES && flags & CMD_FLAG_FAST_ZERO != 0 {
+        // A write-zeroes runs its plan like any write: a rule may delay or suspend it, the
+        // write cache journals what it overwrites, and a file system or device without
+        // zero-range falls back to writing zeroes. None of that is fast, so FAST_ZERO is
+        // refused before anything runs (no rule sees it), and the client writes zeroes its
+        // own way (`proto.md`: NBD_ENOTSUP, "fail quickly").
+        replier.error(
+            cookie,
+            NBD_ENOTSUP,
+            "FAST_ZERO: zeroing here is not guaranteed fast",
+            None,
+        );
         return Next::Continue;
     }
     let fua = flags & CMD_FLAG_FUA != 0;
@@ -420,7 +445,7 @@ fn finish(mount: &Arc<Mount>, r: &Replier, cookie: u64, kind: u16, fua: bool, in
     }
     let r = r.clone();
     mount.flush(
-        Caller { pid: 0 },
+        NBD_CALLER,
         Box::new(move |result| {
             match result {
                 Ok(()) => r.ok(cookie),
@@ -440,7 +465,7 @@ fn block_status(mount: &Arc<Mount>, replier: &Replier, cookie: u64, offset: u64,
     let m = mount.clone();
     let clamp = move |end: i64| (end as u64).saturating_sub(offset).clamp(1, len as u64) as u32;
     mount.seek(
-        Caller { pid: 0 },
+        NBD_CALLER,
         offset as i64,
         libc::SEEK_DATA,
         Box::new(move |found| match found {
@@ -456,7 +481,7 @@ fn block_status(mount: &Arc<Mount>, replier: &Replier, cookie: u64, offset: u64,
             Ok(_) => {
                 let r2 = r.clone();
                 m.seek(
-                    Caller { pid: 0 },
+                    NBD_CALLER,
                     offset as i64,
                     libc::SEEK_HOLE,
                     Box::new(move |found| {

@@ -15,7 +15,10 @@
 //! followed by a flush before the reply), `FLUSH` an fsync, `WRITE_ZEROES` a zero-range
 //! fallocate, `TRIM` a punch-hole fallocate (a discard), `BLOCK_STATUS` `SEEK_DATA` then
 //! `SEEK_HOLE`. Errnos NBD does not carry are sent as `EIO` (`EDQUOT`, `EFBIG` as
-//! `ENOSPC`), and the log names both.
+//! `ENOSPC`); the log names both, and so does the trace (`sent`, through the requests'
+//! [`Caller`](crate::mount::Caller)). `FAST_ZERO` is refused with `ENOTSUP` before anything
+//! runs: a write-zeroes here is never guaranteed fast (rules, the write cache's journal, a
+//! fallback to writing zeroes).
 //!
 //! Stop ([`NbdServer::stop`], after the mount released every parked request): no more
 //! accepts; each connection stops reading, its requests in flight reply, then it closes; a
