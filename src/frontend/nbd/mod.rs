@@ -4,7 +4,8 @@
 //!
 //! - `proto.rs`: the wire format, pure (constants, encoding, decoding, the errno mapping)
 //! - `handshake.rs`: fixed newstyle option negotiation, one state machine per connection
-//! - `conn.rs`: the transmission phase: one reader thread per connection, replies sent
+//! - `conn.rs`: the transmission phase: up to 16 workers per connection taking turns at
+//!   reading its socket, each running the request it read; replies sent
 //!   whole under a per-connection writer lock, out of order, by cookie
 //! - `sock.rs`: the socket both use
 //! - this file: what to listen on ([`Listen`]), binding ([`Listeners`], before the daemon
