@@ -21,9 +21,14 @@
 #   run 5  run 3's guest workload with no cut, recorded with `mount --record`, the host
 #          marking each file the guest reports fsync'd; `explore --from` then checks every
 #          crash state: marked files intact, full-size files as written, e2fsck -fn clean.
+#   run 6  run 2 over NBD: `blkdebugfs serve` (no FUSE mount) with the same rule, the guest's
+#          disk `-drive driver=nbd,server.type=unix,...,cache=none`; the same checks as
+#          run 2 (its read at sector $SECTOR fails, the kernel names that sector, nothing
+#          else fails, blkdebugfs logged the injection), and the pattern reached the image.
 #
 # The guest is a Debian kernel plus a tiny busybox initramfs built here; QEMU opens the
-# view with cache=none (O_DIRECT), so every guest request reaches blkdebugfs.
+# view with cache=none (O_DIRECT), so every guest request reaches blkdebugfs (run 6: QEMU's
+# NBD client, which has no cache of its own).
 #
 # Environment:
 #   BLKDEBUGFS          the binary (default: target/release/blkdebugfs, built if missing)
@@ -196,7 +201,7 @@ fi
 # ---------------------------------------------------------------------------------------
 WORK=""        # temporary directory
 MNT=""         # its FUSE mount point
-DAEMON_PID=""  # blkdebugfs serving MNT
+DAEMON_PID=""  # blkdebugfs serving MNT (run 6: serving NBD on $WORK/nbd.sock)
 VM_PID=""      # `timeout qemu-system-x86_64 ...` (timeout passes signals on to QEMU)
 
 # True if PID is alive and still runs PROGRAM (guards against PID reuse).
@@ -236,6 +241,20 @@ stop_mount() {
   if [ -n "$MNT" ] && mountpoint -q "$MNT"; then
     umount -l "$MNT" 2>/dev/null || true
   fi
+}
+
+# Stop `blkdebugfs serve` (run 6): SIGTERM, then SIGKILL if it has not exited in 10 s.
+stop_serve() {
+  local i
+  if pid_runs "$DAEMON_PID" blkdebugfs; then
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    for i in $(seq 100); do pid_runs "$DAEMON_PID" blkdebugfs || break; sleep 0.1; done
+    if pid_runs "$DAEMON_PID" blkdebugfs; then
+      printf 'vm-test: warning: blkdebugfs serve (pid %s) still running 10 s after SIGTERM; SIGKILL\n' "$DAEMON_PID" >&2
+      kill -KILL "$DAEMON_PID" 2>/dev/null || true
+    fi
+  fi
+  DAEMON_PID=""
 }
 
 cleanup() {
@@ -493,7 +512,7 @@ boot_vm() {
     -nic none "${ACCEL_ARGS[@]}" \
     -kernel "$KERNEL" -initrd "$WORK/initramfs.gz" \
     -append "console=ttyS0 panic=-1 quiet${2:+ $2}" \
-    -drive "file=$VIEW,format=raw,cache=none,if=virtio" \
+    -drive "${DRIVE:-file=$VIEW,format=raw,cache=none,if=virtio}" \
     </dev/null >"$console" 2>&1 &
   VM_PID=$!
   VM_RC=0
@@ -694,6 +713,37 @@ check "run 5: the guest fsync'd all $POWERCUT_FILES files" test "$(wc -l <"$SYNC
 check "run 5: the recording holds a mark per file ($MARKS5)" test "$MARKS5" -eq "$POWERCUT_FILES"
 check "run 5: explore checked crash states ($STATES5)" test "$STATES5" -gt "$POWERCUT_FILES"
 check "run 5: no crash state lost a marked file, tore a file or failed e2fsck -fn" test "$EXPLORE5_RC" -eq 0
+
+# Run 6: run 2 over NBD. No FUSE mount: `blkdebugfs serve` on a unix socket with run 2's
+# rule, and QEMU's NBD client as the guest's disk.
+log "run 6: blkdebugfs serve --inject-error event=read_aio,errno=EIO,sector=$RULE_SECTOR; -drive driver=nbd"
+rm -f "$IMAGE"
+truncate -s "${IMAGE_MIB}M" "$IMAGE"
+NBD_SOCK="$WORK/nbd.sock"
+"$BLKDEBUGFS" serve "$IMAGE" --listen "unix:$NBD_SOCK" --export vmtest \
+  --inject-error "event=read_aio,errno=EIO,sector=$RULE_SECTOR" \
+  --daemonize --pidfile "$WORK/blkdebugfs.pid" --log-file "$WORK/run6.log"
+DAEMON_PID="$(cat "$WORK/blkdebugfs.pid")"
+[ -S "$NBD_SOCK" ] || die "blkdebugfs serve started, but $NBD_SOCK is not a socket"
+DRIVE="driver=nbd,server.type=unix,server.path=$NBD_SOCK,export=vmtest,cache=none,if=virtio" \
+  boot_vm "$WORK/run6.console"
+stop_serve
+show_daemon_log "$WORK/run6.log"
+C6="$WORK/run6.console.txt"
+check "run 6: VM powered off by itself (status 0)" test "$VM_RC" -eq 0
+check "run 6: guest sees /dev/vda over NBD" has "$C6" 'VMTEST disk vda [0-9]+ sectors'
+check "run 6: guest write ok" has "$C6" 'VMTEST write ok'
+check "run 6: guest read-back matches" has "$C6" 'VMTEST read ok'
+check "run 6: guest's read of sector $SECTOR fails" has "$C6" "VMTEST sector $SECTOR read failed"
+check "run 6: guest done" has "$C6" 'VMTEST done'
+check "run 6: guest kernel logs '${IOERR_S//\\/}'" has "$C6" "$IOERR_S "
+check "run 6: no other I/O error in the guest kernel log" no_other_io_errors "$C6"
+check "run 6: blkdebugfs logged EIO injected into a read of byte $((SECTOR * 512))" \
+  injected_at "$WORK/run6.log" $((SECTOR * 512))
+check "run 6: blkdebugfs logged the guest's NBD connection" has "$WORK/run6.log" "NBD connection [0-9]+ from"
+check "run 6: pattern is in the image file at byte $PATTERN_OFFSET" \
+  cmp <(dd if="$IMAGE" bs=4096 skip=$((PATTERN_OFFSET / 4096)) \
+    count=$((PATTERN_BYTES / 4096)) status=none) "$WORK/pattern.bin"
 
 # ---------------------------------------------------------------------------------------
 # 5. Summary

@@ -84,7 +84,10 @@ fn errno(e: i32) -> Errno {
 
 /// Who sent a kernel request, for the trace.
 fn caller(req: &Request) -> Caller {
-    Caller { pid: req.pid() }
+    Caller {
+        pid: req.pid(),
+        sends: None,
+    }
 }
 
 impl BlkdebugFs {

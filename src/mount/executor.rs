@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use serde_json::Value;
 
-use super::logging::{LogKey, errno_field, request_fields};
+use super::logging::{LogKey, errno_field, request_fields, sent_field};
 use super::plan::{Op, Step, plan};
 use super::{Caller, Finish, Mount, Outcome};
 use crate::engine::errno;
@@ -178,6 +178,7 @@ impl Mount {
                     let events: Vec<Value> = p.events.iter().map(|e| e.name().into()).collect();
                     f.insert("events".into(), Value::Array(events));
                     f.insert("result".into(), errno_field(result.err()));
+                    sent_field(&mut f, &p, result.err());
                     if let Some(end) = p.short_end {
                         f.insert("transferred".into(), transferred(&p.op, end).into());
                     }
@@ -660,6 +661,7 @@ impl Mount {
             }
         };
         f.insert("errno".into(), errno_field(errno_of_effect));
+        sent_field(&mut f, p, errno_of_effect);
         if let Some(trace) = &self.trace {
             trace.record(f);
         }
@@ -792,6 +794,7 @@ impl Mount {
             f.insert("action".into(), "bad-sector".into());
             f.insert("sector".into(), sector.into());
             f.insert("errno".into(), errno_field(Some(errno)));
+            sent_field(&mut f, p, Some(errno));
             trace.record(f);
         }
     }

@@ -96,6 +96,21 @@ pub(super) fn request_fields(p: &Pending<'_>) -> serde_json::Map<String, Value> 
     }
 }
 
+/// Adds `sent` (the errno the front end sent instead, by name) when `errno` is one the
+/// request's front end cannot carry.
+pub(super) fn sent_field(
+    f: &mut serde_json::Map<String, Value>,
+    p: &Pending<'_>,
+    errno: Option<i32>,
+) {
+    if let (Some(e), Some(sends)) = (errno, p.caller.sends) {
+        let sent = sends(e);
+        if sent != e {
+            f.insert("sent".into(), errno_field(Some(sent)));
+        }
+    }
+}
+
 /// An errno as the trace writes it: its name (`"EIO"`), or `null`.
 pub(super) fn errno_field(errno: Option<i32>) -> Value {
     match errno {

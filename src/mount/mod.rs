@@ -184,15 +184,18 @@ pub struct RecordSetup {
     pub dir: PathBuf,
     /// The image as the recording names it; `None`: the image itself, hashed at the end.
     pub image: Option<ImageInfo>,
-    /// Start at once (`mount --record`); otherwise at [`Mount::record_start`] (`explore`,
+    /// Start at once (`mount --record`); otherwise at `Mount::record_start` (`explore`,
     /// after its setup).
     pub start_now: bool,
 }
 
 /// Who sent a request (for the trace).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Caller {
     pub pid: u32,
+    /// How the front end sends an errno, when it cannot send every one (NBD carries seven):
+    /// the trace then names what was sent beside the errno (`sent`).
+    pub sends: Option<fn(i32) -> i32>,
 }
 
 /// What a finished request hands its completion: the bytes read (empty for other

@@ -101,6 +101,11 @@ pub const FIELDS: &[(&str, &str)] = &[
         "result",
         "--trace-all: the request's errno name, or null for success",
     ),
+    (
+        "sent",
+        "over NBD, when the errno (or result) is one NBD cannot carry: the error sent instead \
+         (EIO; ENOSPC for EDQUOT and EFBIG)",
+    ),
 ];
 
 /// The trace of one mount. See the module doc.

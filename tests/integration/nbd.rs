@@ -410,9 +410,10 @@ fn nbdfuse_maps_the_export_back_to_a_file() {
 
 // ---------------------------------------------------------------- a raw client
 
-/// A minimal NBD client on a raw socket, for requests no well-behaved client sends.
-struct Raw {
-    s: UnixStream,
+/// A minimal NBD client on a raw socket, for requests no well-behaved client sends, and for
+/// sending exactly one command per operation (the differential test's NBD leg).
+pub struct Raw {
+    pub s: UnixStream,
 }
 
 const REQUEST_MAGIC: u32 = 0x2560_9513;
@@ -421,7 +422,7 @@ const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 
 impl Raw {
     /// Connects and negotiates the default export with `GO` (simple replies).
-    fn connect(sock: &Path) -> Raw {
+    pub fn connect(sock: &Path) -> Raw {
         let mut r = Raw::greeted(sock);
         r.option(7, &[0, 0, 0, 0, 0, 0]);
         loop {
@@ -434,7 +435,7 @@ impl Raw {
     }
 
     /// Connects, reads the greeting and sends the client flags.
-    fn greeted(sock: &Path) -> Raw {
+    pub fn greeted(sock: &Path) -> Raw {
         let mut s = UnixStream::connect(sock).expect("connect");
         s.set_read_timeout(Some(DEADLINE)).unwrap();
         let mut g = [0u8; 18];
@@ -444,7 +445,7 @@ impl Raw {
         Raw { s }
     }
 
-    fn option(&mut self, code: u32, data: &[u8]) {
+    pub fn option(&mut self, code: u32, data: &[u8]) {
         let mut b = IHAVEOPT.to_be_bytes().to_vec();
         b.extend_from_slice(&code.to_be_bytes());
         b.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -453,7 +454,7 @@ impl Raw {
     }
 
     /// (reply type, data).
-    fn option_reply(&mut self) -> (u32, Vec<u8>) {
+    pub fn option_reply(&mut self) -> (u32, Vec<u8>) {
         let mut h = [0u8; 20];
         self.s.read_exact(&mut h).unwrap();
         let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
@@ -463,12 +464,12 @@ impl Raw {
         (kind, data)
     }
 
-    fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
+    pub fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
         self.request_magic(REQUEST_MAGIC, kind, flags, cookie, offset, len, &[]);
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn request_magic(
+    pub fn request_magic(
         &mut self,
         magic: u32,
         kind: u16,
@@ -488,7 +489,7 @@ impl Raw {
         self.s.write_all(&b).unwrap();
     }
 
-    fn write(&mut self, cookie: u64, offset: u64, payload: &[u8]) {
+    pub fn write(&mut self, cookie: u64, offset: u64, payload: &[u8]) {
         self.request_magic(
             REQUEST_MAGIC,
             1,
@@ -501,7 +502,7 @@ impl Raw {
     }
 
     /// A simple reply: (error, cookie); `data_len` bytes follow a successful read.
-    fn reply(&mut self, data_len: usize) -> (u32, u64, Vec<u8>) {
+    pub fn reply(&mut self, data_len: usize) -> (u32, u64, Vec<u8>) {
         let mut h = [0u8; 16];
         self.s.read_exact(&mut h).expect("a reply");
         assert_eq!(
@@ -519,7 +520,7 @@ impl Raw {
     }
 
     /// Whether the server closed the connection (reads end).
-    fn closed(&mut self) -> bool {
+    pub fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.s.read(&mut b), Ok(0) | Err(_))
     }
@@ -728,4 +729,79 @@ fn serve_refuses_a_remote_address_without_allow_remote() {
     let (code, _, err) = run_cli(&["serve", s.image.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--listen"), "{err}");
+}
+
+#[test]
+fn over_tcp_fast_zero_is_refused_and_the_trace_names_what_nbd_sent() {
+    let s = Scratch::new(MIB);
+    let trace = s.dir.path().join("trace.jsonl");
+    let d = Served::start(
+        &s,
+        &[
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--trace",
+            trace.to_str().unwrap(),
+            "--inject-error",
+            "event=read_aio,errno=ETIMEDOUT,sector=64",
+        ],
+    );
+    // The port the kernel chose, as the log names it.
+    let log = d.stderr_with("tcp:127.0.0.1:");
+    let port: u16 = log
+        .split("tcp:127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no TCP port in the log:\n{log}"));
+    let uri = format!("nbd://127.0.0.1:{port}/disk.img");
+    let (code, out) = qemu_io(
+        &uri,
+        &[
+            "write -P 171 0 4k",
+            "read -P 171 0 4k",
+            // FAST_ZERO (`-n`: no slow fallback) is refused with ENOTSUP, and writes nothing.
+            "write -z -n 16k 4k",
+            "write -z 8k 4k",
+            "read -P 0 8k 4k",
+            // Sector 64: ETIMEDOUT, which NBD carries as EIO.
+            "read 32k 512",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("read") || l.starts_with("wrote") || l.contains("failed"))
+        .collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    assert!(lines[0].starts_with("wrote 4096/4096"), "{out}");
+    assert!(lines[1].starts_with("read 4096/4096"), "{out}");
+    assert_eq!(lines[2], "write failed: Operation not supported", "{out}");
+    assert!(lines[3].starts_with("wrote 4096/4096"), "{out}");
+    assert!(lines[4].starts_with("read 4096/4096"), "{out}");
+    assert_eq!(lines[5], "read failed: Input/output error", "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // nbdinfo over TCP: the same export and flags.
+    let v: Value = serde_json::from_str(&tool_ok("nbdinfo", &["--json", &uri])).unwrap();
+    assert_eq!(v["exports"][0]["export-name"], "disk.img");
+    assert_eq!(v["exports"][0]["can_fast_zero"], true);
+    assert!(d.stop().success());
+    let image = s.image_bytes();
+    let want = pattern(MIB);
+    assert!(image[..4096].iter().all(|&b| b == 171));
+    assert_eq!(image[4096..8192], want[4096..8192]);
+    assert!(image[8192..12288].iter().all(|&b| b == 0));
+    assert_eq!(image[12288..], want[12288..], "FAST_ZERO wrote something");
+    // The trace line of the injected error names both the errno and what NBD sent.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let line: Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["action"] == "inject-error")
+        .unwrap_or_else(|| panic!("no inject-error line:\n{text}"));
+    assert_eq!(line["errno"], "ETIMEDOUT", "{line}");
+    assert_eq!(line["sent"], "EIO", "{line}");
+    assert_eq!(line["offset"], 32768, "{line}");
 }

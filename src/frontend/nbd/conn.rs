@@ -1,16 +1,28 @@
-//! The transmission phase of one connection: its reader thread reads a request, checks it,
-//! and hands it to [`Mount`] with a completion that sends the reply. The reader never waits
-//! for a request's outcome: a delayed or suspended request holds its completion in the
-//! mount's parking, and the reader goes on with the next request; replies go out in the
-//! order requests finish, each identified by its cookie.
+//! The transmission phase of one connection: its workers take turns reading the socket (as
+//! nbdkit's threads do). The worker whose turn it is reads one request (and a write's
+//! payload), hands the turn on, then checks the request and runs it through [`Mount`] with
+//! a completion that sends the reply. So the socket always has a reader while requests run:
+//! a request that takes long in the kernel (an fsync, a read the page cache misses) holds
+//! only its own worker, and a connection's requests reach the image in parallel (a client's
+//! queue depth becomes the image's). A delayed or suspended request holds no worker at all:
+//! its completion waits in the mount's parking. Replies go out in the order requests
+//! finish, each identified by its cookie.
 //!
-//! Locks: a reply is sent whole under the connection's writer lock (`Conn::send`), taken by
+//! Workers: the connection's own thread is the first; a worker that takes a request when
+//! no other worker is waiting for the turn starts one more, up to [`MAX_WORKERS`], so a
+//! client that sends one request at a time keeps two threads, and one with 16 in flight
+//! gets up to 16. They end with the connection.
+//!
+//! Locks: the read turn is a mutex held while one request is read off the socket (a blocking
+//! read: the turn's holder waits there for the client), never across a `Mount` call or a
+//! send. A reply is sent whole under the connection's writer lock (`Conn::send`), taken by
 //! whichever thread completes a request and held for that one send only. The in-flight
 //! count has its own mutex, never held across a send or a `Mount` call.
 //!
 //! Backpressure: at most [`MAX_IN_FLIGHT`] requests of a connection may be in the mount at
-//! once (running or parked); the reader waits for one to finish before reading the next, so
-//! a client cannot make the server hold unbounded completions. Only that connection waits.
+//! once (running or parked); a worker waits for one to finish before starting its request,
+//! and with every worker waiting nothing more is read, so a client cannot make the server
+//! hold unbounded completions. Only that connection waits.
 //!
 //! Limits are checked before any I/O: a request past the export, with flags its command
 //! does not take, or of an unknown command gets an error reply; a write's payload is read
@@ -19,6 +31,8 @@
 
 use std::io::{self, BufReader, Read};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::Scope;
 
 use log::{debug, warn};
 use parking_lot::{Condvar, Mutex};
@@ -28,6 +42,17 @@ use super::handshake::{MAX_PAYLOAD, Session};
 use super::proto::*;
 use super::sock::Sock;
 use crate::mount::{Caller, Mount, ReadBuf};
+
+/// Who sends NBD's requests, for the trace: no process, and errnos as NBD carries them (the
+/// trace names what was sent beside an errno NBD has no number for).
+const NBD_CALLER: Caller = Caller {
+    pid: 0,
+    sends: Some(sent_as),
+};
+
+fn sent_as(errno: i32) -> i32 {
+    nbd_error(errno) as i32
+}
 
 /// Requests of one connection in the mount at once (see the module doc).
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -57,7 +82,6 @@ impl Conn {
 
     /// Sends one whole reply.
     fn send(&self, parts: &[&[u8]]) {
-        use std::sync::atomic::Ordering;
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
@@ -190,62 +214,143 @@ impl Replier {
     }
 }
 
-/// What the reader does after a request.
-enum Next {
-    Continue,
-    /// Stop reading (a disconnect request, or a stream that cannot be followed).
-    Stop,
+/// Threads of one connection that may run its requests at once (as nbdkit's default
+/// `--threads 16`); see the module doc.
+pub const MAX_WORKERS: usize = 16;
+
+/// The read side of a connection, which its workers take turns at.
+struct ReadSide<'a> {
+    reader: BufReader<&'a Sock>,
+    /// Nothing more is read: the client disconnected or broke the stream, or the server
+    /// shut the socket's read side.
+    stopped: bool,
+}
+
+/// What a connection's workers share.
+struct Workers<'a> {
+    read: Mutex<ReadSide<'a>>,
+    /// Workers waiting for their turn to read (not the one reading).
+    waiting: AtomicUsize,
+    /// Workers started (the connection's own thread is the first).
+    started: AtomicUsize,
+    replier: Replier,
+    mount: Arc<Mount>,
+    session: Session,
 }
 
 /// Serves one connection's requests until the client disconnects, breaks the protocol or
 /// the server stops; then waits for every request in flight to reply and closes.
 pub fn serve(
     conn: Arc<Conn>,
-    mut reader: BufReader<&Sock>,
+    reader: BufReader<&Sock>,
     mount: Arc<Mount>,
     session: Session,
     errnos: Arc<ErrnoLog>,
 ) {
-    let replier = Replier {
-        conn: conn.clone(),
-        structured: session.structured,
-        errnos,
+    let workers = Workers {
+        read: Mutex::new(ReadSide {
+            reader,
+            stopped: false,
+        }),
+        waiting: AtomicUsize::new(0),
+        started: AtomicUsize::new(1),
+        replier: Replier {
+            conn: conn.clone(),
+            structured: session.structured,
+            errnos,
+        },
+        mount,
+        session,
     };
-    let mut payload = Vec::new();
-    loop {
-        let mut h = [0u8; REQUEST_LEN];
-        if let Err(e) = reader.read_exact(&mut h) {
-            if e.kind() != io::ErrorKind::UnexpectedEof {
-                debug!("NBD connection {}: {e}", conn.id);
-            }
-            break;
-        }
-        let Some(req) = decode_request(&h) else {
-            warn!("NBD connection {}: bad request magic; closing it", conn.id);
-            break;
-        };
-        match request(&replier, &mut reader, &mount, &session, req, &mut payload) {
-            Next::Continue => {}
-            Next::Stop => break,
-        }
-        // A 32 MiB write once must not pin 32 MiB per idle connection.
-        if payload.len() > 4 << 20 {
-            payload = Vec::new();
-        }
-    }
+    std::thread::scope(|scope| work(scope, &workers));
+    let started = workers.started.load(Ordering::Relaxed);
+    debug!("NBD connection {}: {started} worker(s) served it", conn.id);
     conn.drain();
     conn.sock.shutdown(libc::SHUT_RDWR);
 }
 
-/// Checks and starts one request.
-fn request(
-    replier: &Replier,
-    reader: &mut BufReader<&Sock>,
-    mount: &Arc<Mount>,
-    session: &Session,
-    req: Request,
-    payload: &mut Vec<u8>,
-) -> Next {
+/// One worker: takes its turn at reading a request, lets the next worker read while it
+/// runs that request, and comes back for another turn. When it takes a request and no other
+/// worker is waiting to read, it starts one (up to [`MAX_WORKERS`]), so the socket always
+/// has a reader while requests run.
+fn work<'scope, 'env>(scope: &'scope Scope<'scope, 'env>, w: &'scope Workers<'env>) {
+    let id = w.replier.conn.id;
+    let mut payload = Vec::new();
+    loop {
+        w.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut side = w.read.lock();
+        w.waiting.fetch_sub(1, Ordering::SeqCst);
+        if side.stopped {
+            return;
+        }
+        let Some(req) = read_request(&mut side.reader, &mut payload, id) else {
+            side.stopped = true;
+            return;
+        };
+        if w.waiting.load(Ordering::SeqCst) == 0 && w.started.load(Ordering::Relaxed) < MAX_WORKERS
+        {
+            let n = w.started.fetch_add(1, Ordering::Relaxed);
+            let spawned = std::thread::Builder::new()
+                .name(format!("blkdebugfs-nbd-{id}.{n}"))
+                .spawn_scoped(scope, move || work(scope, w));
+            if let Err(e) = spawned {
+                w.started.fetch_sub(1, Ordering::Relaxed);
+                debug!("NBD connection {id}: no thread for another worker ({e})");
+            }
+        }
+        drop(side);
+        request(&w.replier, &w.mount, &w.session, req, &payload);
+        // A 32 MiB write once must not pin 32 MiB per idle worker.
+        if payload.len() > 4 << 20 {
+            payload = Vec::new();
+        }
+    }
+}
+
+/// Reads the next request off the stream, with a write's payload (into `payload`); `None`
+/// when reading stops: the end of the stream, a disconnect request, or a stream that cannot
+/// be followed (a bad magic, a write over [`MAX_PAYLOAD`], a connection closed mid-write).
+fn read_request(reader: &mut BufReader<&Sock>, payload: &mut Vec<u8>, id: u64) -> Option<Request> {
+    let mut h = [0u8; REQUEST_LEN];
+    if let Err(e) = reader.read_exact(&mut h) {
+        if e.kind() != io::ErrorKind::UnexpectedEof {
+            debug!("NBD connection {id}: {e}");
+        }
+        return None;
+    }
+    let Some(req) = decode_request(&h) else {
+        warn!("NBD connection {id}: bad request magic; closing it");
+        return None;
+    };
+    match req.kind {
+        CMD_DISC => {
+            debug!("NBD connection {id}: the client disconnects");
+            None
+        }
+        CMD_WRITE => {
+            // The payload now, whatever the answer: the next request starts after it.
+            let len = req.len;
+            if len > MAX_PAYLOAD {
+                warn!(
+                    "NBD connection {id}: a write of {len} bytes (over {MAX_PAYLOAD}); closing it"
+                );
+                return None;
+            }
+            if payload.len() < len as usize {
+                payload.resize(len as usize, 0);
+            }
+            if let Err(e) = reader.read_exact(&mut payload[..len as usize]) {
+                debug!("NBD connection {id}: closed mid-write ({e})");
+                return None;
+            }
+            Some(req)
+        }
+        _ => Some(req),
+    }
+}
+
+/// Checks and starts one request (a write's payload is in `payload`).
+fn request(replier: &Replier, mount: &Arc<Mount>, session: &Session, req: Request, payload: &[u8]) {
     let Request {
         flags,
         kind,
@@ -253,38 +358,21 @@ fn request(
         offset,
         len,
     } = req;
-    let caller = Caller { pid: 0 };
+    let caller = NBD_CALLER;
     let in_range = offset
         .checked_add(len as u64)
         .is_some_and(|end| end <= session.size);
-    if kind == CMD_WRITE {
-        // The payload first, whatever the answer: the next request starts after it.
-        if len > MAX_PAYLOAD {
-            warn!(
-                "NBD connection {}: a write of {len} bytes (over {MAX_PAYLOAD}); closing it",
-                replier.conn.id
-            );
-            return Next::Stop;
-        }
-        if payload.len() < len as usize {
-            payload.resize(len as usize, 0);
-        }
-        if let Err(e) = reader.read_exact(&mut payload[..len as usize]) {
-            debug!("NBD connection {}: closed mid-write ({e})", replier.conn.id);
-            return Next::Stop;
-        }
-    }
     if flags & !allowed_flags(kind) != 0 {
         replier.einval(
             cookie,
             &format!("flags {flags:#x} on {}", command_name(kind)),
         );
-        return Next::Continue;
+        return;
     }
     let writes = matches!(kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && mount.read_only() {
         replier.error(cookie, NBD_EPERM, "the export is read-only", None);
-        return Next::Continue;
+        return;
     }
     let ranged = matches!(
         kind,
@@ -303,14 +391,28 @@ fn request(
             _ => NBD_EINVAL,
         };
         replier.error(cookie, error, &message, None);
-        return Next::Continue;
+        return;
+    }
+    if kind == CMD_WRITE_ZEROES && flags & CMD_FLAG_FAST_ZERO != 0 {
+        // A write-zeroes runs its plan like any write: a rule may delay or suspend it, the
+        // write cache journals what it overwrites, and a file system or device without
+        // zero-range falls back to writing zeroes. None of that is fast, so FAST_ZERO is
+        // refused before anything runs (no rule sees it), and the client writes zeroes its
+        // own way (`proto.md`: NBD_ENOTSUP, "fail quickly").
+        replier.error(
+            cookie,
+            NBD_ENOTSUP,
+            "FAST_ZERO: zeroing here is not guaranteed fast",
+            None,
+        );
+        return;
     }
     let fua = flags & CMD_FLAG_FUA != 0;
     match kind {
         CMD_READ => {
             if len > MAX_PAYLOAD {
                 replier.einval(cookie, "a read over 32 MiB");
-                return Next::Continue;
+                return;
             }
             let inflight = InFlight::new(&replier.conn);
             let r = replier.clone();
@@ -391,24 +493,19 @@ fn request(
         CMD_BLOCK_STATUS => {
             if !session.base_allocation {
                 replier.einval(cookie, "BLOCK_STATUS without base:allocation negotiated");
-                return Next::Continue;
+                return;
             }
             if len == 0 {
                 replier.einval(cookie, "BLOCK_STATUS of 0 bytes");
-                return Next::Continue;
+                return;
             }
             block_status(mount, replier, cookie, offset, len);
-        }
-        CMD_DISC => {
-            debug!("NBD connection {}: the client disconnects", replier.conn.id);
-            return Next::Stop;
         }
         _ => replier.einval(
             cookie,
             &format!("unknown command {kind} ({})", command_name(kind)),
         ),
     }
-    Next::Continue
 }
 
 /// After a write, trim or write-zeroes succeeded: with FUA, a flush makes it durable before
@@ -420,7 +517,7 @@ fn finish(mount: &Arc<Mount>, r: &Replier, cookie: u64, kind: u16, fua: bool, in
     }
     let r = r.clone();
     mount.flush(
-        Caller { pid: 0 },
+        NBD_CALLER,
         Box::new(move |result| {
             match result {
                 Ok(()) => r.ok(cookie),
@@ -440,7 +537,7 @@ fn block_status(mount: &Arc<Mount>, replier: &Replier, cookie: u64, offset: u64,
     let m = mount.clone();
     let clamp = move |end: i64| (end as u64).saturating_sub(offset).clamp(1, len as u64) as u32;
     mount.seek(
-        Caller { pid: 0 },
+        NBD_CALLER,
         offset as i64,
         libc::SEEK_DATA,
         Box::new(move |found| match found {
@@ -456,7 +553,7 @@ fn block_status(mount: &Arc<Mount>, replier: &Replier, cookie: u64, offset: u64,
             Ok(_) => {
                 let r2 = r.clone();
                 m.seek(
-                    Caller { pid: 0 },
+                    NBD_CALLER,
                     offset as i64,
                     libc::SEEK_HOLE,
                     Box::new(move |found| {

@@ -4,7 +4,8 @@
 //!
 //! - `proto.rs`: the wire format, pure (constants, encoding, decoding, the errno mapping)
 //! - `handshake.rs`: fixed newstyle option negotiation, one state machine per connection
-//! - `conn.rs`: the transmission phase: one reader thread per connection, replies sent
+//! - `conn.rs`: the transmission phase: up to 16 workers per connection taking turns at
+//!   reading its socket, each running the request it read; replies sent
 //!   whole under a per-connection writer lock, out of order, by cookie
 //! - `sock.rs`: the socket both use
 //! - this file: what to listen on ([`Listen`]), binding ([`Listeners`], before the daemon
@@ -15,7 +16,10 @@
 //! followed by a flush before the reply), `FLUSH` an fsync, `WRITE_ZEROES` a zero-range
 //! fallocate, `TRIM` a punch-hole fallocate (a discard), `BLOCK_STATUS` `SEEK_DATA` then
 //! `SEEK_HOLE`. Errnos NBD does not carry are sent as `EIO` (`EDQUOT`, `EFBIG` as
-//! `ENOSPC`), and the log names both.
+//! `ENOSPC`); the log names both, and so does the trace (`sent`, through the requests'
+//! [`Caller`](crate::mount::Caller)). `FAST_ZERO` is refused with `ENOTSUP` before anything
+//! runs: a write-zeroes here is never guaranteed fast (rules, the write cache's journal, a
+//! fallback to writing zeroes).
 //!
 //! Stop ([`NbdServer::stop`], after the mount released every parked request): no more
 //! accepts; each connection stops reading, its requests in flight reply, then it closes; a

@@ -99,6 +99,8 @@ pub const NBD_EINVAL: u32 = 22;
 pub const NBD_ENOSPC: u32 = 28;
 pub const NBD_EOVERFLOW: u32 = 75;
 pub const NBD_ESHUTDOWN: u32 = 108;
+/// Only for a `FAST_ZERO` write-zeroes that would not be fast (`proto.md`).
+pub const NBD_ENOTSUP: u32 = 95;
 
 /// The NBD error an errno is sent as: the seven NBD knows pass, a full quota or file is a
 /// full disk, anything else is an I/O error.
