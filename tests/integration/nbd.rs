@@ -805,3 +805,26 @@ fn over_tcp_fast_zero_is_refused_and_the_trace_names_what_nbd_sent() {
     assert_eq!(line["sent"], "EIO", "{line}");
     assert_eq!(line["offset"], 32768, "{line}");
 }
+
+/// A client that stops reading its replies must hold up nothing but itself. Its delayed
+/// reads complete on the mount's timer thread, which must never wait for that client's
+/// socket: here 64 MiB of replies nobody reads, then another client's delayed read, which
+/// must be answered in its 20 ms (the bound is the test's deadline, not a timing claim).
+#[test]
+fn a_client_that_never_reads_its_replies_stalls_no_one_else() {
+    let s = Scratch::new(16 * MIB);
+    let d = Served::start(&s, &["--rule", "delay:latency=20ms,iotype=read"]);
+    let mut stuck = Raw::connect(&d.sock);
+    for cookie in 0..64 {
+        stuck.request(0, 0, cookie, (cookie % 16) * MIB as u64, MIB as u32);
+    }
+    // Let the delays run out: the timer completes them into a socket nobody reads.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut other = Raw::connect(&d.sock);
+    other.request(0, 0, 99, 0, 512);
+    let (error, cookie, data) = other.reply(512);
+    assert_eq!((error, cookie), (0, 99), "{}", d.stderr());
+    assert_eq!(data, pattern(16 * MIB)[..512].to_vec());
+    drop(stuck);
+    assert!(d.stop().success());
+}

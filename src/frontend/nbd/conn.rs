@@ -15,14 +15,19 @@
 //!
 //! Locks: the read turn is a mutex held while one request is read off the socket (a blocking
 //! read: the turn's holder waits there for the client), never across a `Mount` call or a
-//! send. A reply is sent whole under the connection's writer lock (`Conn::send`), taken by
-//! whichever thread completes a request and held for that one send only. The in-flight
-//! count has its own mutex, never held across a send or a `Mount` call.
+//! send. Replies go out whole and never make the thread that completes a request wait (that
+//! thread may be the mount's timer, serving every client's delays): under the connection's
+//! outbox lock it sends what the socket takes at once (`MSG_DONTWAIT`), and whatever does not
+//! fit (a client that reads slowly or not at all) is queued for the connection's writer
+//! thread, which alone waits on the socket; a reply goes straight out only when nothing is
+//! queued or being sent, so replies never interleave. The in-flight count has its own mutex,
+//! never held across a send or a `Mount` call.
 //!
 //! Backpressure: at most [`MAX_IN_FLIGHT`] requests of a connection may be in the mount at
-//! once (running or parked); a worker waits for one to finish before starting its request,
-//! and with every worker waiting nothing more is read, so a client cannot make the server
-//! hold unbounded completions. Only that connection waits.
+//! once (running or parked), and at most [`MAX_QUEUED`] bytes of its replies may wait for it
+//! to read them; a worker waits for room before starting its request, and with every worker
+//! waiting nothing more is read, so a client cannot make the server hold unbounded
+//! completions or replies. Only that connection waits.
 //!
 //! Limits are checked before any I/O: a request past the export, with flags its command
 //! does not take, or of an unknown command gets an error reply; a write's payload is read
@@ -57,10 +62,26 @@ fn sent_as(errno: i32) -> i32 {
 /// Requests of one connection in the mount at once (see the module doc).
 pub const MAX_IN_FLIGHT: usize = 128;
 
+/// Bytes of replies a connection may leave unread before its requests wait.
+pub const MAX_QUEUED: usize = 64 << 20;
+
+/// Replies the socket did not take at once, for the connection's writer thread.
+#[derive(Default)]
+struct Outbox {
+    queue: std::collections::VecDeque<Vec<u8>>,
+    queued_bytes: usize,
+    /// The writer thread is sending a reply it took off the queue.
+    sending: bool,
+    /// No reply comes any more: the writer thread ends once the queue is empty.
+    closed: bool,
+}
+
 /// The write side and bookkeeping of a connection, shared by its reader and completions.
 pub struct Conn {
     pub sock: Sock,
-    writer: Mutex<()>,
+    out: Mutex<Outbox>,
+    /// Signalled when a reply is queued, when one left, and when the outbox closes.
+    out_changed: Condvar,
     in_flight: Mutex<usize>,
     finished: Condvar,
     /// A reply could not be sent: the client is gone, later replies are dropped.
@@ -72,7 +93,8 @@ impl Conn {
     pub fn new(sock: Sock, id: u64) -> Conn {
         Conn {
             sock,
-            writer: Mutex::new(()),
+            out: Mutex::new(Outbox::default()),
+            out_changed: Condvar::new(),
             in_flight: Mutex::new(0),
             finished: Condvar::new(),
             broken: Default::default(),
@@ -80,23 +102,100 @@ impl Conn {
         }
     }
 
-    /// Sends one whole reply.
+    /// Sends one whole reply, or queues what the socket does not take now for the writer
+    /// thread: never waits for the client (see the module doc).
     fn send(&self, parts: &[&[u8]]) {
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
-        let _w = self.writer.lock();
-        if let Err(e) = self.sock.send_all(parts) {
-            if !self.broken.swap(true, Ordering::Relaxed) {
-                debug!("NBD connection {}: reply not sent ({e})", self.id);
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut out = self.out.lock();
+        let mut sent = 0;
+        if out.queue.is_empty() && !out.sending {
+            match self.sock.send_now(parts) {
+                Ok(n) => sent = n,
+                Err(e) => return self.fail(&e),
             }
-            // The client cannot follow the stream any more: stop reading from it too.
-            self.sock.shutdown(libc::SHUT_RDWR);
+            // A reply of many parts may need more than one call while the socket takes it.
+            while sent < total && sent > 0 {
+                let rest = remainder(parts, sent);
+                match self.sock.send_now(&rest) {
+                    Ok(0) => break,
+                    Ok(n) => sent += n,
+                    Err(e) => return self.fail(&e),
+                }
+            }
+            if sent == total {
+                return;
+            }
+        }
+        let rest: Vec<u8> = remainder(parts, sent).concat();
+        out.queued_bytes += rest.len();
+        out.queue.push_back(rest);
+        self.out_changed.notify_all();
+    }
+
+    /// The client cannot follow the stream any more: later replies are dropped, and it is
+    /// not read from either.
+    fn fail(&self, e: &io::Error) {
+        if !self.broken.swap(true, Ordering::Relaxed) {
+            debug!("NBD connection {}: reply not sent ({e})", self.id);
+        }
+        self.sock.shutdown(libc::SHUT_RDWR);
+        let mut out = self.out.lock();
+        out.queue.clear();
+        out.queued_bytes = 0;
+        self.out_changed.notify_all();
+    }
+
+    /// The writer thread: sends the queued replies, waiting on the socket as long as the
+    /// client takes, until the outbox is closed and empty.
+    fn write_queued(&self) {
+        loop {
+            let reply = {
+                let mut out = self.out.lock();
+                loop {
+                    if let Some(reply) = out.queue.pop_front() {
+                        out.sending = true;
+                        break reply;
+                    }
+                    if out.closed {
+                        return;
+                    }
+                    self.out_changed.wait(&mut out);
+                }
+            };
+            let result = self.sock.send_all(&[&reply]);
+            {
+                let mut out = self.out.lock();
+                out.sending = false;
+                out.queued_bytes = out.queued_bytes.saturating_sub(reply.len());
+                self.out_changed.notify_all();
+            }
+            if let Err(e) = result {
+                self.fail(&e);
+            }
         }
     }
 
-    /// Counts a request in; waits while [`MAX_IN_FLIGHT`] are in the mount.
+    /// Waits while [`MAX_QUEUED`] bytes of replies wait for the client.
+    fn wait_for_room(&self) {
+        let mut out = self.out.lock();
+        while out.queued_bytes > MAX_QUEUED && !self.broken.load(Ordering::Relaxed) {
+            self.out_changed.wait(&mut out);
+        }
+    }
+
+    /// No reply comes any more: the writer thread ends once it sent the queue.
+    fn close_outbox(&self) {
+        self.out.lock().closed = true;
+        self.out_changed.notify_all();
+    }
+
+    /// Counts a request in; waits while [`MAX_IN_FLIGHT`] are in the mount, or while
+    /// [`MAX_QUEUED`] bytes of replies wait for the client.
     fn enter(&self) {
+        self.wait_for_room();
         let mut n = self.in_flight.lock();
         while *n >= MAX_IN_FLIGHT {
             self.finished.wait(&mut n);
@@ -262,11 +361,45 @@ pub fn serve(
         mount,
         session,
     };
+    let writer = {
+        let conn = conn.clone();
+        std::thread::Builder::new()
+            .name(format!("blkdebugfs-nbd-{}.w", conn.id))
+            .spawn(move || conn.write_queued())
+    };
+    if let Err(e) = &writer {
+        // Without it, queued replies would never leave: this connection cannot work.
+        warn!(
+            "NBD connection {}: no writer thread ({e}); closing it",
+            conn.id
+        );
+        conn.sock.shutdown(libc::SHUT_RDWR);
+    }
     std::thread::scope(|scope| work(scope, &workers));
     let started = workers.started.load(Ordering::Relaxed);
     debug!("NBD connection {}: {started} worker(s) served it", conn.id);
     conn.drain();
+    // The writer sends what is queued, then ends (the server's stop cuts a client that does
+    // not read with SHUT_RDWR, which ends a send that waits).
+    conn.close_outbox();
+    if let Ok(writer) = writer {
+        let _ = writer.join();
+    }
     conn.sock.shutdown(libc::SHUT_RDWR);
+}
+
+/// What of `parts` is left after the first `sent` bytes.
+fn remainder<'a>(parts: &[&'a [u8]], mut sent: usize) -> Vec<&'a [u8]> {
+    let mut rest = Vec::with_capacity(parts.len());
+    for p in parts {
+        if sent >= p.len() {
+            sent -= p.len();
+        } else {
+            rest.push(&p[sent..]);
+            sent = 0;
+        }
+    }
+    rest
 }
 
 /// One worker: takes its turn at reading a request, lets the next worker read while it

@@ -55,6 +55,47 @@ impl Sock {
         Ok(())
     }
 
+    /// Sends what of `parts` the socket takes now, without waiting (`MSG_DONTWAIT`): the
+    /// number of bytes sent, 0 when its buffer is full.
+    pub fn send_now(&self, parts: &[&[u8]]) -> io::Result<usize> {
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .take(64)
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        if iov.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len();
+        loop {
+            // SAFETY: sendmsg reads `iov.len()` buffers that `parts` keeps alive for the
+            // call, on our own open descriptor.
+            let n = unsafe {
+                libc::sendmsg(
+                    self.0.as_raw_fd(),
+                    &msg,
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        }
+    }
+
     /// Stops reading (`SHUT_RD`: the reader sees the end of the stream, replies still go
     /// out) or everything (`SHUT_RDWR`: a blocked send fails too).
     pub fn shutdown(&self, how: libc::c_int) {
