@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use super::enumerate::Candidate;
 use super::recording::{Change, Recording, Src};
-use crate::engine::ranges::SECTOR;
 use crate::engine::settle::settle;
 /// Non-overlapping ranges of bytes and where each comes from: `start -> (end, src)`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -93,9 +92,9 @@ pub struct StateImage {
 impl StateImage {
     /// The delta layer of `candidate` over its epoch's writes, by the crash rule of
     /// `engine/settle.rs` (the power cut's): a write of S reached the disk (a torn one only
-    /// its kept `unit`s), and each sector it reached ends as the newest such write left it,
-    /// that is with the bytes of every write up to that one, S or not, applied in order
-    /// (the disk wrote the cache's copy of the whole sector).
+    /// its kept `unit`s), and each block of `unit` bytes it reached ends as the newest such
+    /// write left it, that is with the bytes of every write up to that one, S or not,
+    /// applied in order (the disk wrote the cache's copy of the whole block).
     pub fn delta_of(rec: &Recording, candidate: &Candidate, unit: u64) -> Layer {
         let writes = &rec.epochs[candidate.epoch].writes;
         let spans: Vec<(u64, u64)> = writes.iter().map(|w| (w.offset, w.len)).collect();
@@ -114,21 +113,19 @@ impl StateImage {
                         _ => true,
                     }
             },
-            |i, at, len, reached| {
+            |i, at, _, reached| {
                 if reached {
-                    for sector in at / SECTOR..=(at + len - 1) / SECTOR {
-                        ends_as.insert(sector, i);
-                    }
+                    ends_as.insert(at / unit, i);
                 }
             },
         );
         let mut delta = Layer::default();
-        // Sectors the write they end as covers whole: that write's bytes alone, in runs.
+        // Blocks the write they end as covers whole: that write's bytes alone, in runs.
         let mut run: Option<Change> = None;
-        // Writes by the sectors they touch, for sectors a write covers only in part.
-        let mut by_sector: Option<BTreeMap<u64, Vec<usize>>> = None;
-        for (&sector, &k) in &ends_as {
-            let (a, b) = (sector * SECTOR, (sector + 1) * SECTOR);
+        // Writes by the blocks they touch, for blocks a write covers only in part.
+        let mut by_block: Option<BTreeMap<u64, Vec<usize>>> = None;
+        for (&block, &k) in &ends_as {
+            let (a, b) = (block * unit, (block + 1) * unit);
             let w = writes[k];
             if w.offset <= a && b <= w.offset + w.len {
                 let piece = clip(w, a, b);
@@ -144,16 +141,16 @@ impl StateImage {
                 }
                 continue;
             }
-            let index = by_sector.get_or_insert_with(|| {
+            let index = by_block.get_or_insert_with(|| {
                 let mut index: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
                 for (j, w) in writes.iter().enumerate().filter(|(_, w)| w.len > 0) {
-                    for s in w.offset / SECTOR..=(w.offset + w.len - 1) / SECTOR {
-                        index.entry(s).or_default().push(j);
+                    for blk in w.offset / unit..=(w.offset + w.len - 1) / unit {
+                        index.entry(blk).or_default().push(j);
                     }
                 }
                 index
             });
-            for &j in index[&sector].iter().take_while(|&&j| j <= k) {
+            for &j in index[&block].iter().take_while(|&&j| j <= k) {
                 delta.put(clip(writes[j], a, b));
             }
         }
@@ -248,6 +245,7 @@ pub fn sector_hash(sector: u64, bytes: &[u8]) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::ranges::SECTOR;
 
     fn c(offset: u64, len: u64, at: u64) -> Change {
         Change {

@@ -152,7 +152,13 @@ impl Recording {
         let mut befores = Vec::new();
         let mut pending: Vec<(u64, Change)> = Vec::new();
         let mut started = false;
+        // After the stop only before-images count: writes then are not part of the run, but
+        // they changed the image the base is read from.
+        let mut stopped = false;
         for e in events {
+            if stopped && e.kind != EventKind::Before {
+                continue;
+            }
             let change = |src| Change {
                 offset: e.a,
                 len: e.b,
@@ -191,7 +197,7 @@ impl Recording {
                         .ok_or("a mark's label is missing")?;
                     self.marks.push(String::from_utf8_lossy(label).into_owned());
                 }
-                EventKind::Stop => break,
+                EventKind::Stop => stopped = true,
             }
         }
         if !started {

@@ -370,11 +370,17 @@ impl WriteCache {
         let _range = self.claim(offset, len);
         // The recording keeps the first before-image of each sector (from the reads below,
         // under the claim, so it is what the write before left) and the bytes stored.
+        // Before-images go on after `record stop`, until the mount ends: a write after the
+        // stop still changes the image the recording's base is read from.
         let (mut fresh, data_at) = match &self.recorder {
-            Some(rec) if rec.recording() => {
-                (Some(rec.claim_fresh(offset, len)), rec.keep_data(content)?)
-            }
-            _ => (None, 0),
+            Some(rec) => (
+                Some(rec.claim_fresh(offset, len)),
+                match rec.recording() {
+                    true => rec.keep_data(content)?,
+                    false => 0,
+                },
+            ),
+            None => (None, 0),
         };
         // A small write reads its range whole; only a large range (a big write-zeroes) asks
         // the filesystem where its data is first: SEEK_HOLE on tmpfs walks the file to its

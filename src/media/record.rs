@@ -230,10 +230,8 @@ impl Recorder {
             return Fresh { rec: self, runs };
         }
         let (first, last) = (offset / SECTOR, (offset + len - 1) / SECTOR);
+        // Also after the stop (see `WriteCache::write`): the base must stay right.
         let mut st = self.state.lock();
-        if st.stopped {
-            return Fresh { rec: self, runs };
-        }
         let mut s = first;
         while s <= last {
             if st.touched.contains(s) {
