@@ -100,7 +100,7 @@ fn main() {
     let alone = random_writes(&cache);
     let rec_dir = dir.path().join("recording");
     let recorder = Recorder::create(&rec_dir, None).expect("recording");
-    recorder.arm_start();
+    recorder.arm_start(0).expect("a new recording");
     let recording = WriteCache::new(&path, Some(recorder)).expect("journal");
     let ticket = recording.begin_flush(recording.cycle()).unwrap();
     recording.end_flush(ticket).unwrap();

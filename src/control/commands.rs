@@ -442,6 +442,9 @@ impl Control {
 
     pub(super) fn cmd_mark(&self, _: &[&str], line: &str) -> Result<String, CtlError> {
         let label = line.trim().strip_prefix("mark").unwrap_or_default().trim();
+        if label.is_empty() {
+            return Err(CtlError::invalid("usage: mark LABEL (a label is needed)"));
+        }
         if label.len() > MAX_LABEL {
             return Err(CtlError::invalid(format!(
                 "a mark's label is at most {MAX_LABEL} bytes (got {})",

@@ -56,7 +56,7 @@ impl Kind {
     }
 }
 
-/// A write torn: of its `units` sector units (see `media/cache.rs`'s `sector_units`), those
+/// A write torn: of its atomic units (`engine/ranges.rs`'s `atomic_units`), those
 /// in `kept` (ascending) reach the disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tear {

@@ -502,6 +502,7 @@ fn one_state(
     };
     let state = priors.state(base_file, &candidate);
     if let Some(out) = &opts.image_out {
+        refuse_overwriting_inputs(out, base_file, rec)?;
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -523,7 +524,7 @@ fn one_state(
     };
     let planned = vec![Planned {
         candidate,
-        hash: 0,
+        hash: None,
         marks,
     }];
     let checker = Checker {
@@ -544,6 +545,34 @@ fn one_state(
         &[],
         Instant::now(),
     )
+}
+
+/// `--image-out` must not name the base image or a file of the recording: opening it for
+/// writing would truncate what the state is read from.
+fn refuse_overwriting_inputs(out: &Path, base: &File, rec: &Recording) -> Result<(), ExploreError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    let same = |md: &std::fs::Metadata| md.dev() == target.dev() && md.ino() == target.ino();
+    let base_is_it = base.metadata().is_ok_and(|md| same(&md));
+    let rec_has_it = std::fs::read_dir(&rec.dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.metadata().is_ok_and(|md| same(&md)))
+    });
+    if base_is_it || rec_has_it {
+        return Err(ExploreError::Usage(format!(
+            "--image-out {} is the {} the state is read from: name another file",
+            out.display(),
+            if base_is_it {
+                "base image"
+            } else {
+                "recording"
+            }
+        )));
+    }
+    Ok(())
 }
 
 // ---- Checking.
@@ -920,7 +949,7 @@ fn report(
                 "kind": p.candidate.kind.name(),
                 "writes": p.candidate.writes,
                 "torn": p.candidate.tear.as_ref().map(|t| serde_json::json!({"write": t.write, "kept_sectors": t.kept})),
-                "hash": format!("{:032x}", p.hash),
+                "hash": p.hash.map(|h| format!("{h:032x}")),
                 "marks": rec.marks[..p.marks].last(),
                 "result": c.result.name(),
                 "check_rc": c.rc,
@@ -1070,23 +1099,23 @@ fn run_sh(
     let mut child = command.spawn()?;
     let pid = child.id() as i32;
     let started = Instant::now();
+    // The leader is never reaped before its group is killed: until `wait` below, its pid,
+    // and so the group's id, cannot be reused by another process (another worker's check).
     let mut timed_out = false;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+    loop {
+        if exited_unreaped(pid)? {
+            break;
         }
         if timeout.is_some_and(|t| started.elapsed() >= t) {
             timed_out = true;
-            // SAFETY: signalling the process group we created (its leader is our child,
-            // not yet reaped, so the group id cannot have been reused).
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
-            break child.wait()?;
+            break;
         }
         std::thread::sleep(Duration::from_millis(1));
-    };
-    // Anything the group left running dies with it.
-    // SAFETY: as above; ESRCH when the group is gone.
+    }
+    // Whatever the group still runs (a timed-out check, what a check left behind) dies.
+    // SAFETY: signalling the process group we created, whose leader is not reaped yet.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let status = child.wait()?;
     let text = std::fs::read(log).unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
@@ -1096,6 +1125,26 @@ fn run_sh(
         timed_out,
         tail,
     })
+}
+
+/// Whether child `pid` has exited, leaving it unreaped (`WNOWAIT`).
+fn exited_unreaped(pid: i32) -> io::Result<bool> {
+    // SAFETY: siginfo_t is plain old data; all-zero is its "nothing happened" value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child, writing into `info`, which we own.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: si_pid is set by waitid (0 when the child has not changed state).
+    Ok(unsafe { info.si_pid() } != 0)
 }
 
 /// A loop device over a file, detached on drop.

@@ -38,7 +38,8 @@ pub struct Options {
 #[derive(Clone, Debug)]
 pub struct Planned {
     pub candidate: Candidate,
-    pub hash: u128,
+    /// Its content hash (`None` for a state checked alone, by `--state ID`).
+    pub hash: Option<u128>,
     /// How many of the recording's marks it must hold (the first N).
     pub marks: usize,
 }
@@ -82,10 +83,12 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
         let durable = shape.candidate(Kind::Durable, 0).expect("always one");
         let a = start_sum.wrapping_sub(share(&image_of(&durable), &touched)?);
         let mut taken = 0;
+        // With `durable` first, every epoch's list starts with it (or with a state of the
+        // same bytes and marks checked before), so an epoch's `full`, the same bytes as the
+        // next epoch's `durable`, is checked there, under its stronger marks.
+        let durable_first = opts.kinds.first() == Some(&Kind::Durable);
         for &kind in &opts.kinds {
-            if kind == Kind::Full && e != last_epoch {
-                // The same bytes as the next epoch's `durable`, checked there under its
-                // stronger marks.
+            if kind == Kind::Full && e != last_epoch && durable_first {
                 continue;
             }
             let budget = match kind {
@@ -116,7 +119,7 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
                 taken_here += 1;
                 states.push(Planned {
                     candidate: c,
-                    hash,
+                    hash: Some(hash),
                     marks,
                 });
             }
@@ -275,7 +278,7 @@ mod tests {
         std::fs::copy(&path, &base).unwrap();
         let image = File::options().read(true).write(true).open(&path).unwrap();
         let rec = Recorder::create(&dir.join("rec"), None).unwrap();
-        rec.arm_start();
+        rec.arm_start(0).unwrap();
         let cache = WriteCache::new(&path, Some(rec)).unwrap();
         let flush = |cache: &WriteCache| {
             let t = cache.begin_flush(cache.cycle()).unwrap();

@@ -184,6 +184,13 @@ pub struct FlushTicket {
     cycle: PowerCycle,
 }
 
+impl FlushTicket {
+    /// The flush covers the writes whose sequence numbers are below this one.
+    pub fn covers(&self) -> u64 {
+        self.mark
+    }
+}
+
 /// What a power cut did, for the reply and the trace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CutReport {

@@ -11,10 +11,12 @@
 //! - `recording.json`: written when the recording stops: the image it was made over (path,
 //!   size and a content hash, [`image_hash`]), the view's size, counts.
 //!
-//! Cost: O(bytes written) on disk, one 40-byte event per write; memory holds only the set
-//! of sectors touched so far. Nothing is buffered: each event and its bytes are written
-//! with positional I/O at offsets reserved under a short lock, so writes record in
-//! parallel, and a `kill -9` leaves every completed event readable.
+//! Cost: O(bytes written) on disk, one 40-byte event per write; memory holds the set of
+//! sectors touched so far and at most 64 KiB of events not written yet. A write's bytes
+//! (and first before-images) are written with positional I/O at offsets reserved under a
+//! short lock, so writes record in parallel; events are written in 64 KiB chunks, and at
+//! once at every flush, mark, start and stop. A recording is complete once its
+//! `recording.json` is written (the mount's end); explore refuses one without it.
 //!
 //! Ordering: a write's event is reserved under the write cache's journal lock, at the
 //! moment the cache gives it its sequence number; a flush's at the moment it succeeds
@@ -152,8 +154,9 @@ struct RecorderState {
     labels_end: u64,
     /// Sectors whose before-image is kept.
     touched: SectorSet,
-    /// The next successful flush starts the recording (`Mount::record_start`).
-    start_armed: bool,
+    /// The flush that covers writes up to this sequence number starts the recording
+    /// (`Mount::record_start`'s own flush; an older flush that ends later does not).
+    start_at: Option<u64>,
     started: bool,
     stopped: bool,
     /// Encoded events not written yet, from event number `buffered_from` on: written in
@@ -200,7 +203,7 @@ impl Recorder {
                 touched: SectorSet::new(),
                 buffered: Vec::new(),
                 buffered_from: 0,
-                start_armed: false,
+                start_at: None,
                 started: false,
                 stopped: false,
                 writes: 0,
@@ -331,9 +334,18 @@ impl Recorder {
         ))
     }
 
-    /// Makes the next successful flush start the recording.
-    pub fn arm_start(&self) {
-        self.state.lock().start_armed = true;
+    /// Makes the first successful flush that covers every write before `seq` start the
+    /// recording. `Err` when it has started or stopped already.
+    pub fn arm_start(&self, seq: u64) -> Result<(), String> {
+        let mut st = self.state.lock();
+        if st.stopped {
+            return Err("the recording has stopped".into());
+        }
+        if st.started {
+            return Err("the recording has started already".into());
+        }
+        st.start_at = Some(seq);
+        Ok(())
     }
 
     /// A flush succeeded, covering writes before `seq`; or, the first time after
@@ -347,7 +359,7 @@ impl Recorder {
         let kind = if st.started {
             st.flushes += 1;
             EventKind::Flush
-        } else if st.start_armed {
+        } else if st.start_at.is_some_and(|at| seq >= at) {
             st.started = true;
             EventKind::Start
         } else {
@@ -368,7 +380,7 @@ impl Recorder {
     /// Starts the recording at once (`mount --record`, before any write: the image as it
     /// is is the base).
     pub fn start_now(&self, seq: u64) -> io::Result<()> {
-        self.arm_start();
+        self.arm_start(seq).map_err(io::Error::other)?;
         if let Some(event) = self.flushed(seq) {
             event.write(self)?;
         }
@@ -405,7 +417,7 @@ impl Recorder {
         })
     }
 
-    /// Stops recording (called with the journal's lock held); `false` if it had stopped.
+    /// Stops recording (called with the journal's lock held); `None` if it had stopped.
     pub fn stop(&self, seq: u64) -> Option<PendingEvent> {
         let mut st = self.state.lock();
         if st.stopped {
@@ -450,7 +462,7 @@ impl Recorder {
             st.buffered_from = st.next_event;
             (at, std::mem::take(&mut st.buffered))
         };
-        self.events.write_all_at(&due.1, due.0)?;
+        self.noted(self.events.write_all_at(&due.1, due.0))?;
         let st = self.state.lock();
         let meta = serde_json::json!({
             "format": FORMAT_VERSION,

@@ -261,9 +261,10 @@ impl Mount {
         else {
             return Err("not recording (mount with --record DIR)".into());
         };
-        rec.arm_start();
         let failed = |e: std::io::Error| format!("the flush that starts the recording failed: {e}");
         let ticket = cache.begin_flush(cache.cycle()).map_err(failed)?;
+        // This flush, and no older one that happens to end after it, is the start.
+        rec.arm_start(ticket.covers())?;
         self.image.sync_data().map_err(failed)?;
         cache.end_flush(ticket).map_err(failed)
     }

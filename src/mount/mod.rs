@@ -342,12 +342,25 @@ impl Mount {
             if self.mode.read_only {
                 return Err(libc::EROFS);
             }
+            let recording = self
+                .cache
+                .as_ref()
+                .and_then(|c| c.recorder())
+                .is_some_and(|r| r.recording());
             if self.device_block.is_some() {
                 // A device's size is fixed: its own size is a no-op, any other gets the
                 // EINVAL that ftruncate on the device gives.
                 if size != self.size() {
                     return Err(libc::EINVAL);
                 }
+            } else if recording && size != self.size() {
+                // A resize is no write the recording can replay (a shrink drops bytes with
+                // no before-image): refused while recording.
+                warn!(
+                    "refused a resize of {} to {size} bytes while recording",
+                    self.image_path.display()
+                );
+                return Err(libc::EBUSY);
             } else {
                 self.set_size(size).map_err(|e| {
                     warn!(
