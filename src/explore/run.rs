@@ -18,6 +18,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use parking_lot::Mutex;
 
 use super::enumerate::{Kind, Shape, parse_id};
 use super::recording::Recording;
@@ -619,7 +620,9 @@ struct Checker {
 struct Worker {
     k: usize,
     file: PathBuf,
-    dev: Option<LoopDev>,
+    /// Replaced when a check leaves its filesystem busy (see `Checker::check`). Only this
+    /// worker's thread takes the lock.
+    dev: Mutex<Option<LoopDev>>,
     fs_dir: PathBuf,
     marks_file: PathBuf,
     scratch: PathBuf,
@@ -653,19 +656,32 @@ impl Checker {
             tail,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let (Some(fs), Some(dev)) = (&self.fs, &w.dev) else {
+        let mut dev_slot = w.dev.lock();
+        let (Some(fs), Some(dev)) = (&self.fs, dev_slot.as_ref()) else {
             let r = run_sh(&self.check, &w.scratch, &env, Some(self.timeout), &w.log)?;
             return Ok(done(verdict_of(&r), r.rc, r.tail));
         };
         dev.flush_buffers();
         env.push(("BLKDEBUGFS_DEV", dev.dev.clone()));
         env.push(("BLKDEBUGFS_FS", w.fs_dir.display().to_string()));
-        let mounted = match FsMount::mount(fs, &dev.dev, &w.fs_dir) {
+        let mut mounted = match FsMount::mount(fs, &dev.dev, &w.fs_dir) {
             Ok(m) => m,
             Err(why) => return Ok(done(Verdict::Unmountable, None, why)),
         };
         let r = run_sh(&self.check, &w.fs_dir, &env, Some(self.timeout), &w.log)?;
-        drop(mounted);
+        if !mounted.release() {
+            // Something the check started still holds the filesystem: it was detached, and
+            // lives on on this loop device, where its writeback would land in the next
+            // state. The next state gets a fresh device; this one goes when it is free.
+            *dev_slot = Some(LoopDev::attach(&w.file)?);
+            let tail = format!(
+                "{}
+(the filesystem stayed busy after the check, a process left in it: it \
+                 was detached, not checked by fsck, and this worker's loop device replaced)",
+                r.tail
+            );
+            return Ok(done(verdict_of(&r), r.rc, tail));
+        }
         dev.flush_buffers();
         let verdict = verdict_of(&r);
         if verdict != Verdict::Pass || self.no_fsck {
@@ -729,10 +745,10 @@ fn check_all(
         std::fs::create_dir_all(dir.join("fs")).map_err(run_err("working directory"))?;
         std::fs::create_dir_all(dir.join("scratch")).map_err(run_err("working directory"))?;
         let file = served.path(k);
-        let dev = match &checker.fs {
+        let dev = Mutex::new(match &checker.fs {
             Some(_) => Some(LoopDev::attach(&file).map_err(run_err("attaching a loop device"))?),
             None => None,
-        };
+        });
         workers.push(Worker {
             k,
             file,
@@ -1214,6 +1230,7 @@ impl Drop for LoopDev {
 /// A mounted filesystem, unmounted on drop.
 struct FsMount {
     dir: PathBuf,
+    released: bool,
 }
 
 impl FsMount {
@@ -1244,19 +1261,23 @@ impl FsMount {
         }
         Ok(FsMount {
             dir: dir.to_path_buf(),
+            released: false,
         })
     }
-}
 
-impl Drop for FsMount {
-    fn drop(&mut self) {
+    /// Unmounts (once): `true` when it went cleanly, `false` when the filesystem stayed
+    /// busy for 2 s and was detached instead (it lives on until its last user goes).
+    fn release(&mut self) -> bool {
+        if std::mem::replace(&mut self.released, true) {
+            return true;
+        }
         let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else {
-            return;
+            return false;
         };
         for _ in 0..100 {
             // SAFETY: umount2 with a valid, NUL-terminated path.
             if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-                return;
+                return true;
             }
             if io::Error::last_os_error().raw_os_error() != Some(libc::EBUSY) {
                 break;
@@ -1266,6 +1287,13 @@ impl Drop for FsMount {
         warn!("{} is busy: detaching it", self.dir.display());
         // SAFETY: as above.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        false
+    }
+}
+
+impl Drop for FsMount {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

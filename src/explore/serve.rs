@@ -357,7 +357,14 @@ impl StatesMount {
 impl Drop for StatesMount {
     fn drop(&mut self) {
         if let Err(e) = self.unmounter.unmount() {
-            warn!("unmounting {}: {e}", self.dir.display());
+            // Busy: a loop device a lazily detached filesystem still holds. Detach the
+            // states too, and do not wait for a session that ends only when that goes.
+            warn!("unmounting {}: {e}; detaching it", self.dir.display());
+            if let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) {
+                // SAFETY: umount2 with a valid, NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            return;
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();

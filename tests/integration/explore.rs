@@ -103,9 +103,20 @@ fn explore(args: &[&str]) -> (i32, String, String) {
 
 /// An ext4 run of `workload` with `fs`, checked by [`CONFIG_CHECK`].
 fn ext4_run(b: &Bench, fs: &str, workload: &str, extra: &[&str]) -> (i32, String, String) {
+    let check = b.script("check.sh", CONFIG_CHECK);
+    ext4_run_with_check(b, fs, workload, &check, extra)
+}
+
+/// An ext4 run of `workload` with `fs`, checked by `check`.
+fn ext4_run_with_check(
+    b: &Bench,
+    fs: &str,
+    workload: &str,
+    check: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
     let setup = b.script("setup.sh", EXT4_SETUP);
     let work = b.script("workload.sh", workload);
-    let check = b.script("check.sh", CONFIG_CHECK);
     let image = b.image();
     let mut args = vec![
         image.as_str(),
@@ -116,7 +127,7 @@ fn ext4_run(b: &Bench, fs: &str, workload: &str, extra: &[&str]) -> (i32, String
         "--workload",
         &work,
         "--check",
-        &check,
+        check,
         "--jobs",
         "2",
         "--seed",
@@ -556,6 +567,35 @@ fn writes_after_record_stop_change_no_crash_state() {
     );
     let image = s.image.display().to_string();
     let (code, out, err) = explore(&[&image, "--from", &rec_s, "--check", &check]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("states checked"), "{out}");
+}
+
+#[test]
+fn a_check_that_leaves_its_filesystem_busy_costs_its_loop_device_not_the_run() {
+    // Each check leaves a process of its own session in the mounted filesystem: the
+    // filesystem cannot be unmounted, is detached, and the next state must not share the
+    // loop device it lives on; explore ends (nothing waits for the stragglers).
+    let b = Bench::new();
+    let pids = b.path("pids");
+    let check = format!(
+        "setsid sh -c 'echo $$ >> {}; exec sleep 60' </dev/null >/dev/null 2>&1 & sleep 0.2; test -e config",
+        pids.display()
+    );
+    let (code, out, err) = ext4_run_with_check(
+        &b,
+        "ext4",
+        SAFE_UPDATE,
+        &check,
+        &["--strategies", "durable"],
+    );
+    // Kill the stragglers (ours, by PID) before judging.
+    for pid in std::fs::read_to_string(&pids).unwrap_or_default().lines() {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: kill of a process this test started (recorded by its own shell).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("states checked"), "{out}");
 }
