@@ -96,6 +96,13 @@ impl StateImage {
     /// write left it, that is with the bytes of every write up to that one, S or not,
     /// applied in order (the disk wrote the cache's copy of the whole block).
     pub fn delta_of(rec: &Recording, candidate: &Candidate, unit: u64) -> Layer {
+        let ends_as = Self::ends_as(rec, candidate, unit);
+        Self::delta_from(rec, candidate.epoch, &ends_as, unit)
+    }
+
+    /// The block (of `unit` bytes) -> the write of `candidate`'s epoch it ends as, for every
+    /// block a write of S reached: the crash rule of `engine/settle.rs`, no I/O.
+    pub fn ends_as(rec: &Recording, candidate: &Candidate, unit: u64) -> BTreeMap<u64, usize> {
         let writes = &rec.epochs[candidate.epoch].writes;
         let spans: Vec<(u64, u64)> = writes.iter().map(|w| (w.offset, w.len)).collect();
         let mut chosen = vec![false; writes.len()];
@@ -119,12 +126,24 @@ impl StateImage {
                 }
             },
         );
+        ends_as
+    }
+
+    /// The delta layer of a state of `epoch` whose blocks end as `ends_as` says: each such
+    /// block with the bytes of every write up to the one it ends as, applied in order.
+    pub fn delta_from(
+        rec: &Recording,
+        epoch: usize,
+        ends_as: &BTreeMap<u64, usize>,
+        unit: u64,
+    ) -> Layer {
+        let writes = &rec.epochs[epoch].writes;
         let mut delta = Layer::default();
         // Blocks the write they end as covers whole: that write's bytes alone, in runs.
         let mut run: Option<Change> = None;
         // Writes by the blocks they touch, for blocks a write covers only in part.
         let mut by_block: Option<BTreeMap<u64, Vec<usize>>> = None;
-        for (&block, &k) in &ends_as {
+        for (&block, &k) in ends_as {
             let (a, b) = (block * unit, (block + 1) * unit);
             let w = writes[k];
             if w.offset <= a && b <= w.offset + w.len {

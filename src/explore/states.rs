@@ -9,7 +9,7 @@
 //! only in the sectors that epoch wrote (`T`), so with `A` = the epoch's starting sum minus
 //! its share over `T`, a state's hash is `A` plus its own share over `T`: O(|T|) per state.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
@@ -54,7 +54,8 @@ pub struct StateList {
 /// that repeat a state are skipped, so an epoch with few distinct states ends.
 const DRAWS_PER_STATE: usize = 4;
 
-/// Builds the list. Reads the sectors each epoch wrote, once per candidate.
+/// Builds the list. Reads each sector an epoch wrote once per content it can take in that
+/// epoch (see [`Hashes`]), not once per candidate.
 pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io::Result<StateList> {
     let mut prior = Layer::default();
     let base = Arc::new(base_layer(rec));
@@ -73,15 +74,17 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
         let touched = touched_sectors(rec, e);
         // Shared with this epoch's states while they are hashed, then taken back (no copy).
         let prior_arc = Arc::new(std::mem::take(&mut prior));
-        let image_of = |c: &Candidate| StateImage {
-            rec: rec.clone(),
-            base_image: base_image.clone(),
-            base: base.clone(),
-            prior: prior_arc.clone(),
-            delta: StateImage::delta_of(rec, c, opts.unit),
+        let mut hashes = Hashes {
+            rec,
+            base_image,
+            base: &base,
+            prior: &prior_arc,
+            touched: &touched,
+            unit: opts.unit,
+            memo: HashMap::new(),
         };
         let durable = shape.candidate(Kind::Durable, 0).expect("always one");
-        let a = start_sum.wrapping_sub(share(&image_of(&durable), &touched)?);
+        let a = start_sum.wrapping_sub(hashes.share(&durable)?);
         let mut taken = 0;
         // With `durable` first, every epoch's list starts with it (or with a state of the
         // same bytes and marks checked before), so an epoch's `full`, the same bytes as the
@@ -107,7 +110,7 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
                 let Some(c) = shape.candidate(kind, n) else {
                     continue;
                 };
-                let hash = a.wrapping_add(share(&image_of(&c), &touched)?);
+                let hash = a.wrapping_add(hashes.share(&c)?);
                 let marks = match kind {
                     Kind::Full => rec.marks.len(),
                     _ => epoch.marks,
@@ -128,7 +131,8 @@ pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io:
             }
         }
         let full = shape.candidate(Kind::Full, 0).expect("always one");
-        start_sum = a.wrapping_add(share(&image_of(&full), &touched)?);
+        start_sum = a.wrapping_add(hashes.share(&full)?);
+        drop(hashes);
         prior = Arc::try_unwrap(prior_arc).unwrap_or_else(|shared| (*shared).clone());
         for w in &epoch.writes {
             prior.put(*w);
@@ -175,24 +179,70 @@ fn touched_sectors(rec: &Recording, e: usize) -> Vec<(u64, u64)> {
     merged
 }
 
-/// A state's share of its hash over the sectors `touched`.
-fn share(state: &StateImage, touched: &[(u64, u64)]) -> io::Result<u128> {
-    const RUN: u64 = 256;
-    let mut sum = 0u128;
-    let mut buf = vec![0u8; (RUN * SECTOR) as usize];
-    for &(first, last) in touched {
-        let mut s = first;
-        while s <= last {
-            let n = (last - s + 1).min(RUN);
-            let bytes = &mut buf[..(n * SECTOR) as usize];
-            state.read(s * SECTOR, bytes)?;
-            for (i, sector) in bytes.chunks_exact(SECTOR as usize).enumerate() {
-                sum = sum.wrapping_add(sector_hash(s + i as u64, sector));
+/// One epoch's sector hashes. In a state of the epoch, a sector the epoch wrote holds the
+/// epoch's starting content, or the content of the write its block ends as (the crash rule):
+/// few contents per sector, whatever the number of candidates. So a candidate's share of
+/// its hash is a sum of memoized `(sector, content)` hashes, and only a content not seen
+/// yet is read (from that candidate's own state).
+struct Hashes<'a> {
+    rec: &'a Arc<Recording>,
+    base_image: &'a Arc<File>,
+    base: &'a Arc<Layer>,
+    prior: &'a Arc<Layer>,
+    /// The sectors the epoch wrote, `(first, last)` runs.
+    touched: &'a [(u64, u64)],
+    unit: u64,
+    /// `(sector, the write its block ends as, None for the epoch's start)` -> its hash.
+    memo: HashMap<(u64, Option<usize>), u128>,
+}
+
+impl Hashes<'_> {
+    /// `candidate`'s share of its hash over the sectors the epoch wrote.
+    fn share(&mut self, candidate: &Candidate) -> io::Result<u128> {
+        let ends = StateImage::ends_as(self.rec, candidate, self.unit);
+        let version = |sector: u64| ends.get(&(sector * SECTOR / self.unit)).copied();
+        let mut sum = 0u128;
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        for &(first, last) in self.touched {
+            for sector in first..=last {
+                match self.memo.get(&(sector, version(sector))) {
+                    Some(h) => sum = sum.wrapping_add(*h),
+                    None => match missing.last_mut() {
+                        Some(run) if run.1 + 1 == sector => run.1 = sector,
+                        _ => missing.push((sector, sector)),
+                    },
+                }
             }
-            s += n;
         }
+        if missing.is_empty() {
+            return Ok(sum);
+        }
+        let state = StateImage {
+            rec: self.rec.clone(),
+            base_image: self.base_image.clone(),
+            base: self.base.clone(),
+            prior: self.prior.clone(),
+            delta: StateImage::delta_from(self.rec, candidate.epoch, &ends, self.unit),
+        };
+        const RUN: u64 = 256;
+        let mut buf = vec![0u8; (RUN * SECTOR) as usize];
+        for (first, last) in missing {
+            let mut s = first;
+            while s <= last {
+                let n = (last - s + 1).min(RUN);
+                let bytes = &mut buf[..(n * SECTOR) as usize];
+                state.read(s * SECTOR, bytes)?;
+                for (i, content) in bytes.chunks_exact(SECTOR as usize).enumerate() {
+                    let sector = s + i as u64;
+                    let h = sector_hash(sector, content);
+                    self.memo.insert((sector, version(sector)), h);
+                    sum = sum.wrapping_add(h);
+                }
+                s += n;
+            }
+        }
+        Ok(sum)
     }
-    Ok(sum)
 }
 
 /// The epochs' starting layers, built forward on demand and kept for the few epochs
