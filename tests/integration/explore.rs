@@ -348,19 +348,25 @@ fn a_recording_explored_again_gives_the_same_states_images_and_shards() {
     assert!(stat.contains("Size: 0"), "{stat}");
 }
 
-#[test]
-fn mount_record_with_marks_is_explored_later_and_marks_decide_what_must_survive() {
-    // A run a test harness drives: block A written and fsync'd, mark "a"; block B written,
-    // never synced, mark "b" (a bug: B was acknowledged without a flush).
+/// A mount with `--record` over a 1 MiB pattern image, block 0 written (0xaa) and fsync'd
+/// through an O_DIRECT descriptor: (scratch, recording dir, daemon, that descriptor). Marks
+/// and `record` commands go through `.control` from this process: a spawned `ctl` would close
+/// its inherited copy of the view's descriptor, and every close of the view is a flush.
+fn recording_with_block_a() -> (Scratch, String, Daemon, std::fs::File) {
     let s = Scratch::new(MIB);
-    let rec = s.dir.path().join("rec");
-    let rec_s = rec.display().to_string();
-    // Marks go through `.control` from this process: a spawned `ctl` would close its
-    // inherited copy of the view's descriptor, and every close of the view is a flush.
+    let rec_s = s.dir.path().join("rec").display().to_string();
     let d = mount(&s, &["--record", &rec_s]);
     let f = open_direct(&s.view());
     pwrite(&f, AlignedBuf::filled(4096, 0xaa).as_ref(), 0).unwrap();
     fsync(&f).unwrap();
+    (s, rec_s, d, f)
+}
+
+#[test]
+fn mount_record_with_marks_is_explored_later_and_marks_decide_what_must_survive() {
+    // A run a test harness drives: block A written and fsync'd, mark "a"; block B written,
+    // never synced, mark "b" (a bug: B was acknowledged without a flush).
+    let (s, rec_s, d, f) = recording_with_block_a();
     crate::power::ctl(&s.mnt, &["mark", "a"]);
     pwrite(&f, AlignedBuf::filled(4096, 0xbb).as_ref(), 8192).unwrap();
     crate::power::ctl(&s.mnt, &["mark", "b"]);
@@ -545,13 +551,7 @@ fn writes_after_record_stop_change_no_crash_state() {
     // A run recorded, stopped, then written on (a guest's shutdown): the image changed
     // under sectors the run never touched, and every state must still show them as they
     // were before the run.
-    let s = Scratch::new(MIB);
-    let rec = s.dir.path().join("rec");
-    let rec_s = rec.display().to_string();
-    let d = mount(&s, &["--record", &rec_s]);
-    let f = open_direct(&s.view());
-    pwrite(&f, AlignedBuf::filled(4096, 0xaa).as_ref(), 0).unwrap();
-    fsync(&f).unwrap();
+    let (s, rec_s, d, f) = recording_with_block_a();
     crate::power::ctl(&s.mnt, &["record", "stop"]);
     pwrite(&f, AlignedBuf::filled(4096, 0xcc).as_ref(), 65536).unwrap();
     drop(f);
