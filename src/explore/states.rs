@@ -55,7 +55,7 @@ pub struct StateList {
 const DRAWS_PER_STATE: usize = 4;
 
 /// Builds the list. Reads each sector an epoch wrote once per content it can take in that
-/// epoch (see [`Hashes`]), not once per candidate.
+/// epoch (see `Hashes`), not once per candidate.
 pub fn plan(rec: &Arc<Recording>, base_image: &Arc<File>, opts: &Options) -> io::Result<StateList> {
     let mut prior = Layer::default();
     let base = Arc::new(base_layer(rec));
