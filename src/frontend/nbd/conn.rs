@@ -114,7 +114,11 @@ impl Conn {
         if out.queue.is_empty() && !out.sending {
             match self.sock.send_now(parts) {
                 Ok(n) => sent = n,
-                Err(e) => return self.fail(&e),
+                Err(e) => {
+                    // `fail` takes the outbox's lock itself.
+                    drop(out);
+                    return self.fail(&e);
+                }
             }
             // A reply of many parts may need more than one call while the socket takes it.
             while sent < total && sent > 0 {
@@ -122,7 +126,10 @@ impl Conn {
                 match self.sock.send_now(&rest) {
                     Ok(0) => break,
                     Ok(n) => sent += n,
-                    Err(e) => return self.fail(&e),
+                    Err(e) => {
+                        drop(out);
+                        return self.fail(&e);
+                    }
                 }
             }
             if sent == total {
@@ -136,7 +143,7 @@ impl Conn {
     }
 
     /// The client cannot follow the stream any more: later replies are dropped, and it is
-    /// not read from either.
+    /// not read from either. Takes the outbox's lock: never call it holding that.
     fn fail(&self, e: &io::Error) {
         if !self.broken.swap(true, Ordering::Relaxed) {
             debug!("NBD connection {}: reply not sent ({e})", self.id);
@@ -704,4 +711,32 @@ fn block_status(mount: &Arc<Mount>, replier: &Replier, cookie: u64, offset: u64,
             }
         }),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    /// A reply to a client that has gone (a request resumed after its client hung up) must
+    /// return at once, on any thread: the connection is marked broken, nothing waits.
+    #[test]
+    fn a_reply_to_a_client_that_went_away_returns() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        let conn = Arc::new(Conn::new(Sock::new(ours.into()), 1));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sender = conn.clone();
+        std::thread::spawn(move || {
+            sender.send(&[b"reply"]);
+            sender.send(&[b"another"]);
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "send to a closed client never returned"
+        );
+        assert!(conn.broken.load(Ordering::Relaxed));
+    }
 }
