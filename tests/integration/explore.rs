@@ -498,7 +498,6 @@ fn a_check_past_its_timeout_is_killed_with_its_process_group_and_the_state_is_ti
     // The check leaves a grandchild behind that would hold the state: it must die too.
     let check = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
     let report = b.path("r.jsonl").display().to_string();
-    let started = std::time::Instant::now();
     let (code, out, err) = explore(&[
         "--from",
         &rec,
@@ -532,7 +531,6 @@ fn a_check_past_its_timeout_is_killed_with_its_process_group_and_the_state_is_ti
         wait_for(DEADLINE, || !alive()),
         "the check's sleep {pid} survived its timeout"
     );
-    assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
 
 #[test]
