@@ -717,14 +717,7 @@ pub fn run(
                 .map_err(|e| Error::Listen(format!("cannot start the NBD server: {e}")))?,
         ),
     };
-    let timer = {
-        let mount = mount.clone();
-        let max_suspend = options.max_suspend;
-        std::thread::Builder::new()
-            .name("blkdebugfs-timer".into())
-            .spawn(move || mount.run_timer(max_suspend))
-            .map_err(fuse_err)?
-    };
+    let timer = mount.start_timer(options.max_suspend).map_err(fuse_err)?;
     on_ready(control);
 
     // The session serves on its own threads; this thread waits for the end: a shutdown
@@ -796,14 +789,9 @@ fn serve_nbd(
     on_ready: impl FnOnce(Arc<Control>),
     seed: u64,
 ) -> Result<(), Error> {
-    let timer = {
-        let mount = mount.clone();
-        let max_suspend = options.max_suspend;
-        std::thread::Builder::new()
-            .name("blkdebugfs-timer".into())
-            .spawn(move || mount.run_timer(max_suspend))
-            .map_err(|e| Error::Listen(format!("cannot start the timer thread: {e}")))?
-    };
+    let timer = mount
+        .start_timer(options.max_suspend)
+        .map_err(|e| Error::Listen(format!("cannot start the timer thread: {e}")))?;
     let nbd = NbdServer::start(mount.clone(), listeners, options.nbd.export.clone())
         .map_err(|e| Error::Listen(format!("cannot start the NBD server: {e}")))?;
     info!(

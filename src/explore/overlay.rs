@@ -17,6 +17,7 @@ use std::sync::Arc;
 use super::enumerate::Candidate;
 use super::recording::{Change, Recording, Src};
 use crate::engine::settle::settle;
+use crate::media::record::{DATA_BLOCK, data_blocks};
 /// Non-overlapping ranges of bytes and where each comes from: `start -> (end, src)`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Layer {
@@ -208,20 +209,12 @@ impl StateImage {
     pub fn write_image(&self, out: &File) -> io::Result<()> {
         out.set_len(0)?;
         out.set_len(self.size())?;
-        const BLOCK: u64 = 1 << 20;
-        let mut buf = vec![0u8; BLOCK as usize];
         let limit = self.rec.image.size.min(self.size());
-        for (s, l) in crate::media::cache_data_extents(&self.base_image, 0, limit)? {
-            let mut at = s;
-            while at < s + l {
-                let n = (s + l - at).min(BLOCK) as usize;
-                read_full(&self.base_image, &mut buf[..n], at)?;
-                if buf[..n].iter().any(|b| *b != 0) {
-                    out.write_all_at(&buf[..n], at)?;
-                }
-                at += n as u64;
-            }
-        }
+        data_blocks(&self.base_image, limit, |at, bytes| {
+            out.write_all_at(bytes, at)
+        })?;
+        const BLOCK: u64 = DATA_BLOCK;
+        let mut buf = vec![0u8; BLOCK as usize];
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for layer in [&*self.base, &*self.prior, &self.delta] {
             ranges.extend(layer.ranges());

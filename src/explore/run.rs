@@ -24,7 +24,7 @@ use super::enumerate::{Kind, Shape, parse_id};
 use super::recording::Recording;
 use super::serve::{Slot, Slots, StatesMount};
 use super::states::{self, Planned, Priors};
-use crate::media::record::{ImageInfo, image_hash};
+use crate::media::record::{ImageInfo, data_blocks, image_hash};
 
 /// `--fs TYPE[:OPTIONS]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -445,20 +445,7 @@ fn sparse_copy(source: &File, to: &Path) -> io::Result<()> {
     let out = OpenOptions::new().write(true).create_new(true).open(to)?;
     let size = source.metadata()?.len();
     out.set_len(size)?;
-    const BLOCK: u64 = 1 << 20;
-    let mut buf = vec![0u8; BLOCK as usize];
-    for (s, l) in crate::media::cache_data_extents(source, 0, size)? {
-        let mut at = s;
-        while at < s + l {
-            let n = (s + l - at).min(BLOCK) as usize;
-            crate::media::read_full(source, &mut buf[..n], at)?;
-            if buf[..n].iter().any(|b| *b != 0) {
-                out.write_all_at(&buf[..n], at)?;
-            }
-            at += n as u64;
-        }
-    }
-    Ok(())
+    data_blocks(source, size, |at, bytes| out.write_all_at(bytes, at))
 }
 
 fn sync_fs(dir: &Path) {

@@ -636,8 +636,37 @@ fn reserve(st: &mut RecorderState, record: EventRecord) -> PendingEvent {
     }
 }
 
-/// Bytes hashed per block by [`image_hash`].
-const HASH_BLOCK: u64 = 1 << 20;
+/// The block [`data_blocks`] reads and hands on at once.
+pub const DATA_BLOCK: u64 = 1 << 20;
+
+/// Calls `each(offset, bytes)` for every block of [`DATA_BLOCK`] bytes (aligned, the last
+/// one shorter) of the first `size` bytes of `file` that holds a byte other than zero, in
+/// order. Holes are never read (`SEEK_DATA`): the cost is the file's data, not its size.
+/// What hashing, copying and writing out an image share.
+pub fn data_blocks(
+    file: &File,
+    size: u64,
+    mut each: impl FnMut(u64, &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; DATA_BLOCK as usize];
+    let mut block_seen = u64::MAX;
+    for (s, l) in crate::media::cache_data_extents(file, 0, size)? {
+        let mut block = s / DATA_BLOCK;
+        while block * DATA_BLOCK < s + l {
+            if block != block_seen {
+                block_seen = block;
+                let at = block * DATA_BLOCK;
+                let n = DATA_BLOCK.min(size - at) as usize;
+                crate::media::read_full(file, &mut buf[..n], at)?;
+                if buf[..n].iter().any(|b| *b != 0) {
+                    each(at, &buf[..n])?;
+                }
+            }
+            block += 1;
+        }
+    }
+    Ok(())
+}
 
 /// A hash of an image's content (its size and bytes), the same for a sparse copy and its
 /// original: blocks that read as zeroes (holes included, never read) count only by their
@@ -647,28 +676,14 @@ pub fn image_hash(image: &File) -> io::Result<String> {
         Ok(size) if size > 0 => size,
         _ => image.metadata()?.len(),
     };
-    let extents = crate::media::cache_data_extents(image, 0, size)?;
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"blkdebugfs image v1");
     hasher.update(&size.to_le_bytes());
-    let mut buf = vec![0u8; HASH_BLOCK as usize];
-    let mut block_seen = u64::MAX;
-    for (s, l) in extents {
-        let mut block = s / HASH_BLOCK;
-        while block * HASH_BLOCK < s + l {
-            if block != block_seen {
-                block_seen = block;
-                let at = block * HASH_BLOCK;
-                let n = HASH_BLOCK.min(size - at) as usize;
-                crate::media::read_full(image, &mut buf[..n], at)?;
-                if buf[..n].iter().any(|b| *b != 0) {
-                    hasher.update(&block.to_le_bytes());
-                    hasher.update(&buf[..n]);
-                }
-            }
-            block += 1;
-        }
-    }
+    data_blocks(image, size, |at, bytes| {
+        hasher.update(&(at / DATA_BLOCK).to_le_bytes());
+        hasher.update(bytes);
+        Ok(())
+    })?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 

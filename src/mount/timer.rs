@@ -44,6 +44,18 @@ impl Mount {
         next
     }
 
+    /// Starts [`Mount::run_timer`] on a thread of its own ("blkdebugfs-timer"), for every
+    /// front end the mount serves.
+    pub fn start_timer(
+        self: &std::sync::Arc<Self>,
+        max_suspend: Option<Duration>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let mount = self.clone();
+        std::thread::Builder::new()
+            .name("blkdebugfs-timer".into())
+            .spawn(move || mount.run_timer(max_suspend))
+    }
+
     /// Runs the timer until shutdown closes the breakpoints. Delayed requests that are due
     /// continue on a few resumer threads, not on the timer's: a request's I/O and reply take
     /// microseconds, and sixteen requests due at once must not queue behind each other (nor
