@@ -38,12 +38,14 @@ use std::io::{self, BufReader, Read};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::Scope;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::ErrnoLog;
 use super::handshake::{MAX_PAYLOAD, Session};
+use super::pace::{InlineGate, PollWindow};
 use super::proto::*;
 use super::sock::Sock;
 use crate::mount::{Caller, Mount, ReadBuf};
@@ -74,7 +76,15 @@ struct Outbox {
     sending: bool,
     /// No reply comes any more: the writer thread ends once the queue is empty.
     closed: bool,
+    /// Replies held back while the reader runs requests it already has, sent together (up
+    /// to [`CORK_REPLIES`] in one send): fewer sends, and fewer wake-ups of the client.
+    corked: bool,
+    cork: Vec<u8>,
+    corked_replies: usize,
 }
+
+/// Replies the reader holds back at most before it sends them together.
+const CORK_REPLIES: usize = 4;
 
 /// The write side and bookkeeping of a connection, shared by its reader and completions.
 pub struct Conn {
@@ -108,38 +118,82 @@ impl Conn {
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
-        let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut out = self.out.lock();
+        let sent = if out.corked {
+            for p in parts {
+                out.cork.extend_from_slice(p);
+            }
+            out.corked_replies += 1;
+            if out.corked_replies < CORK_REPLIES {
+                return;
+            }
+            self.send_cork(&mut out)
+        } else {
+            self.send_locked(&mut out, parts)
+        };
+        if let Err(e) = sent {
+            // `fail` takes the outbox's lock itself.
+            drop(out);
+            self.fail(&e);
+        }
+    }
+
+    /// Sends (or queues) whole replies under the outbox lock; an error means the client is
+    /// gone, for the caller to [`Conn::fail`] once it dropped the lock.
+    fn send_locked(&self, out: &mut Outbox, parts: &[&[u8]]) -> io::Result<()> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut sent = 0;
         if out.queue.is_empty() && !out.sending {
-            match self.sock.send_now(parts) {
-                Ok(n) => sent = n,
-                Err(e) => {
-                    // `fail` takes the outbox's lock itself.
-                    drop(out);
-                    return self.fail(&e);
-                }
-            }
+            sent = self.sock.send_now(parts)?;
             // A reply of many parts may need more than one call while the socket takes it.
             while sent < total && sent > 0 {
-                let rest = remainder(parts, sent);
-                match self.sock.send_now(&rest) {
-                    Ok(0) => break,
-                    Ok(n) => sent += n,
-                    Err(e) => {
-                        drop(out);
-                        return self.fail(&e);
-                    }
+                match self.sock.send_now(&remainder(parts, sent))? {
+                    0 => break,
+                    n => sent += n,
                 }
             }
             if sent == total {
-                return;
+                return Ok(());
             }
         }
         let rest: Vec<u8> = remainder(parts, sent).concat();
         out.queued_bytes += rest.len();
         out.queue.push_back(rest);
         self.out_changed.notify_all();
+        Ok(())
+    }
+
+    /// Sends the replies held back (the cork stays as it was: on or off), keeping the
+    /// cork's buffer for the next ones.
+    fn send_cork(&self, out: &mut Outbox) -> io::Result<()> {
+        out.corked_replies = 0;
+        let mut held = std::mem::take(&mut out.cork);
+        let sent = if held.is_empty() {
+            Ok(())
+        } else {
+            self.send_locked(out, &[&held])
+        };
+        held.clear();
+        out.cork = held;
+        sent
+    }
+
+    /// Holds replies back until [`Conn::uncork`] (or until [`CORK_REPLIES`] are held).
+    fn cork(&self) {
+        self.out.lock().corked = true;
+    }
+
+    /// Sends the replies held back, and sends the next ones at once again.
+    fn uncork(&self) {
+        let mut out = self.out.lock();
+        if !out.corked {
+            return;
+        }
+        out.corked = false;
+        if let Err(e) = self.send_cork(&mut out) {
+            drop(out);
+            self.fail(&e);
+        }
     }
 
     /// The client cannot follow the stream any more: later replies are dropped, and it is
@@ -152,6 +206,8 @@ impl Conn {
         let mut out = self.out.lock();
         out.queue.clear();
         out.queued_bytes = 0;
+        out.cork.clear();
+        out.corked_replies = 0;
         self.out_changed.notify_all();
     }
 
@@ -330,15 +386,33 @@ struct ReadSide<'a> {
     /// Nothing more is read: the client disconnected or broke the stream, or the server
     /// shut the socket's read side.
     stopped: bool,
+    /// How long the reader polls before it sleeps on the socket.
+    poll: PollWindow,
+    /// Whether the reader runs a request itself.
+    gate: InlineGate,
+    /// The turn is free: the next worker to wake takes it.
+    free: bool,
+    /// The turn's holder has been running a request inline since then, without this lock.
+    inline_since: Option<Instant>,
+    /// Counts the turns taken from a holder stuck inline, so that it knows on its return.
+    taken: u64,
+    /// A waiting worker sleeps with no deadline: the next inline run wakes it to watch.
+    watcher_asleep: bool,
 }
 
 /// What a connection's workers share.
 struct Workers<'a> {
     read: Mutex<ReadSide<'a>>,
+    /// Signalled when the turn is free, when an inline run starts with no one watching, and
+    /// when reading stops.
+    turn: Condvar,
     /// Workers waiting for their turn to read (not the one reading).
     waiting: AtomicUsize,
     /// Workers started (the connection's own thread is the first).
     started: AtomicUsize,
+    /// Requests running on a worker that handed the read turn on: while any runs, the
+    /// reader does not poll (it would take the CPU they may need).
+    handed_off: AtomicUsize,
     replier: Replier,
     mount: Arc<Mount>,
     session: Session,
@@ -357,9 +431,17 @@ pub fn serve(
         read: Mutex::new(ReadSide {
             reader,
             stopped: false,
+            poll: PollWindow::default(),
+            gate: InlineGate::default(),
+            free: true,
+            inline_since: None,
+            taken: 0,
+            watcher_asleep: false,
         }),
+        turn: Condvar::new(),
         waiting: AtomicUsize::new(0),
         started: AtomicUsize::new(1),
+        handed_off: AtomicUsize::new(0),
         replier: Replier {
             conn: conn.clone(),
             structured: session.structured,
@@ -409,42 +491,193 @@ fn remainder<'a>(parts: &[&'a [u8]], mut sent: usize) -> Vec<&'a [u8]> {
     rest
 }
 
-/// One worker: takes its turn at reading a request, lets the next worker read while it
-/// runs that request, and comes back for another turn. When it takes a request and no other
-/// worker is waiting to read, it starts one (up to [`MAX_WORKERS`]), so the socket always
-/// has a reader while requests run.
+/// One worker: takes its turn at reading requests. It runs a quick request itself and
+/// reads on (see `pace`); any other request, or every request while the inline gate is shut,
+/// it runs after handing the turn to the next worker, and then waits for another turn.
+/// When it hands the turn on and no other worker is waiting for it, it starts one (up to
+/// [`MAX_WORKERS`]), so the socket always has a reader while requests run.
+///
+/// A waiting worker also watches the holder's inline runs: one still running after
+/// [`STUCK_INLINE`] (blocked in the kernel: an image on a stalled disk or network file
+/// system) loses the turn to the watcher, so that requests behind it are read and run; the
+/// stuck holder becomes a waiting worker when its request returns.
 fn work<'scope, 'env>(scope: &'scope Scope<'scope, 'env>, w: &'scope Workers<'env>) {
-    let id = w.replier.conn.id;
+    let conn = &w.replier.conn;
     let mut payload = Vec::new();
+    let mut side = lock_waiting(w);
     loop {
-        w.waiting.fetch_add(1, Ordering::SeqCst);
-        let mut side = w.read.lock();
-        w.waiting.fetch_sub(1, Ordering::SeqCst);
-        if side.stopped {
+        if !wait_for_turn(w, &mut side) {
             return;
         }
-        let Some(req) = read_request(&mut side.reader, &mut payload, id) else {
-            side.stopped = true;
-            return;
-        };
-        if w.waiting.load(Ordering::SeqCst) == 0 && w.started.load(Ordering::Relaxed) < MAX_WORKERS
-        {
-            let n = w.started.fetch_add(1, Ordering::Relaxed);
-            let spawned = std::thread::Builder::new()
-                .name(format!("blkdebugfs-nbd-{id}.{n}"))
-                .spawn_scoped(scope, move || work(scope, w));
-            if let Err(e) = spawned {
-                w.started.fetch_sub(1, Ordering::Relaxed);
-                debug!("NBD connection {id}: no thread for another worker ({e})");
+        let taken = side.taken;
+        // Runs requests inline until one must be handed off.
+        let req = loop {
+            if side.stopped {
+                conn.uncork();
+                return;
             }
+            let Some(req) = next_request(w, &mut side, &mut payload) else {
+                stop_reading(w, &mut side);
+                return;
+            };
+            let now = Instant::now();
+            if !(is_quick(&req) && side.gate.open(now)) {
+                break Some(req);
+            }
+            // More requests already read: hold their replies back to send them together.
+            if !side.reader.buffer().is_empty() {
+                conn.cork();
+            }
+            side.inline_since = Some(now);
+            if w.started.load(Ordering::Relaxed) == 1 {
+                // Someone must watch this run: a connection always has a second worker.
+                spawn_worker(scope, w);
+            } else if side.watcher_asleep {
+                side.watcher_asleep = false;
+                w.turn.notify_one();
+            }
+            // Timed around the request alone: waiting for the lock afterwards is not the
+            // request's time.
+            let (run_start, run_end) = MutexGuard::unlocked(&mut side, || {
+                let run_start = Instant::now();
+                request(&w.replier, &w.mount, &w.session, req, &payload);
+                (run_start, Instant::now())
+            });
+            if side.taken != taken {
+                // A watcher took the turn while this run was stuck.
+                conn.uncork();
+                break None;
+            }
+            side.inline_since = None;
+            side.gate.ran(run_start, run_end);
+        };
+        let Some(req) = req else { continue };
+        conn.uncork();
+        if w.waiting.load(Ordering::SeqCst) == 0 {
+            spawn_worker(scope, w);
         }
+        side.free = true;
+        w.turn.notify_one();
+        w.handed_off.fetch_add(1, Ordering::SeqCst);
         drop(side);
         request(&w.replier, &w.mount, &w.session, req, &payload);
+        w.handed_off.fetch_sub(1, Ordering::SeqCst);
+        side = lock_waiting(w);
         // A 32 MiB write once must not pin 32 MiB per idle worker.
         if payload.len() > 4 << 20 {
             payload = Vec::new();
         }
     }
+}
+
+/// Takes the read lock, counted as a waiting worker meanwhile (the lock's holder may be
+/// the reader, asleep on the socket: a worker parked here is one the next hand-off needs
+/// not start).
+fn lock_waiting<'a, 'b>(w: &'a Workers<'b>) -> MutexGuard<'a, ReadSide<'b>> {
+    w.waiting.fetch_add(1, Ordering::SeqCst);
+    let side = w.read.lock();
+    w.waiting.fetch_sub(1, Ordering::SeqCst);
+    side
+}
+
+/// How long an inline run may take before a waiting worker takes the read turn from it.
+pub const STUCK_INLINE: Duration = Duration::from_millis(20);
+
+/// Waits (under the read lock, which the wait releases) until this worker holds the turn:
+/// the turn is free, or the holder has been stuck in an inline run for [`STUCK_INLINE`].
+/// False when reading stopped.
+fn wait_for_turn(w: &Workers<'_>, side: &mut MutexGuard<'_, ReadSide<'_>>) -> bool {
+    loop {
+        if side.stopped {
+            return false;
+        }
+        if side.free {
+            side.free = false;
+            return true;
+        }
+        w.waiting.fetch_add(1, Ordering::SeqCst);
+        match side.inline_since {
+            Some(since) => {
+                let deadline = since + STUCK_INLINE;
+                let now = Instant::now();
+                if now >= deadline {
+                    w.waiting.fetch_sub(1, Ordering::SeqCst);
+                    debug!(
+                        "NBD connection {}: a request has run inline for {:?}; another worker reads on",
+                        w.replier.conn.id,
+                        now - since
+                    );
+                    side.inline_since = None;
+                    side.taken += 1;
+                    side.gate.shut(now);
+                    return true;
+                }
+                w.turn.wait_until(side, deadline);
+            }
+            None => {
+                side.watcher_asleep = true;
+                w.turn.wait(side);
+            }
+        }
+        w.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Nothing more is read: every waiting worker ends.
+fn stop_reading(w: &Workers<'_>, side: &mut ReadSide<'_>) {
+    side.stopped = true;
+    w.turn.notify_all();
+    w.replier.conn.uncork();
+}
+
+/// Starts one more worker, unless [`MAX_WORKERS`] run.
+fn spawn_worker<'scope, 'env>(scope: &'scope Scope<'scope, 'env>, w: &'scope Workers<'env>) {
+    if w.started.load(Ordering::Relaxed) >= MAX_WORKERS {
+        return;
+    }
+    let id = w.replier.conn.id;
+    let n = w.started.fetch_add(1, Ordering::Relaxed);
+    let spawned = std::thread::Builder::new()
+        .name(format!("blkdebugfs-nbd-{id}.{n}"))
+        .spawn_scoped(scope, move || work(scope, w));
+    if let Err(e) = spawned {
+        w.started.fetch_sub(1, Ordering::Relaxed);
+        debug!("NBD connection {id}: no thread for another worker ({e})");
+    }
+}
+
+/// What the turn's holder runs itself: a read or write without FUA of at most this many bytes.
+/// A flush, a FUA write, a trim or write-zeroes, or a larger request may take long in the
+/// kernel (an fsync, an allocation) and is always handed off.
+const INLINE_MAX: u32 = 128 << 10;
+
+fn is_quick(req: &Request) -> bool {
+    matches!(req.kind, CMD_READ | CMD_WRITE)
+        && req.flags & CMD_FLAG_FUA == 0
+        && req.len <= INLINE_MAX
+}
+
+/// The turn holder's read of the next request. When nothing is buffered it sends the
+/// replies held back, then polls the socket for the poll window before it sleeps there
+/// (not while handed-off requests run), and adapts the window to how long the wait took.
+fn next_request(
+    w: &Workers<'_>,
+    side: &mut ReadSide<'_>,
+    payload: &mut Vec<u8>,
+) -> Option<Request> {
+    let id = w.replier.conn.id;
+    if !side.reader.buffer().is_empty() {
+        return read_request(&mut side.reader, payload, id);
+    }
+    w.replier.conn.uncork();
+    if w.handed_off.load(Ordering::SeqCst) > 0 {
+        return read_request(&mut side.reader, payload, id);
+    }
+    let start = Instant::now();
+    let caught = w.replier.conn.sock.poll_readable(side.poll.window());
+    let req = read_request(&mut side.reader, payload, id);
+    side.poll.waited(caught, start.elapsed());
+    req
 }
 
 /// Reads the next request off the stream, with a write's payload (into `payload`); `None`

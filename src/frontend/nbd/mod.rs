@@ -30,6 +30,7 @@
 
 mod conn;
 mod handshake;
+mod pace;
 mod proto;
 mod sock;
 

@@ -1,6 +1,6 @@
 //! A connected stream socket (unix or TCP) as the server uses it: blocking reads on one
-//! thread, whole replies sent under the connection's writer lock from any thread, and
-//! `shutdown` from the server's stop. Plain `libc` calls on one descriptor, so that unix and
+//! thread (polling briefly before it sleeps), whole replies sent under the connection's
+//! writer lock from any thread, and `shutdown` from the server's stop. Plain `libc` calls on one descriptor, so that unix and
 //! TCP connections are one type and a send to a client that went away is an `EPIPE`, never a
 //! `SIGPIPE`.
 
@@ -92,6 +92,36 @@ impl Sock {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => return Ok(0),
                 _ => return Err(e),
+            }
+        }
+    }
+
+    /// Polls for something to read (or the end of the stream) for up to `window`, without
+    /// sleeping: true when it came. The reader calls it before a read that would sleep (see
+    /// `pace`). It asks the socket about every microsecond, not in a tight loop, since each
+    /// asking takes the lock the client's send needs.
+    pub fn poll_readable(&self, window: std::time::Duration) -> bool {
+        if window.is_zero() {
+            return false;
+        }
+        let start = std::time::Instant::now();
+        loop {
+            let mut fd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one pollfd we own, with a zero timeout: it never sleeps.
+            if unsafe { libc::poll(&mut fd, 1, 0) } > 0 {
+                return true;
+            }
+            let asked = start.elapsed();
+            if asked >= window {
+                return false;
+            }
+            let next = asked + std::time::Duration::from_micros(1);
+            while start.elapsed() < next {
+                std::hint::spin_loop();
             }
         }
     }
