@@ -622,6 +622,46 @@ fn a_parked_request_does_not_hold_up_its_connection_and_replies_come_by_cookie()
     assert!(d.stop().success());
 }
 
+/// A request that blocks in the kernel must not hold up its connection either. The reader
+/// runs small reads itself; here the image is the view of a second blkdebugfs whose read of
+/// sector 16 is suspended, so the server's read of it sleeps in the kernel. The read after
+/// it on the same connection is answered while the first still sleeps (a waiting worker
+/// takes the read turn from a stuck run), and the first is answered once resumed.
+#[test]
+fn a_request_stuck_in_the_kernel_does_not_hold_up_its_connection() {
+    let s = Scratch::new(MIB);
+    let lower = mount(&s, &[]);
+    ctl(&s.mnt, &["suspend", "event=read_aio,tag=A,sector=16"]);
+    let d = Served::start_cmd(&s, "serve", &[s.view().to_str().unwrap()], &[]);
+    // Should an assert fail, the server's stop must not wait on a read the lower mount
+    // still holds: dropped first, this releases it.
+    struct ReleaseOnDrop<'a>(&'a Path);
+    impl Drop for ReleaseOnDrop<'_> {
+        fn drop(&mut self) {
+            run_cli(&["ctl", self.0.to_str().unwrap(), "clear"]);
+            run_cli(&["ctl", self.0.to_str().unwrap(), "resume", "A"]);
+        }
+    }
+    let _release = ReleaseOnDrop(&s.mnt);
+    let mut r = Raw::connect(&d.sock);
+    r.request(0, 0, 1, 8192, 512);
+    ctl(&s.mnt, &["wait_break", "A", "10000"]);
+    r.request(0, 0, 2, 0, 512);
+    assert_eq!(r.reply(512), (0, 2, pattern(MIB)[..512].to_vec()));
+    // And more, while it still sleeps: a write and a read of what it wrote.
+    r.write(3, 4096, &[0x5a; 512]);
+    assert_eq!(r.reply(0), (0, 3, vec![]));
+    r.request(0, 0, 4, 4096, 512);
+    assert_eq!(r.reply(512), (0, 4, vec![0x5a; 512]));
+    assert!(ctl(&s.mnt, &["list"]).contains("suspended"));
+    ctl(&s.mnt, &["clear"]);
+    ctl(&s.mnt, &["resume", "A"]);
+    assert_eq!(r.reply(512), (0, 1, pattern(MIB)[8192..8704].to_vec()));
+    drop(r);
+    assert!(d.stop().success());
+    assert!(lower.stop().success());
+}
+
 #[test]
 fn a_client_that_disconnects_with_requests_parked_leaves_the_server_serving() {
     let s = Scratch::new(MIB);
