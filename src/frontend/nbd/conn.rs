@@ -1,27 +1,34 @@
 //! The transmission phase of one connection: its workers take turns reading the socket (as
-//! nbdkit's threads do). The worker whose turn it is reads one request (and a write's
-//! payload), hands the turn on, then checks the request and runs it through [`Mount`] with
-//! a completion that sends the reply. So the socket always has a reader while requests run:
-//! a request that takes long in the kernel (an fsync, a read the page cache misses) holds
-//! only its own worker, and a connection's requests reach the image in parallel (a client's
-//! queue depth becomes the image's). A delayed or suspended request holds no worker at all:
-//! its completion waits in the mount's parking. Replies go out in the order requests
-//! finish, each identified by its cookie.
+//! nbdkit's threads do). The worker whose turn it is (the reader) reads a request (and a
+//! write's payload) and checks it. A quick one (a read or write without FUA of at most
+//! [`INLINE_MAX`]) it runs itself through [`Mount`] and reads on; any other it runs after
+//! handing the turn to the next worker, so the socket has a reader while a flush or a large
+//! request runs. A request that takes long in the kernel therefore holds only its own
+//! worker, and a connection's requests reach the image in parallel (a client's queue depth
+//! becomes the image's): quick requests that turn out slow shut the inline gate for a while
+//! (`pace`), and one stuck for [`STUCK_INLINE`] loses the turn to a waiting worker. A
+//! delayed or suspended request holds no worker at all: its completion waits in the mount's
+//! parking. Replies go out in the order requests finish, each identified by its cookie.
+//! Why the reader runs requests itself and polls before it sleeps: `pace`'s module doc.
 //!
-//! Workers: the connection's own thread is the first; a worker that takes a request when
-//! no other worker is waiting for the turn starts one more, up to [`MAX_WORKERS`], so a
-//! client that sends one request at a time keeps two threads, and one with 16 in flight
-//! gets up to 16. They end with the connection.
+//! Workers: the connection's own thread is the first; the first inline run starts a second
+//! (to watch the runs), and a worker that hands the turn on when no other worker is waiting
+//! starts one more, up to [`MAX_WORKERS`], so a client that sends one request at a time
+//! keeps two threads, and one with 16 in flight gets up to 16. They end with the connection.
 //!
-//! Locks: the read turn is a mutex held while one request is read off the socket (a blocking
-//! read: the turn's holder waits there for the client), never across a `Mount` call or a
-//! send. Replies go out whole and never make the thread that completes a request wait (that
-//! thread may be the mount's timer, serving every client's delays): under the connection's
-//! outbox lock it sends what the socket takes at once (`MSG_DONTWAIT`), and whatever does not
-//! fit (a client that reads slowly or not at all) is queued for the connection's writer
-//! thread, which alone waits on the socket; a reply goes straight out only when nothing is
-//! queued or being sent, so replies never interleave. The in-flight count has its own mutex,
-//! never held across a send or a `Mount` call.
+//! Locks: the read lock guards the read side and the turn; the reader holds it while it
+//! reads off the socket (polling, then a blocking read: the reader waits there for the
+//! client), and drops it while it runs a request, so a waiting worker can see a stuck run
+//! and take the turn; never held across a `Mount` call or a send. Waiting workers sleep on
+//! the turn's condition variable, the one watching a run with a deadline. Replies go out
+//! whole and never make the thread that completes a request wait (that thread may be the
+//! mount's timer, serving every client's delays): under the connection's outbox lock it
+//! sends what the socket takes at once (`MSG_DONTWAIT`), and whatever does not fit (a
+//! client that reads slowly or not at all) is queued for the connection's writer thread,
+//! which alone waits on the socket; a reply goes straight out only when nothing is queued or
+//! being sent, so replies never interleave. While the reader runs requests it read in one
+//! gulp, replies are corked (held in the outbox, up to [`CORK_REPLIES`]) and sent together.
+//! The in-flight count has its own mutex, never held across a send or a `Mount` call.
 //!
 //! Backpressure: at most [`MAX_IN_FLIGHT`] requests of a connection may be in the mount at
 //! once (running or parked), and at most [`MAX_QUEUED`] bytes of its replies may wait for it
