@@ -29,7 +29,7 @@ impl Served {
         Served::start_cmd(s, "serve", &[s.image.to_str().unwrap()], extra)
     }
 
-    /// Starts `blkdebugfs SUB ARGS --listen ... --control ... EXTRA` and waits for the socket
+    /// Starts `blkdebugfs SUB ARGS --listen ... --control ... EXTRA` and waits for both sockets
     /// (and, for `mount`, the mount).
     pub fn start_cmd(s: &Scratch, sub: &str, args: &[&str], extra: &[&str]) -> Served {
         let sock = s.dir.path().join("nbd.sock");
@@ -65,7 +65,12 @@ impl Served {
                     served.stderr()
                 );
             }
-            UnixStream::connect(&served.sock).is_ok() && (sub != "mount" || is_mounted(&s.mnt))
+            // The NBD socket accepts from the start (it is bound before anything else, so
+            // an address in use fails early); the control socket is bound later: wait for
+            // both (a loaded run once raced a test's first `ctl` here).
+            UnixStream::connect(&served.sock).is_ok()
+                && UnixStream::connect(&served.control).is_ok()
+                && (sub != "mount" || is_mounted(&s.mnt))
         });
         assert!(
             up,

@@ -532,7 +532,7 @@ fn work<'scope, 'env>(scope: &'scope Scope<'scope, 'env>, w: &'scope Workers<'en
                 break Some(req);
             }
             // More requests already read: hold their replies back to send them together.
-            if !side.reader.buffer().is_empty() {
+            if has_whole_request(side.reader.buffer()) {
                 conn.cork();
             }
             side.inline_since = Some(now);
@@ -673,9 +673,10 @@ fn next_request(
     payload: &mut Vec<u8>,
 ) -> Option<Request> {
     let id = w.replier.conn.id;
-    if !side.reader.buffer().is_empty() {
+    if has_whole_request(side.reader.buffer()) {
         return read_request(&mut side.reader, payload, id);
     }
+    // Reading may wait for the client now: what is held back goes first.
     w.replier.conn.uncork();
     if w.handed_off.load(Ordering::SeqCst) > 0 {
         return read_request(&mut side.reader, payload, id);
@@ -685,6 +686,21 @@ fn next_request(
     let req = read_request(&mut side.reader, payload, id);
     side.poll.waited(caught, start.elapsed());
     req
+}
+
+/// Whether `buffered` holds the next request whole (with a write's payload), so reading it
+/// does not wait for the client. A request the reader will refuse (a bad magic, an
+/// oversized write) counts as whole: reading it ends the connection without waiting.
+fn has_whole_request(buffered: &[u8]) -> bool {
+    let Some(header) = buffered.first_chunk::<REQUEST_LEN>() else {
+        return false;
+    };
+    match decode_request(header) {
+        Some(req) if req.kind == CMD_WRITE && req.len <= MAX_PAYLOAD => {
+            buffered.len() >= REQUEST_LEN + req.len as usize
+        }
+        _ => true,
+    }
 }
 
 /// Reads the next request off the stream, with a write's payload (into `payload`); `None`
@@ -958,6 +974,40 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
+
+    #[test]
+    fn a_request_is_whole_with_its_header_and_a_write_with_its_payload() {
+        let header = |kind: u16, len: u32| {
+            let mut h = Vec::new();
+            h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            h.extend_from_slice(&0u16.to_be_bytes());
+            h.extend_from_slice(&kind.to_be_bytes());
+            h.extend_from_slice(&7u64.to_be_bytes());
+            h.extend_from_slice(&0u64.to_be_bytes());
+            h.extend_from_slice(&len.to_be_bytes());
+            h
+        };
+        let read = header(CMD_READ, 4096);
+        assert!(!has_whole_request(&[]));
+        assert!(!has_whole_request(&read[..REQUEST_LEN - 1]));
+        assert!(has_whole_request(&read));
+        let mut write = header(CMD_WRITE, 512);
+        assert!(!has_whole_request(&write), "a write without its payload");
+        write.extend_from_slice(&[0; 511]);
+        assert!(!has_whole_request(&write));
+        write.push(0);
+        assert!(has_whole_request(&write));
+        assert!(
+            has_whole_request(&header(CMD_WRITE, MAX_PAYLOAD + 1)),
+            "an oversized write closes the connection at once"
+        );
+        let mut bad = read.clone();
+        bad[0] ^= 1;
+        assert!(
+            has_whole_request(&bad),
+            "a bad magic closes the connection at once"
+        );
+    }
 
     /// A reply to a client that has gone (a request resumed after its client hung up) must
     /// return at once, on any thread: the connection is marked broken, nothing waits.
