@@ -667,6 +667,48 @@ fn a_request_stuck_in_the_kernel_does_not_hold_up_its_connection() {
     assert!(lower.stop().success());
 }
 
+/// The same with every worker busy: a flush stuck in the kernel holds the worker it was
+/// handed to, and then the reader's own inline read gets stuck too. The reader starts a
+/// worker to watch its run when no other worker waits, so the third request is still read
+/// and answered.
+#[test]
+fn a_read_stuck_behind_a_stuck_flush_still_leaves_a_reader() {
+    let s = Scratch::new(MIB);
+    let lower = mount(&s, &[]);
+    ctl(&s.mnt, &["suspend", "event=flush_to_disk,tag=F"]);
+    ctl(&s.mnt, &["suspend", "event=read_aio,tag=A,sector=16"]);
+    let d = Served::start_cmd(&s, "serve", &[s.view().to_str().unwrap()], &[]);
+    struct ReleaseOnDrop<'a>(&'a Path);
+    impl Drop for ReleaseOnDrop<'_> {
+        fn drop(&mut self) {
+            run_cli(&["ctl", self.0.to_str().unwrap(), "clear"]);
+            run_cli(&["ctl", self.0.to_str().unwrap(), "resume", "F"]);
+            run_cli(&["ctl", self.0.to_str().unwrap(), "resume", "A"]);
+        }
+    }
+    let _release = ReleaseOnDrop(&s.mnt);
+    let mut r = Raw::connect(&d.sock);
+    // Something to flush, then the flush.
+    r.write(9, 4096, &[0x5a; 512]);
+    assert_eq!(r.reply(0), (0, 9, vec![]));
+    r.request(3, 0, 1, 0, 0);
+    ctl(&s.mnt, &["wait_break", "F", "10000"]);
+    r.request(0, 0, 2, 8192, 512);
+    ctl(&s.mnt, &["wait_break", "A", "10000"]);
+    r.request(0, 0, 3, 0, 512);
+    assert_eq!(r.reply(512), (0, 3, pattern(MIB)[..512].to_vec()));
+    let list = ctl(&s.mnt, &["list"]);
+    assert_eq!(list.matches("suspended").count(), 2, "{list}");
+    ctl(&s.mnt, &["clear"]);
+    ctl(&s.mnt, &["resume", "A"]);
+    assert_eq!(r.reply(512), (0, 2, pattern(MIB)[8192..8704].to_vec()));
+    ctl(&s.mnt, &["resume", "F"]);
+    assert_eq!(r.reply(0), (0, 1, vec![]));
+    drop(r);
+    assert!(d.stop().success());
+    assert!(lower.stop().success());
+}
+
 #[test]
 fn a_client_that_disconnects_with_requests_parked_leaves_the_server_serving() {
     let s = Scratch::new(MIB);

@@ -11,10 +11,10 @@
 //! parking. Replies go out in the order requests finish, each identified by its cookie.
 //! Why the reader runs requests itself and polls before it sleeps: `pace`'s module doc.
 //!
-//! Workers: the connection's own thread is the first; the first inline run starts a second
-//! (to watch the runs), and a worker that hands the turn on when no other worker is waiting
-//! starts one more, up to [`MAX_WORKERS`], so a client that sends one request at a time
-//! keeps two threads, and one with 16 in flight gets up to 16. They end with the connection.
+//! Workers: the connection's own thread is the first; an inline run with no other worker
+//! waiting starts one (to watch the run), and so does a hand-off with none waiting (to take
+//! the turn), up to [`MAX_WORKERS`]: a client that sends one request at a time keeps two
+//! threads, and one with 16 in flight gets up to 16. They end with the connection.
 //!
 //! Locks: the read lock guards the read side and the turn; the reader holds it while it
 //! reads off the socket (polling, then a blocking read: the reader waits there for the
@@ -90,8 +90,11 @@ struct Outbox {
     corked_replies: usize,
 }
 
-/// Replies the reader holds back at most before it sends them together.
+/// Replies the reader holds back at most before it sends them together, and bytes: the
+/// cork also takes the replies of requests that other workers finish meanwhile (a 32 MiB
+/// read, say), which it must not hold in numbers outside [`MAX_QUEUED`]'s count.
 const CORK_REPLIES: usize = 4;
+const CORK_BYTES: usize = 256 << 10;
 
 /// The write side and bookkeeping of a connection, shared by its reader and completions.
 pub struct Conn {
@@ -131,7 +134,7 @@ impl Conn {
                 out.cork.extend_from_slice(p);
             }
             out.corked_replies += 1;
-            if out.corked_replies < CORK_REPLIES {
+            if out.corked_replies < CORK_REPLIES && out.cork.len() < CORK_BYTES {
                 return;
             }
             self.send_cork(&mut out)
@@ -185,7 +188,8 @@ impl Conn {
         sent
     }
 
-    /// Holds replies back until [`Conn::uncork`] (or until [`CORK_REPLIES`] are held).
+    /// Holds replies back until [`Conn::uncork`] (or until [`CORK_REPLIES`] or [`CORK_BYTES`]
+    /// are held).
     fn cork(&self) {
         self.out.lock().corked = true;
     }
@@ -536,8 +540,9 @@ fn work<'scope, 'env>(scope: &'scope Scope<'scope, 'env>, w: &'scope Workers<'en
                 conn.cork();
             }
             side.inline_since = Some(now);
-            if w.started.load(Ordering::Relaxed) == 1 {
-                // Someone must watch this run: a connection always has a second worker.
+            if w.waiting.load(Ordering::SeqCst) == 0 {
+                // Someone must watch this run (the others may all be running requests they
+                // were handed, or stuck in theirs): start one.
                 spawn_worker(scope, w);
             } else if side.watcher_asleep {
                 side.watcher_asleep = false;
