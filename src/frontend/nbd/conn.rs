@@ -52,7 +52,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::ErrnoLog;
 use super::handshake::{MAX_PAYLOAD, Session};
-use super::pace::{InlineGate, PollWindow};
+use super::pace::{InlineGate, OpenConnection, PollPermit, PollWindow};
 use super::proto::*;
 use super::sock::Sock;
 use crate::mount::{Caller, Mount, ReadBuf};
@@ -438,6 +438,7 @@ pub fn serve(
     session: Session,
     errnos: Arc<ErrnoLog>,
 ) {
+    let _open = OpenConnection::new();
     let workers = Workers {
         read: Mutex::new(ReadSide {
             reader,
@@ -671,7 +672,8 @@ fn is_quick(req: &Request) -> bool {
 
 /// The turn holder's read of the next request. When nothing is buffered it sends the
 /// replies held back, then polls the socket for the poll window before it sleeps there
-/// (not while handed-off requests run), and adapts the window to how long the wait took.
+/// (not while handed-off requests run, nor without a [`PollPermit`]), and adapts the
+/// window to how long the wait took.
 fn next_request(
     w: &Workers<'_>,
     side: &mut ReadSide<'_>,
@@ -686,8 +688,18 @@ fn next_request(
     if w.handed_off.load(Ordering::SeqCst) > 0 {
         return read_request(&mut side.reader, payload, id);
     }
+    let window = side.poll.window();
+    let permit = match window.is_zero() {
+        true => None,
+        false => match PollPermit::take() {
+            Some(permit) => Some(permit),
+            // Others poll: this wait says nothing about the window.
+            None => return read_request(&mut side.reader, payload, id),
+        },
+    };
     let start = Instant::now();
-    let caught = w.replier.conn.sock.poll_readable(side.poll.window());
+    let caught = permit.is_some() && w.replier.conn.sock.poll_readable(window);
+    drop(permit);
     let req = read_request(&mut side.reader, payload, id);
     side.poll.waited(caught, start.elapsed());
     req
