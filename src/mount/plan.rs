@@ -187,16 +187,12 @@ impl Builder {
 
     /// Splits `[offset, offset+len)` into max-transfer chunks, counted from the start of the
     /// request (QEMU's `bdrv_aligned_preadv/pwritev` loops).
-    fn chunks(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        let mt = self.max_transfer();
-        let mut out = Vec::new();
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(mt);
-            out.push((offset + done, n));
-            done += n;
+    fn chunks(&self, offset: u64, len: u64) -> Chunks {
+        Chunks {
+            at: offset,
+            end: offset + len,
+            max: self.max_transfer(),
         }
-        out
     }
 
     /// A checked read at the blkdebug node of the padded range `[ps, pe)`; only the part
@@ -227,7 +223,7 @@ impl Builder {
     /// `[c_off, c_off+c_len)` at payload offset `c_at`, or zeroes when `zero_fill`.
     fn node_pwritev(&mut self, ps: u64, pe: u64, c_off: u64, c_len: u64, data: WriteData) {
         self.push(Step::Event(Event::Pwritev));
-        let done_at = self.steps.len() + 2 * self.chunks(ps, pe - ps).len();
+        let done_at = self.steps.len() + 2 * self.chunks(ps, pe - ps).count();
         for (off, len) in self.chunks(ps, pe - ps) {
             self.push(Step::Check {
                 iotype: IoType::Write,
@@ -461,10 +457,34 @@ fn pad(offset: u64, len: u64, align: u64) -> (u64, u64, u64, u64) {
     (offset - head, end + tail, head, tail)
 }
 
+/// The pieces of `max` bytes at most that a range is cut into, in order. An iterator, not a
+/// list: a plan is built for every request, and allocations there are contended between
+/// the threads that serve requests.
+struct Chunks {
+    at: u64,
+    end: u64,
+    max: u64,
+}
+
+impl Iterator for Chunks {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        if self.at >= self.end {
+            return None;
+        }
+        let n = (self.end - self.at).min(self.max);
+        let chunk = (self.at, n);
+        self.at += n;
+        Some(chunk)
+    }
+}
+
 /// Builds the plan for one client operation.
 pub fn plan(op: Op, limits: Limits) -> Vec<Step> {
     let mut b = Builder {
-        steps: Vec::new(),
+        // Room for a plain read or write's steps (about a dozen) without growing.
+        steps: Vec::with_capacity(16),
         limits,
     };
     let align = b.align();
