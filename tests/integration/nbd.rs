@@ -627,6 +627,21 @@ fn a_parked_request_does_not_hold_up_its_connection_and_replies_come_by_cookie()
     assert!(d.stop().success());
 }
 
+/// Clears the rules of the lower mount at the path and resumes the tags when dropped:
+/// declared after the server over that mount, it is dropped first, so that a failing
+/// assert's server stop never waits on a request the lower mount still holds.
+struct ReleaseOnDrop<'a>(&'a Path, &'a [&'a str]);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        let mnt = self.0.to_str().unwrap();
+        run_cli(&["ctl", mnt, "clear"]);
+        for tag in self.1 {
+            run_cli(&["ctl", mnt, "resume", tag]);
+        }
+    }
+}
+
 /// A request that blocks in the kernel must not hold up its connection either. The reader
 /// runs small reads itself; here the image is the view of a second blkdebugfs whose read of
 /// sector 16 is suspended, so the server's read of it sleeps in the kernel. The read after
@@ -638,16 +653,7 @@ fn a_request_stuck_in_the_kernel_does_not_hold_up_its_connection() {
     let lower = mount(&s, &[]);
     ctl(&s.mnt, &["suspend", "event=read_aio,tag=A,sector=16"]);
     let d = Served::start_cmd(&s, "serve", &[s.view().to_str().unwrap()], &[]);
-    // Should an assert fail, the server's stop must not wait on a read the lower mount
-    // still holds: dropped first, this releases it.
-    struct ReleaseOnDrop<'a>(&'a Path);
-    impl Drop for ReleaseOnDrop<'_> {
-        fn drop(&mut self) {
-            run_cli(&["ctl", self.0.to_str().unwrap(), "clear"]);
-            run_cli(&["ctl", self.0.to_str().unwrap(), "resume", "A"]);
-        }
-    }
-    let _release = ReleaseOnDrop(&s.mnt);
+    let _release = ReleaseOnDrop(&s.mnt, &["A"]);
     let mut r = Raw::connect(&d.sock);
     r.request(0, 0, 1, 8192, 512);
     ctl(&s.mnt, &["wait_break", "A", "10000"]);
@@ -678,15 +684,7 @@ fn a_read_stuck_behind_a_stuck_flush_still_leaves_a_reader() {
     ctl(&s.mnt, &["suspend", "event=flush_to_disk,tag=F"]);
     ctl(&s.mnt, &["suspend", "event=read_aio,tag=A,sector=16"]);
     let d = Served::start_cmd(&s, "serve", &[s.view().to_str().unwrap()], &[]);
-    struct ReleaseOnDrop<'a>(&'a Path);
-    impl Drop for ReleaseOnDrop<'_> {
-        fn drop(&mut self) {
-            run_cli(&["ctl", self.0.to_str().unwrap(), "clear"]);
-            run_cli(&["ctl", self.0.to_str().unwrap(), "resume", "F"]);
-            run_cli(&["ctl", self.0.to_str().unwrap(), "resume", "A"]);
-        }
-    }
-    let _release = ReleaseOnDrop(&s.mnt);
+    let _release = ReleaseOnDrop(&s.mnt, &["F", "A"]);
     let mut r = Raw::connect(&d.sock);
     // Something to flush, then the flush.
     r.write(9, 4096, &[0x5a; 512]);

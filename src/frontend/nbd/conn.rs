@@ -689,14 +689,11 @@ fn next_request(
         return read_request(&mut side.reader, payload, id);
     }
     let window = side.poll.window();
-    let permit = match window.is_zero() {
-        true => None,
-        false => match PollPermit::take() {
-            Some(permit) => Some(permit),
-            // Others poll: this wait says nothing about the window.
-            None => return read_request(&mut side.reader, payload, id),
-        },
-    };
+    let permit = (!window.is_zero()).then(PollPermit::take).flatten();
+    if permit.is_none() && !window.is_zero() {
+        // Others poll: this wait says nothing about the window.
+        return read_request(&mut side.reader, payload, id);
+    }
     let start = Instant::now();
     let caught = permit.is_some() && w.replier.conn.sock.poll_readable(window);
     drop(permit);
