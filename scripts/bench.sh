@@ -38,7 +38,8 @@
 # `nbdkit file` behind `--filter=error error-rate=0`, with fio --ioengine=nbd (4k random
 # read and write at QD1 and QD16, 1 MiB sequential read and write; goal: at least nbdkit's
 # IOPS on every row, 1.5x on the 4 KiB rows), and QEMU's own client (`qemu-img bench`, 4k
-# QD16 read and write) through NBD against through the FUSE view of the 0-rule mount.
+# QD16 read and write) through NBD, to both servers, against through the FUSE view of the
+# 0-rule mount.
 #
 # Workloads (fio, direct=1, time-based): 4k random read psync QD1, 4k random read libaio
 # QD16, 4k random write libaio QD16, the same with an fsync every 64 writes (0 rules and
@@ -576,14 +577,17 @@ EOF
     done
   done
 
-  # QEMU's block layer as the client: its NBD driver, and its file driver (O_DIRECT, native
-  # AIO) on the FUSE view of the 0-rule mount.
+  # QEMU's block layer as the client: its NBD driver (on both servers: QEMU's NBD client
+  # does its socket work in its one I/O thread, so nbdkit's row shows what that costs), and
+  # its file driver (O_DIRECT, native AIO) on the FUSE view of the 0-rule mount.
   bench_count=$([ "$quick" = 1 ] && echo 20000 || echo 200000)
   for dir in read write; do
     wflag=()
     [ "$dir" = write ] && wflag=(-w)
-    log "qemu-img bench 4k $dir QD16 through NBD and through the FUSE view"
+    log "qemu-img bench 4k $dir QD16 through NBD (both servers) and through the FUSE view"
     qemu_bench "4k $dir QD16|NBD (blkdebugfs serve)" "${wflag[@]}" "$nbd_uri_bdfs" \
+      >>"$qemu_bench_rows"
+    qemu_bench "4k $dir QD16|NBD (nbdkit)" "${wflag[@]}" "$nbd_uri_nbdkit" \
       >>"$qemu_bench_rows"
     qemu_bench "4k $dir QD16|FUSE view (blkdebugfs mount)" "${wflag[@]}" -t none \
       -i native "${files[zero_idx]}" >>"$qemu_bench_rows"

@@ -20,9 +20,14 @@
 #                   (posix_fadvise DONTNEED; with DIR on a real disk, requests that miss)
 #   SERVER_CPU, CLIENT_CPU   (default 1 and 0)
 #
-# Output: one TSV line per run (workload, server, repetition, IOPS) on stderr, then a table
-# of medians [min-max] on stdout. Everything it starts is stopped by PID and its directory
-# removed on exit.
+# Output: one TSV line per run (workload, server, repetition, IOPS, then CPU microseconds
+# per request on the server's CPUs, of them in the kernel, and on the client's CPUs) on
+# stderr, then two tables of medians on stdout: IOPS [min-max], and the CPU cost per
+# request. The CPU figures are taken from /proc/stat over the measured part of each run;
+# they mean something only when the two CPU sets are disjoint and nothing else runs (they
+# show which side limits a row, and what a request costs the kernel whatever the server
+# does in user space). Everything it starts is stopped by PID and its directory removed
+# on exit.
 set -euo pipefail
 
 A=${1:?usage: nbd-ab.sh A_BINARY [B_BINARY|-] [REPS] [SECONDS] [WORKLOAD...]}
@@ -72,6 +77,39 @@ start nbdkit nbdkit -f --unix "$work/nbdkit.sock" --filter=error file "$work/dis
 targets+=(nbdkit)
 
 results=$work/results.tsv
+
+# cpu_ticks CPUS: "busy kernel" clock ticks so far, summed over a taskset CPU list.
+cpu_ticks() {
+  python3 - "$1" <<'EOF'
+import sys
+cpus = set()
+for part in sys.argv[1].split(","):
+    lo, _, hi = part.partition("-")
+    cpus.update(range(int(lo), int(hi or lo) + 1))
+busy = kernel = 0
+for line in open("/proc/stat"):
+    name, *f = line.split()
+    if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f[:7])
+        busy += user + nice + system + irq + softirq
+        kernel += system + irq + softirq
+print(busy, kernel)
+EOF
+}
+
+# sample_cpu OUT: after fio's ramp, the ticks of both sides at the start and the end of
+# the measured time, then its length in seconds, into OUT.
+sample_cpu() {
+  local t0 t1
+  sleep 0.6
+  t0=$(date +%s.%N)
+  { cpu_ticks "$server_cpu"; cpu_ticks "$client_cpu"; } >"$1"
+  sleep "$(python3 -c "print(max($secs - 0.9, 0.1))")"
+  { cpu_ticks "$server_cpu"; cpu_ticks "$client_cpu"; } >>"$1"
+  t1=$(date +%s.%N)
+  python3 -c "print($t1 - $t0)" >>"$1"
+}
+ticks_per_s=$(getconf CLK_TCK)
 for w in "${workloads[@]}"; do
   case $w in
     rr1) opts="--rw=randread --bs=4k --iodepth=1" dir=read ;;
@@ -90,6 +128,8 @@ for w in "${workloads[@]}"; do
 fd = os.open(sys.argv[1], os.O_RDONLY)
 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$work/disk.img"
       fi
+      sample_cpu "$work/cpu.txt" &
+      sampler=$!
       if ! taskset -c "$client_cpu" fio --name=ab --ioengine=nbd \
         --uri="nbd+unix:///?socket=$work/$t.sock" --size="${mib}M" --thread --time_based \
         --runtime="$secs" --ramp_time=0.5 --norandommap --randrepeat=0 \
@@ -98,12 +138,17 @@ os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$work/disk.img"
         echo "nbd-ab: fio failed on $t: $(cat "$work/fio.err")" >&2
         exit 1
       fi
-      python3 - "$work/fio.json" "$dir" "$w" "$t" "$r" <<'EOF' | tee -a "$results" >&2
+      wait "$sampler"
+      python3 - "$work/fio.json" "$dir" "$w" "$t" "$r" "$work/cpu.txt" "$ticks_per_s" <<'EOF' | tee -a "$results" >&2
 import json, sys
-path, direction, w, t, r = sys.argv[1:]
+path, direction, w, t, r, cpu, hz = sys.argv[1:]
 text = open(path).read()
-job = json.loads(text[text.index("{"):])["jobs"][0]
-print(f"{w}\t{t}\t{r}\t{job[direction]['iops']:.0f}")
+iops = json.loads(text[text.index("{"):])["jobs"][0][direction]["iops"]
+s0, c0, s1, c1, window = open(cpu).read().split("\n")[:5]
+(sb0, sk0), (cb0, _), (sb1, sk1), (cb1, _) = (map(int, x.split()) for x in (s0, c0, s1, c1))
+requests = iops * float(window)
+us = lambda ticks: ticks / int(hz) * 1e6 / requests if requests else 0.0
+print(f"{w}\t{t}\t{r}\t{iops:.0f}\t{us(sb1 - sb0):.2f}\t{us(sk1 - sk0):.2f}\t{us(cb1 - cb0):.2f}")
 EOF
     done
   done
@@ -113,10 +158,12 @@ python3 - "$results" "${targets[@]}" <<'EOF'
 import collections, statistics, sys
 path, targets = sys.argv[1], sys.argv[2:]
 runs = collections.defaultdict(list)
+cost = collections.defaultdict(list)
 order = []
 for line in open(path):
-    w, t, _, iops = line.split("\t")
+    w, t, _, iops, server_us, kernel_us, client_us = line.split("\t")
     runs[(w, t)].append(float(iops))
+    cost[(w, t)].append((float(server_us), float(kernel_us), float(client_us)))
     if w not in order:
         order.append(w)
 print("| workload | " + " | ".join(f"{t} IOPS, median [min-max]" for t in targets)
@@ -127,4 +174,15 @@ for w in order:
     cells = [f"{med[t]:.0f} [{min(runs[(w, t)]):.0f}-{max(runs[(w, t)]):.0f}]" for t in targets]
     ratios = [f"{med[t] / med['nbdkit']:.2f}x" for t in targets if t != "nbdkit"]
     print(f"| {w} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+print()
+print("CPU microseconds per request, medians: server (of it in the kernel) / client")
+print()
+print("| workload | " + " | ".join(targets) + " |")
+print("|---" * (len(targets) + 1) + "|")
+for w in order:
+    cells = []
+    for t in targets:
+        s, k, c = (statistics.median(x[i] for x in cost[(w, t)]) for i in range(3))
+        cells.append(f"{s:.2f} ({k:.2f}) / {c:.2f}")
+    print(f"| {w} | " + " | ".join(cells) + " |")
 EOF

@@ -2,8 +2,8 @@
 //! function.
 //!
 //! Contract (spec §1 and faults §1): a rule is *when* (an [`Event`] with QEMU's arming, or
-//! none: a *standing* rule, armed from the start), *which requests* ([`RequestMatch`]: state
-//! gate, range, iotype and the counting keys) and *what* ([`Action`]). [`Engine::fire`]
+//! none: a *standing* rule, armed from the start), *which requests* ([`RequestMatch`]:
+//! state gate, range, iotype and the counting keys) and *what* ([`Action`]). [`Engine::fire`]
 //! processes every rule of the event whose `state` gate is 0 or equals the state from
 //! *before* the event: request-checked rules of any kind replace the active list (the first
 //! one empties it), set-state rules set the pending state (first written wins), breakpoints
@@ -49,6 +49,8 @@ use std::sync::Arc;
 use super::events::{Event, IoType, IoTypes};
 use super::faults::{CutMode, Fault, acts};
 use super::ranges::SECTOR;
+#[cfg(doc)]
+use super::rules::RequestMatch;
 use super::rules::{
     Action, Decision, Fired, Placement, Plan, Range, Rule, RuleId, RuleStats, Verdict,
     applicable_iotypes,
@@ -117,6 +119,14 @@ struct EventRules {
 }
 
 impl EventRules {
+    /// Whether the event has no rule of any kind.
+    fn is_empty(&self) -> bool {
+        self.checked.is_empty()
+            && self.set_state.is_empty()
+            && self.suspend.is_empty()
+            && self.power_cut.is_empty()
+    }
+
     /// How often a rule with state gate `gate` has been processed: every fire for gate 0,
     /// the fires in that state otherwise.
     fn fires_for(&self, gate: i64) -> u64 {
@@ -661,11 +671,18 @@ impl Engine {
     /// written set-state rule sets the state, breakpoints hit once and are deleted.
     pub fn fire(&mut self, event: Event) -> Fired {
         let state = self.state;
+        let rules = &mut self.by_event[event.index()];
+        rules.fires += 1;
+        if rules.is_empty() {
+            // The common case (most events have no rule): nothing to process, and the count
+            // per state is read only as a difference from a rule's `fires_at_add`, so a
+            // count no rule of the event sees need not move.
+            return Fired::default();
+        }
+        *rules.fires_in_state.entry(state).or_default() += 1;
         let compiled = self.compiled(event);
         let mut fired = Fired::default();
         let rules = &mut self.by_event[event.index()];
-        rules.fires += 1;
-        *rules.fires_in_state.entry(state).or_default() += 1;
         if !rules.suspend.is_empty() {
             let hit: Vec<RuleId> = rules
                 .suspend
@@ -1199,6 +1216,34 @@ mod tests {
         let id = e.add(inject(Event::ReadAio, 0, 5, None, false));
         e.fire(Event::ReadAio);
         assert_eq!(e.rules().find(|(i, _, _)| *i == id).unwrap().2.armed, 1);
+    }
+
+    /// An event with no rule takes a short way that keeps no count per state; a rule added
+    /// to it later, gated on a state the event fired in meanwhile, still counts exactly the
+    /// fires after it, and so does one added after that rule was removed.
+    #[test]
+    fn a_rule_added_to_an_event_without_rules_counts_only_the_fires_after_it() {
+        let mut e = Engine::new(vec![set_state(Event::WriteAio, 0, 2)]);
+        e.fire(Event::WriteAio);
+        assert_eq!(e.state(), 2);
+        for _ in 0..3 {
+            assert_eq!(e.fire(Event::ReadAio), Fired::default());
+        }
+        let armed = |e: &Engine, id: RuleId| e.rules().find(|(i, _, _)| *i == id).unwrap().2.armed;
+        let first = e.add(inject(Event::ReadAio, 2, 5, Some(0), false));
+        assert_eq!(armed(&e, first), 0);
+        e.fire(Event::ReadAio);
+        e.fire(Event::ReadAio);
+        assert_eq!(armed(&e, first), 2);
+        assert_eq!(
+            e.check(IoType::Read, 0, 512),
+            fail(5, first.0, Event::ReadAio)
+        );
+        e.remove(first);
+        e.fire(Event::ReadAio);
+        let second = e.add(inject(Event::ReadAio, 2, 5, Some(0), false));
+        e.fire(Event::ReadAio);
+        assert_eq!(armed(&e, second), 1);
     }
 
     #[test]
