@@ -24,9 +24,10 @@
 # per request on the server's CPUs, of them in the kernel, and on the client's CPUs) on
 # stderr, then two tables of medians on stdout: IOPS [min-max], and the CPU cost per
 # request. The CPU figures are taken from /proc/stat over the measured part of each run;
-# they mean something only when the two CPU sets are disjoint and nothing else runs (they
-# show which side limits a row, and what a request costs the kernel whatever the server
-# does in user space). Everything it starts is stopped by PID and its directory removed
+# they mean something only when the two CPU sets are disjoint, nothing else runs, and
+# SECONDS is 5 or more (the window is the run less its first second; at 100 ticks a second
+# a shorter one is coarse). They show which side limits a row, and what a request costs
+# the kernel whatever the server does in user space. Everything it starts is stopped by PID and its directory removed
 # on exit.
 set -euo pipefail
 
@@ -78,36 +79,41 @@ targets+=(nbdkit)
 
 results=$work/results.tsv
 
-# cpu_ticks CPUS: "busy kernel" clock ticks so far, summed over a taskset CPU list.
-cpu_ticks() {
-  python3 - "$1" <<'EOF'
-import sys
-cpus = set()
-for part in sys.argv[1].split(","):
-    lo, _, hi = part.partition("-")
-    cpus.update(range(int(lo), int(hi or lo) + 1))
-busy = kernel = 0
-for line in open("/proc/stat"):
-    name, *f = line.split()
-    if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-        user, nice, system, _idle, _iowait, irq, softirq = map(int, f[:7])
-        busy += user + nice + system + irq + softirq
-        kernel += system + irq + softirq
-print(busy, kernel)
-EOF
-}
-
-# sample_cpu OUT: after fio's ramp, the ticks of both sides at the start and the end of
-# the measured time, then its length in seconds, into OUT.
+# sample_cpu OUT: the busy and kernel clock ticks of the server's CPUs and of the client's
+# from 1 s after fio starts (past its start-up and 0.5 s ramp, which count in its runtime)
+# to 0.1 s before its runtime ends, then that window's length in seconds, into OUT.
 sample_cpu() {
-  local t0 t1
-  sleep 0.6
-  t0=$(date +%s.%N)
-  { cpu_ticks "$server_cpu"; cpu_ticks "$client_cpu"; } >"$1"
-  sleep "$(python3 -c "print(max($secs - 0.9, 0.1))")"
-  { cpu_ticks "$server_cpu"; cpu_ticks "$client_cpu"; } >>"$1"
-  t1=$(date +%s.%N)
-  python3 -c "print($t1 - $t0)" >>"$1"
+  python3 - "$server_cpu" "$client_cpu" "$secs" "$1" <<'EOF'
+import sys, time
+def cpus(spec):
+    out = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+sides = [cpus(sys.argv[1]), cpus(sys.argv[2])]
+secs, out = float(sys.argv[3]), sys.argv[4]
+def ticks():
+    per_side = [[0, 0], [0, 0]]
+    for line in open("/proc/stat"):
+        name, *f = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit()):
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f[:7])
+        for i, side in enumerate(sides):
+            if int(name[3:]) in side:
+                per_side[i][0] += user + nice + system + irq + softirq
+                per_side[i][1] += system + irq + softirq
+    return per_side
+time.sleep(1.0)
+t0, a = time.monotonic(), ticks()
+time.sleep(max(secs - 1.1, 0.1))
+b, t1 = ticks(), time.monotonic()
+with open(out, "w") as f:
+    for i in range(2):
+        f.write(f"{b[i][0] - a[i][0]} {b[i][1] - a[i][1]}\n")
+    f.write(f"{t1 - t0}\n")
+EOF
 }
 ticks_per_s=$(getconf CLK_TCK)
 for w in "${workloads[@]}"; do
@@ -144,11 +150,11 @@ import json, sys
 path, direction, w, t, r, cpu, hz = sys.argv[1:]
 text = open(path).read()
 iops = json.loads(text[text.index("{"):])["jobs"][0][direction]["iops"]
-s0, c0, s1, c1, window = open(cpu).read().split("\n")[:5]
-(sb0, sk0), (cb0, _), (sb1, sk1), (cb1, _) = (map(int, x.split()) for x in (s0, c0, s1, c1))
+server, client, window = open(cpu).read().split("\n")[:3]
+(server_busy, server_kernel), (client_busy, _) = (map(int, x.split()) for x in (server, client))
 requests = iops * float(window)
 us = lambda ticks: ticks / int(hz) * 1e6 / requests if requests else 0.0
-print(f"{w}\t{t}\t{r}\t{iops:.0f}\t{us(sb1 - sb0):.2f}\t{us(sk1 - sk0):.2f}\t{us(cb1 - cb0):.2f}")
+print(f"{w}\t{t}\t{r}\t{iops:.0f}\t{us(server_busy):.2f}\t{us(server_kernel):.2f}\t{us(client_busy):.2f}")
 EOF
     done
   done

@@ -252,10 +252,19 @@ impl Conn {
         }
     }
 
-    /// Waits while [`MAX_QUEUED`] bytes of replies wait for the client.
+    /// Waits while [`MAX_QUEUED`] bytes of replies wait for the client, holding none back.
     fn wait_for_room(&self) {
         let mut out = self.out.lock();
         while out.queued_bytes > MAX_QUEUED && !self.broken.load(Ordering::Relaxed) {
+            if out.corked {
+                out.corked = false;
+                if let Err(e) = self.send_cork(&mut out) {
+                    drop(out);
+                    self.fail(&e);
+                    return;
+                }
+                continue;
+            }
             self.out_changed.wait(&mut out);
         }
     }
@@ -267,11 +276,18 @@ impl Conn {
     }
 
     /// Counts a request in; waits while [`MAX_IN_FLIGHT`] are in the mount, or while
-    /// [`MAX_QUEUED`] bytes of replies wait for the client.
+    /// [`MAX_QUEUED`] bytes of replies wait for the client. Uncorks before either wait: the
+    /// reader corks, and may wait here for as long as the client takes to resume a parked
+    /// request, which it may do only once it has a reply the cork would hold.
     fn enter(&self) {
         self.wait_for_room();
         let mut n = self.in_flight.lock();
         while *n >= MAX_IN_FLIGHT {
+            // The outbox's lock is never taken holding `in_flight`.
+            MutexGuard::unlocked(&mut n, || self.uncork());
+            if *n < MAX_IN_FLIGHT {
+                break;
+            }
             self.finished.wait(&mut n);
         }
         *n += 1;
@@ -1042,5 +1058,46 @@ mod tests {
             "send to a closed client never returned"
         );
         assert!(conn.broken.load(Ordering::Relaxed));
+    }
+
+    /// The reader corks its replies, then waits in `enter` for a request slot (the mount
+    /// holds [`MAX_IN_FLIGHT`] of this connection's requests, parked); meanwhile another
+    /// request completes. Its reply must reach the client while the reader waits: held back,
+    /// it would wait for the reader, which waits for requests the client may resume only
+    /// once it has that reply (found by review: with every worker busy, no watcher takes the
+    /// turn and uncorks).
+    #[test]
+    fn a_reader_waiting_for_a_request_slot_holds_no_reply_back() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let conn = Arc::new(Conn::new(Sock::new(ours.into()), 1));
+        for _ in 0..MAX_IN_FLIGHT {
+            conn.enter();
+        }
+        conn.cork();
+        let reader = conn.clone();
+        let (entered, in_mount) = std::sync::mpsc::channel();
+        let waiting = std::thread::spawn(move || {
+            reader.enter();
+            let _ = entered.send(());
+        });
+        // A parked request completes (before or after the reader began to wait: either way
+        // the reply must go out): its reply is sent, its slot frees.
+        conn.send(&[b"the reply"]);
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = [0u8; 9];
+        let read = std::io::Read::read_exact(&mut theirs, &mut got);
+        conn.leave();
+        assert!(
+            in_mount.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the reader never got the freed slot"
+        );
+        waiting.join().unwrap();
+        assert!(
+            read.is_ok(),
+            "the reply was held back while the reader waited for a slot: {read:?}"
+        );
+        assert_eq!(&got, b"the reply");
     }
 }
