@@ -636,8 +636,14 @@ impl Drop for ReleaseOnDrop<'_> {
     fn drop(&mut self) {
         let mnt = self.0.to_str().unwrap();
         run_cli(&["ctl", mnt, "clear"]);
-        for tag in self.1 {
-            run_cli(&["ctl", mnt, "resume", tag]);
+        // `resume` releases one request (as QEMU's): repeat while any is suspended.
+        for _ in 0..64 {
+            for tag in self.1 {
+                run_cli(&["ctl", mnt, "resume", tag]);
+            }
+            if !run_cli(&["ctl", mnt, "list"]).1.contains("suspended") {
+                break;
+            }
         }
     }
 }
