@@ -27,8 +27,8 @@
 # they mean something only when the two CPU sets are disjoint, nothing else runs, and
 # SECONDS is 5 or more (the window is the run less its first second; at 100 ticks a second
 # a shorter one is coarse). They show which side limits a row, and what a request costs
-# the kernel whatever the server does in user space. Everything it starts is stopped by PID and its directory removed
-# on exit.
+# the kernel whatever the server does in user space. Everything it starts is stopped by
+# PID and its directory removed on exit.
 set -euo pipefail
 
 A=${1:?usage: nbd-ab.sh A_BINARY [B_BINARY|-] [REPS] [SECONDS] [WORKLOAD...]}

@@ -257,12 +257,7 @@ impl Conn {
         let mut out = self.out.lock();
         while out.queued_bytes > MAX_QUEUED && !self.broken.load(Ordering::Relaxed) {
             if out.corked {
-                out.corked = false;
-                if let Err(e) = self.send_cork(&mut out) {
-                    drop(out);
-                    self.fail(&e);
-                    return;
-                }
+                MutexGuard::unlocked(&mut out, || self.uncork());
                 continue;
             }
             self.out_changed.wait(&mut out);
