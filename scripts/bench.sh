@@ -39,7 +39,9 @@
 # read and write at QD1 and QD16, 1 MiB sequential read and write; goal: at least nbdkit's
 # IOPS on every row, 1.5x on the 4 KiB rows), and QEMU's own client (`qemu-img bench`, 4k
 # QD16 read and write) through NBD, to both servers, against through the FUSE view of the
-# 0-rule mount.
+# 0-rule mount. The 4k QD16 fio rows also run against examples/nbd_ceiling.rs (no engine,
+# no threads, no checks, replies sent 4 at a time): the bound any server meets with this
+# client on this machine, so those rows show how far from it we are.
 #
 # Workloads (fio, direct=1, time-based): 4k random read psync QD1, 4k random read libaio
 # QD16, 4k random write libaio QD16, the same with an fsync every 64 writes (0 rules and
@@ -54,6 +56,8 @@
 #
 # Environment:
 #   BLKDEBUGFS=PATH       use this binary instead of building with `cargo build --release`
+#   NBD_CEILING=PATH      the nbd_ceiling example's binary (default: built with cargo
+#                         beside blkdebugfs; without cargo and this, no ceiling rows)
 #   BLKDEBUGFS_ARGS="..." extra `blkdebugfs mount` options (e.g. "--threads 4"); default:
 #                         none (direct I/O, one FUSE worker per CPU)
 #
@@ -125,10 +129,11 @@ fi
 if [ -n "${BLKDEBUGFS:-}" ]; then
   bdfs=$BLKDEBUGFS
 else
-  log "building: cargo build --release"
-  (cd "$repo" && cargo build --release >&2)
+  log "building: cargo build --release (and the nbd_ceiling example)"
+  (cd "$repo" && cargo build --release --bin blkdebugfs --example nbd_ceiling >&2)
   bdfs=$repo/target/release/blkdebugfs
 fi
+ceiling=${NBD_CEILING:-$repo/target/release/examples/nbd_ceiling}
 [ -x "$bdfs" ] || die "no executable blkdebugfs at '$bdfs'"
 
 # Every target serves the same image, one after another: a mount takes QEMU's image locks
@@ -484,8 +489,9 @@ nbd_results=$work/nbd-results.tsv
 qemu_bench_rows=$work/qemu-bench.tsv
 : >"$nbd_results"
 : >"$qemu_bench_rows"
-nbd_labels=("blkdebugfs serve, 0 rules" "nbdkit file --filter=error error-rate=0")
-# start_nbd NAME: starts one NBD server (bdfs or nbdkit) in the background, registered for
+nbd_labels=("blkdebugfs serve, 0 rules" "nbdkit file --filter=error error-rate=0"
+  "nbd_ceiling (example: no engine, no checks)")
+# start_nbd NAME: starts one NBD server (bdfs, nbdkit or ceiling) in the background, registered for
 # cleanup by its PID; sets nbd_uri_NAME.
 start_nbd() {
   local name=$1 sock=$work/nbd-$1.sock idx t
@@ -505,6 +511,13 @@ start_nbd() {
       nbdkit --unix "$sock" --pidfile "$work/nbd-nbdkit.pid" --filter=error \
         file "$image" error-rate=0 2>"$work/nbdkit.nbdlog" ||
         die "nbdkit failed: $(cat "$work/nbdkit.nbdlog")"
+      ;;
+    ceiling)
+      # Replies 4 at a time: the batch that measured fastest (1, 2, 4, 16 tried).
+      log "starting nbd_ceiling"
+      NBD_CEILING_BATCH=4 "$ceiling" serve "$image" --listen "unix:$sock" \
+        2>"$work/ceiling.nbdlog" &
+      echo $! >"$work/nbd-ceiling.pid"
       ;;
   esac
   for ((t = 0; t < 100; t++)); do
@@ -534,6 +547,12 @@ if command -v nbdkit >/dev/null 2>&1 && fio --enghelp 2>/dev/null | grep -qx '[[
   start_nbd bdfs
   start_nbd nbdkit
   nbd_targets=(bdfs nbdkit)
+  if [ -x "$ceiling" ]; then
+    start_nbd ceiling
+    nbd_targets+=(ceiling)
+  else
+    log "no nbd_ceiling example at '$ceiling': no ceiling rows (set NBD_CEILING)"
+  fi
   nbd_workloads=(
     "4k randread QD1|--rw=randread --bs=4k --iodepth=1|read"
     "4k randread QD16|--rw=randread --bs=4k --iodepth=16|read"
@@ -546,6 +565,9 @@ if command -v nbdkit >/dev/null 2>&1 && fio --enghelp 2>/dev/null | grep -qx '[[
     IFS='|' read -r wname wopts wdir <<<"$w"
     read -r -a opts <<<"$wopts"
     for t in "${!nbd_targets[@]}"; do
+      # The ceiling bounds the server-bound rows, 4 KiB at QD16. At QD1 it is no bound: it
+      # sleeps on its socket, and pays the client's wake-up our polling reader avoids.
+      [ "${nbd_targets[t]}" != ceiling ] || [[ $wname == 4k*QD16 ]] || continue
       uri_var=nbd_uri_${nbd_targets[t]}
       log "NBD $wname on ${nbd_labels[t]}"
       out=$work/fio-nbd-$t.json
@@ -721,32 +743,36 @@ printf 'Daemon resident size before -> after all workloads: %s\n\n' "${rss_repor
 
 if [ -s "$nbd_results" ]; then
   printf 'NBD: fio --ioengine=nbd (libnbd, one connection per job), same image and settings\n\n'
-  python3 - "$nbd_results" "${nbd_labels[0]}" "${nbd_labels[1]}" "$qemu_bench_rows" <<'EOF'
+  python3 - "$nbd_results" "$qemu_bench_rows" "${nbd_labels[@]}" <<'EOF'
 import sys
-path, bdfs, kit, qemu_rows = sys.argv[1:]
-labels = [bdfs, kit]
+path, qemu_rows, *labels = sys.argv[1:]
 rows, order = {}, []
 for line in open(path):
     f = line.rstrip("\n").split("\t")
     if f[0] not in order:
         order.append(f[0])
     rows[(f[0], f[1])] = f[2:]
-print("| workload | server | IOPS | MB/s | p99 µs | vs nbdkit | goal |")
-print("|---|---|--:|--:|--:|--:|--:|")
+print("| workload | server | IOPS | MB/s | p99 µs | vs nbdkit | goal | of ceiling |")
+print("|---|---|--:|--:|--:|--:|--:|--:|")
 for w in order:
-    for t in ("0", "1"):
+    for t in ("0", "1", "2"):
         r = rows.get((w, t))
         if r is None:
             continue
         if r[0] == "FAILED":
-            print(f"| {w} | {labels[int(t)]} | FAILED | | | | |")
+            print(f"| {w} | {labels[int(t)]} | FAILED | | | | | |")
             continue
-        vs, goal = "", ""
+        vs, goal, of_ceiling = "", "", ""
         k = rows.get((w, "1"), ["FAILED"])
-        if t == "0" and k[0] != "FAILED" and float(k[0]) > 0:
+        c = rows.get((w, "2"), ["FAILED"])
+        if t != "1" and k[0] != "FAILED" and float(k[0]) > 0:
             vs = f"{float(r[0]) / float(k[0]):.2f}×"
+        if t == "0":
             goal = "1.5×" if w.startswith("4k") else "1.0×"
-        print(f"| {w} | {labels[int(t)]} | {r[0]} | {r[1]} | {r[2]} | {vs} | {goal} |")
+            if c[0] != "FAILED" and float(c[0]) > 0:
+                of_ceiling = f"{float(r[0]) / float(c[0]):.2f}×"
+        cells = [w, labels[int(t)], *r[:3], vs, goal, of_ceiling]
+        print("| " + " | ".join(cells) + " |")
 print()
 print("qemu-img bench (QEMU's own client, 4 KiB requests, depth 16):")
 print()
