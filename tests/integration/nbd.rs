@@ -103,6 +103,19 @@ impl Served {
         ctl(&self.control, words)
     }
 
+    /// How many of the server's threads are inside system call `nr` now (from
+    /// `/proc/PID/task/*/syscall`): those stuck in the kernel on the image, say.
+    pub fn threads_in_syscall(&self, nr: libc::c_long) -> usize {
+        let pid = self.child.as_ref().expect("not reaped").id();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("syscall")).ok())
+            .filter(|line| line.split_whitespace().next() == Some(&nr.to_string()))
+            .count()
+    }
+
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
             // SAFETY: kill on the PID of the child we spawned and have not reaped.
@@ -708,6 +721,72 @@ fn a_read_stuck_behind_a_stuck_flush_still_leaves_a_reader() {
     assert_eq!(r.reply(512), (0, 2, pattern(MIB)[8192..8704].to_vec()));
     ctl(&s.mnt, &["resume", "F"]);
     assert_eq!(r.reply(0), (0, 1, vec![]));
+    drop(r);
+    assert!(d.stop().success());
+    assert!(lower.stop().success());
+}
+
+/// The same with every worker stuck: 15 FUA writes hold 15 of the connection's 16 workers
+/// in the kernel (the lower mount suspends its flushes, and a FUA write is a write and a
+/// flush), and the 16th, the reader, runs a read that gets stuck too, with another request
+/// read behind it. No worker is left to watch that run, so nothing may be held back
+/// meanwhile: a parked request resumed now (a read the server itself suspended) is answered
+/// at once, not when the stuck read returns.
+#[test]
+fn a_parked_request_resumed_while_every_worker_is_stuck_is_answered() {
+    let s = Scratch::new(MIB);
+    let lower = mount(&s, &[]);
+    ctl(&s.mnt, &["suspend", "event=flush_to_disk,tag=F"]);
+    ctl(&s.mnt, &["suspend", "event=read_aio,tag=A,sector=16"]);
+    let d = Served::start_cmd(&s, "serve", &[s.view().to_str().unwrap()], &[]);
+    let _release = ReleaseOnDrop(&s.mnt, &["F", "A"]);
+    d.ctl(&["break", "read_aio", "P"]);
+    let mut r = Raw::connect(&d.sock);
+    // P: parked in the server itself (its only run on the reader before R: the reader runs
+    // reads itself unless recent runs were slow, and the requests below never run there).
+    r.request(0, 0, 1, 0, 512);
+    d.ctl(&["wait_break", "P", "10000"]);
+    // FUA writes, each handed to a worker that gets stuck in the kernel (the first in its
+    // fdatasync, the others behind it on the lower file's lock, in either call).
+    // A connection's workers at most: `MAX_WORKERS` in src/frontend/nbd/conn.rs.
+    let stuck = 16 - 1;
+    for cookie in 100..100 + stuck as u64 {
+        r.request_magic(REQUEST_MAGIC, 1, 1, cookie, 4096, 512, &[0x5a; 512]);
+    }
+    let in_kernel =
+        || d.threads_in_syscall(libc::SYS_fdatasync) + d.threads_in_syscall(libc::SYS_pwrite64);
+    assert!(
+        wait_for(DEADLINE, || in_kernel() == stuck),
+        "{} of {stuck} FUA writes stuck in the kernel",
+        in_kernel()
+    );
+    // R (stuck in the lower mount) and Q behind it, in one send: the reader has both.
+    let mut both = Vec::new();
+    for (cookie, offset) in [(3u64, 8192u64), (4, 512)] {
+        both.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        both.extend_from_slice(&[0, 0, 0, 0]); // flags, command: READ
+        both.extend_from_slice(&cookie.to_be_bytes());
+        both.extend_from_slice(&offset.to_be_bytes());
+        both.extend_from_slice(&512u32.to_be_bytes());
+    }
+    r.s.write_all(&both).unwrap();
+    ctl(&s.mnt, &["wait_break", "A", "10000"]);
+    // P's reply must not wait for R.
+    d.ctl(&["resume", "P"]);
+    assert_eq!(r.reply(512), (0, 1, pattern(MIB)[..512].to_vec()));
+    // Then everything else, in whatever order it finishes.
+    ctl(&s.mnt, &["clear"]);
+    ctl(&s.mnt, &["resume", "A"]);
+    let mut got = [r.reply(512), r.reply(512)];
+    got.sort_by_key(|g| g.1);
+    assert_eq!(got[0], (0, 3, pattern(MIB)[8192..8704].to_vec()));
+    assert_eq!(got[1], (0, 4, pattern(MIB)[512..1024].to_vec()));
+    // The flushes reached the lower mount one at a time (and some find nothing left to
+    // flush there): release whatever is suspended until nothing is.
+    drop(ReleaseOnDrop(&s.mnt, &["F"]));
+    let mut cookies: Vec<u64> = (0..stuck).map(|_| r.reply(0)).map(|g| g.1).collect();
+    cookies.sort();
+    assert_eq!(cookies, (100..100 + stuck as u64).collect::<Vec<_>>());
     drop(r);
     assert!(d.stop().success());
     assert!(lower.stop().success());

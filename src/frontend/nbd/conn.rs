@@ -27,7 +27,9 @@
 //! client that reads slowly or not at all) is queued for the connection's writer thread,
 //! which alone waits on the socket; a reply goes straight out only when nothing is queued or
 //! being sent, so replies never interleave. While the reader runs requests it read in one
-//! gulp, replies are corked (held in the outbox, up to [`CORK_REPLIES`]) and sent together.
+//! gulp, replies are corked (held in the outbox, up to [`CORK_REPLIES`]) and sent together;
+//! not while it runs one that no other worker watches (every worker busy), which could get
+//! stuck with them held, and never while a thread waits in [`Conn::enter`].
 //! The in-flight count has its own mutex, never held across a send or a `Mount` call.
 //!
 //! Backpressure: at most [`MAX_IN_FLIGHT`] requests of a connection may be in the mount at
@@ -547,18 +549,27 @@ fn work<'scope, 'env>(scope: &'scope Scope<'scope, 'env>, w: &'scope Workers<'en
             if !(is_quick(&req) && side.gate.open(now)) {
                 break Some(req);
             }
-            // More requests already read: hold their replies back to send them together.
-            if has_whole_request(side.reader.buffer()) {
-                conn.cork();
-            }
             side.inline_since = Some(now);
-            if w.waiting.load(Ordering::SeqCst) == 0 {
+            let watched = if w.waiting.load(Ordering::SeqCst) == 0 {
                 // Someone must watch this run (the others may all be running requests they
                 // were handed, or stuck in theirs): start one.
-                spawn_worker(scope, w);
-            } else if side.watcher_asleep {
-                side.watcher_asleep = false;
-                w.turn.notify_one();
+                spawn_worker(scope, w)
+            } else {
+                if side.watcher_asleep {
+                    side.watcher_asleep = false;
+                    w.turn.notify_one();
+                }
+                true
+            };
+            if !watched {
+                // Every worker is busy: should this run get stuck, nothing would send what
+                // the cork holds (a parked request's reply the client may be waiting for)
+                // until it returns.
+                conn.uncork();
+            } else if has_whole_request(side.reader.buffer()) {
+                // More requests already read: hold their replies back to send them together
+                // (a watcher that takes the turn from a stuck run sends them).
+                conn.cork();
             }
             // Timed around the request alone: waiting for the lock afterwards is not the
             // request's time.
@@ -654,19 +665,26 @@ fn stop_reading(w: &Workers<'_>, side: &mut ReadSide<'_>) {
     w.replier.conn.uncork();
 }
 
-/// Starts one more worker, unless [`MAX_WORKERS`] run.
-fn spawn_worker<'scope, 'env>(scope: &'scope Scope<'scope, 'env>, w: &'scope Workers<'env>) {
+/// Starts one more worker, unless [`MAX_WORKERS`] run; whether it did.
+fn spawn_worker<'scope, 'env>(
+    scope: &'scope Scope<'scope, 'env>,
+    w: &'scope Workers<'env>,
+) -> bool {
     if w.started.load(Ordering::Relaxed) >= MAX_WORKERS {
-        return;
+        return false;
     }
     let id = w.replier.conn.id;
     let n = w.started.fetch_add(1, Ordering::Relaxed);
     let spawned = std::thread::Builder::new()
         .name(format!("blkdebugfs-nbd-{id}.{n}"))
         .spawn_scoped(scope, move || work(scope, w));
-    if let Err(e) = spawned {
-        w.started.fetch_sub(1, Ordering::Relaxed);
-        debug!("NBD connection {id}: no thread for another worker ({e})");
+    match spawned {
+        Ok(_) => true,
+        Err(e) => {
+            w.started.fetch_sub(1, Ordering::Relaxed);
+            debug!("NBD connection {id}: no thread for another worker ({e})");
+            false
+        }
     }
 }
 
