@@ -537,10 +537,18 @@ impl Raw {
         (error, cookie, data)
     }
 
-    /// Whether the server closed the connection (reads end).
+    /// Whether the server closed the connection (reads end, or the connection was reset)
+    /// within the read timeout: a read that times out, or that returns data, is false.
     pub fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+        match self.s.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 }
 
@@ -790,6 +798,36 @@ fn a_parked_request_resumed_while_every_worker_is_stuck_is_answered() {
     drop(r);
     assert!(d.stop().success());
     assert!(lower.stop().success());
+}
+
+/// A client that breaks the stream (a bad magic, an oversized write) is cut off at once,
+/// even with a request of it parked: the connection's end does not wait for that request.
+#[test]
+fn a_broken_stream_is_cut_off_at_once_with_requests_parked() {
+    let s = Scratch::new(MIB);
+    let d = Served::start(&s, &[]);
+    for bad in [
+        (0xdead_beef_u32, 0u16, 0u32), // a bad magic
+        (REQUEST_MAGIC, 1, 64 << 20),  // a write over 32 MiB, its payload never sent
+    ] {
+        d.ctl(&["break", "read_aio", "A"]);
+        let mut r = Raw::connect(&d.sock);
+        r.request(0, 0, 1, 0, 512);
+        d.ctl(&["wait_break", "A", "10000"]);
+        r.request_magic(bad.0, bad.1, 0, 2, 0, bad.2, &[]);
+        r.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(
+            r.closed(),
+            "{:#x}: still open while a request is parked",
+            bad.0
+        );
+        d.ctl(&["resume", "A"]);
+    }
+    // Everyone else is served, and the server stops cleanly.
+    let (code, out) = qemu_io(&d.uri(), &["read 0 512"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("read 512/512"), "{out}");
+    assert!(d.stop().success());
 }
 
 #[test]

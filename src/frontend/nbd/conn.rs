@@ -451,7 +451,7 @@ pub fn serve(
     session: Session,
     errnos: Arc<ErrnoLog>,
 ) {
-    let _open = OpenConnection::new();
+    let open = OpenConnection::new();
     let workers = Workers {
         read: Mutex::new(ReadSide {
             reader,
@@ -490,6 +490,9 @@ pub fn serve(
         conn.sock.shutdown(libc::SHUT_RDWR);
     }
     std::thread::scope(|scope| work(scope, &workers));
+    // Nothing reads or polls for this connection any more, though requests of it may still
+    // be parked: it no longer counts against the readers' polling (`PollPermit`).
+    drop(open);
     let started = workers.started.load(Ordering::Relaxed);
     debug!("NBD connection {}: {started} worker(s) served it", conn.id);
     conn.drain();
@@ -759,6 +762,7 @@ fn read_request(reader: &mut BufReader<&Sock>, payload: &mut Vec<u8>, id: u64) -
     }
     let Some(req) = decode_request(&h) else {
         warn!("NBD connection {id}: bad request magic; closing it");
+        cut_off(reader);
         return None;
     };
     match req.kind {
@@ -773,6 +777,7 @@ fn read_request(reader: &mut BufReader<&Sock>, payload: &mut Vec<u8>, id: u64) -
                 warn!(
                     "NBD connection {id}: a write of {len} bytes (over {MAX_PAYLOAD}); closing it"
                 );
+                cut_off(reader);
                 return None;
             }
             if payload.len() < len as usize {
@@ -786,6 +791,14 @@ fn read_request(reader: &mut BufReader<&Sock>, payload: &mut Vec<u8>, id: u64) -
         }
         _ => Some(req),
     }
+}
+
+/// Closes a connection whose stream cannot be followed now, not once its requests in flight
+/// (parked ones, say) have finished: the client sees the end at once, and their replies,
+/// which it could not match to anything it sent, are dropped (a send on the shut socket
+/// fails, which marks the connection broken).
+fn cut_off(reader: &BufReader<&Sock>) {
+    reader.get_ref().shutdown(libc::SHUT_RDWR);
 }
 
 /// Checks and starts one request (a write's payload is in `payload`).
