@@ -93,8 +93,9 @@ struct Outbox {
 }
 
 /// Replies the reader holds back at most before it sends them together, and bytes: the
-/// cork also takes the replies of requests that other workers finish meanwhile (a 32 MiB
-/// read, say), which it must not hold in numbers outside [`MAX_QUEUED`]'s count.
+/// cork also takes the replies of requests that other workers finish meanwhile, which it
+/// must not hold in numbers outside [`MAX_QUEUED`]'s count; a reply that would take it past
+/// [`CORK_BYTES`] (a 32 MiB read, say) goes out after it, uncopied.
 const CORK_REPLIES: usize = 4;
 const CORK_BYTES: usize = 256 << 10;
 
@@ -131,12 +132,19 @@ impl Conn {
             return;
         }
         let mut out = self.out.lock();
-        let sent = if out.corked {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let sent = if out.corked && out.cork.len() + total > CORK_BYTES {
+            // Too large to hold: what the cork holds goes first, then this reply from
+            // where it is. Copied into the cork, it would keep the cork's buffer that size
+            // for the connection's life.
+            self.send_cork(&mut out)
+                .and_then(|()| self.send_locked(&mut out, parts))
+        } else if out.corked {
             for p in parts {
                 out.cork.extend_from_slice(p);
             }
             out.corked_replies += 1;
-            if out.corked_replies < CORK_REPLIES && out.cork.len() < CORK_BYTES {
+            if out.corked_replies < CORK_REPLIES {
                 return;
             }
             self.send_cork(&mut out)
@@ -1125,5 +1133,40 @@ mod tests {
             "the reply was held back while the reader waited for a slot: {read:?}"
         );
         assert_eq!(&got, b"the reply");
+    }
+
+    /// A large reply that completes while replies are corked (a 32 MiB read another worker
+    /// finished) goes out after what the cork holds, in order, but is not copied into the
+    /// cork: the cork's buffer would otherwise keep its size for the connection's life.
+    #[test]
+    fn a_large_reply_is_not_copied_into_the_cork() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let conn = Arc::new(Conn::new(Sock::new(ours.into()), 1));
+        let large = vec![0xab; 4 * CORK_BYTES];
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 5 + 4 * CORK_BYTES + 5];
+            std::io::Read::read_exact(&mut theirs, &mut got).map(|()| got)
+        });
+        // Through the writer thread: the socket's buffer takes less than the large reply.
+        let cork_capacity = std::thread::scope(|scope| {
+            scope.spawn(|| conn.write_queued());
+            conn.cork();
+            conn.send(&[b"first"]);
+            conn.send(&[&large]);
+            conn.send(&[b"third"]);
+            conn.uncork();
+            // Asserted once the writer thread ended: a panic here would leave it waiting.
+            let cork_capacity = conn.out.lock().cork.capacity();
+            conn.close_outbox();
+            cork_capacity
+        });
+        assert!(
+            cork_capacity <= 2 * CORK_BYTES,
+            "the cork grew to {cork_capacity} bytes"
+        );
+        let got = reader.join().unwrap().expect("every reply, in order");
+        assert_eq!(&got[..5], b"first");
+        assert!(got[5..5 + large.len()] == large[..]);
+        assert_eq!(&got[5 + large.len()..], b"third");
     }
 }
