@@ -1036,3 +1036,53 @@ fn a_client_that_never_reads_its_replies_stalls_no_one_else() {
     drop(stuck);
     assert!(d.stop().success());
 }
+
+/// A client that stalls in the handshake, or trickles it a byte at a time, is closed once
+/// the handshake has taken 10 s in all (qemu-nbd's limit), so idle sockets cannot use up
+/// the server's connections; a connection past its handshake may idle for ever.
+#[test]
+fn a_handshake_that_trickles_past_its_limit_is_closed_and_others_are_served() {
+    let s = Scratch::new(MIB);
+    let d = Served::start(&s, &[]);
+    let mut idle = Raw::connect(&d.sock);
+    let mut slow = Raw::greeted(&d.sock);
+    slow.s
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    // An option header then its 4 KiB of data, a byte a second: each read's wait is short,
+    // only the handshake's whole time is long.
+    let mut option = IHAVEOPT.to_be_bytes().to_vec();
+    option.extend_from_slice(&7u32.to_be_bytes());
+    option.extend_from_slice(&4096u32.to_be_bytes());
+    option.resize(option.len() + 4096, 0);
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in option.iter().take(40) {
+        if slow.s.write_all(&[*byte]).is_err() || slow.closed() {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "still open after a {} s handshake",
+        started.elapsed().as_secs()
+    );
+    // The connection that finished its handshake long ago is still served.
+    idle.s.set_read_timeout(Some(DEADLINE)).unwrap();
+    idle.request(0, 0, 1, 0, 512);
+    let mut reply = [0u8; 16 + 512];
+    idle.s
+        .read_exact(&mut reply)
+        .expect("the idle connection's reply");
+    assert_eq!(
+        u32::from_be_bytes(reply[..4].try_into().unwrap()),
+        SIMPLE_MAGIC
+    );
+    assert_eq!(
+        u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+        0,
+        "an error"
+    );
+    assert!(d.stop().success());
+}

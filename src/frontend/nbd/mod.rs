@@ -21,6 +21,11 @@
 //! runs: a write-zeroes here is never guaranteed fast (rules, the write cache's journal, a
 //! fallback to writing zeroes).
 //!
+//! A connection must finish its handshake within [`HANDSHAKE_LIMIT`] in all (qemu-nbd's
+//! default): the accept threads close the ones that take longer, so clients that connect
+//! and stall, or trickle the handshake a byte at a time, cannot use up [`MAX_CONNECTIONS`].
+//! Past its handshake a connection may idle for ever, as NBD clients do.
+//!
 //! Stop ([`NbdServer::stop`], after the mount released every parked request): no more
 //! accepts; each connection stops reading, its requests in flight reply, then it closes; a
 //! connection whose client does not read its replies is cut after a grace period. Unix
@@ -61,6 +66,10 @@ const MAX_CONNECTIONS: usize = 512;
 /// How long a stopping server waits for its connections' requests to reply before it cuts
 /// the connections whose clients do not read.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a connection's whole handshake may take (qemu-nbd's `--handshake-limit`
+/// default); checked by the accept threads every [`HANDSHAKE_CHECK`].
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+const HANDSHAKE_CHECK: Duration = Duration::from_secs(1);
 
 /// One `--listen` address: `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -320,6 +329,8 @@ struct Inner {
     description: String,
     errnos: Arc<ErrnoLog>,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    /// The connections still in their handshake, by id, with when they were accepted.
+    handshaking: Mutex<HashMap<u64, (Instant, Arc<Conn>)>>,
     /// Signalled when a connection ends.
     ended: Condvar,
     next_id: AtomicU64,
@@ -361,6 +372,7 @@ impl NbdServer {
             errnos: Arc::default(),
             conns: Mutex::default(),
             ended: Condvar::new(),
+            handshaking: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
         });
@@ -468,8 +480,10 @@ fn accept_loop(inner: &Arc<Inner>, bound: &Bound, wake: &OwnedFd) {
                 revents: 0,
             },
         ];
+        close_slow_handshakes(inner);
+        let check = HANDSHAKE_CHECK.as_millis() as libc::c_int;
         // SAFETY: poll on two pollfds we own, for their count.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, check) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -503,6 +517,23 @@ fn accept_loop(inner: &Arc<Inner>, bound: &Bound, wake: &OwnedFd) {
     }
 }
 
+/// Closes the connections whose handshake took over [`HANDSHAKE_LIMIT`]: their threads,
+/// blocked reading or sending, see the socket's end and finish.
+fn close_slow_handshakes(inner: &Inner) {
+    let mut handshaking = inner.handshaking.lock();
+    handshaking.retain(|id, (accepted, conn)| {
+        if accepted.elapsed() < HANDSHAKE_LIMIT {
+            return true;
+        }
+        warn!(
+            "NBD connection {id}: no handshake within {} s; closing it",
+            HANDSHAKE_LIMIT.as_secs()
+        );
+        conn.sock.shutdown(libc::SHUT_RDWR);
+        false
+    });
+}
+
 /// Starts serving one accepted connection on its own thread.
 fn connection(inner: &Arc<Inner>, fd: OwnedFd, peer: String) {
     // The accepted socket must block (a listener's non-blocking mode is not inherited on
@@ -524,6 +555,10 @@ fn connection(inner: &Arc<Inner>, fd: OwnedFd, peer: String) {
         }
         conns.insert(id, conn.clone());
     }
+    inner
+        .handshaking
+        .lock()
+        .insert(id, (Instant::now(), conn.clone()));
     let inner2 = inner.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("blkdebugfs-nbd-{id}"))
@@ -534,6 +569,7 @@ fn connection(inner: &Arc<Inner>, fd: OwnedFd, peer: String) {
         });
     if let Err(e) = spawned {
         warn!("NBD: no thread for a new connection ({e}); closing it");
+        inner.handshaking.lock().remove(&id);
         inner.conns.lock().remove(&id);
         inner.ended.notify_all();
     }
@@ -548,7 +584,12 @@ fn serve_connection(inner: &Inner, conn: Arc<Conn>, peer: &str) {
         size: inner.mount.size(),
         read_only: inner.mount.read_only(),
     };
-    match handshake::negotiate(&conn.sock, &mut reader, &export) {
+    let negotiated = handshake::negotiate(&conn.sock, &mut reader, &export);
+    // Under the same lock as the check: a connection closed for its slow handshake is not
+    // served even if its last option came in meanwhile.
+    let in_time = inner.handshaking.lock().remove(&id).is_some();
+    match negotiated {
+        Ok(_) if !in_time => debug!("NBD connection {id} from {peer}: handshake too slow"),
         Ok(session) => {
             info!(
                 "NBD connection {id} from {peer}: export '{}', {} bytes, {} replies{}",
