@@ -7,7 +7,12 @@
 //!
 //! A mapped window is only used when it is safe (see [`ImageMap::window`]): the range lies
 //! inside the image and, on tmpfs, is all in memory (reading a hole through a mapping would
-//! allocate it there, and sparse images must stay sparse), and the window is released before anything
+//! allocate it there, and sparse images must stay sparse) or, elsewhere, faulted in whole
+//! first (`MADV_POPULATE_READ`): the storage is read there, by the request's thread, so a
+//! failing read falls back to `pread`, which reports its errno as any read does; otherwise
+//! it would surface only as the reply copies from the mapping (`EFAULT` half-way through a
+//! reply, which ends an NBD connection), and the reply's send, under the connection's
+//! writer lock, would wait on the storage. The window is released before anything
 //! can shrink the image: shrinking takes the map's lock for writing, each window holds it
 //! for reading until its reply is sent. Nothing can park a request while it holds a window
 //! (the caller only maps a request's last read step), so a shrink never waits on a
@@ -230,6 +235,32 @@ impl ImageMap {
             .unwrap_or(false)
     }
 
+    /// Reads `[offset, end)` in from the storage and maps it (`MADV_POPULATE_READ`): false
+    /// when that failed (an I/O error, a truncation behind our back, a kernel before 5.14),
+    /// and the read must use `pread`.
+    fn populate(&self, offset: u64, end: u64) -> bool {
+        let page = page_size() as u64;
+        let start = offset / page * page;
+        // SAFETY: a page-aligned range inside our own read-only shared file mapping (checked
+        // by the caller); populating only reads the file into it, and reports a failure
+        // instead of raising SIGBUS.
+        let r = unsafe {
+            libc::madvise(
+                self.ptr.add(start as usize) as *mut libc::c_void,
+                (end - start) as usize,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+        if r != 0 {
+            log::debug!(
+                "populating the mapping at {offset} for {} bytes failed ({}): pread reads it",
+                end - offset,
+                std::io::Error::last_os_error()
+            );
+        }
+        r == 0
+    }
+
     /// Drops this process's page-table entries for a window once its reply is sent: the
     /// pages stay in the page cache (the image's data is untouched), but the daemon's
     /// resident size does not grow to the image's size as reads pass over it.
@@ -266,6 +297,9 @@ impl ImageMap {
             return None;
         }
         if self.on_tmpfs && !self.all_resident(offset, end) {
+            return None;
+        }
+        if !self.on_tmpfs && !self.populate(offset, end) {
             return None;
         }
         Some(ReadBuf {

@@ -1086,3 +1086,30 @@ fn a_handshake_that_trickles_past_its_limit_is_closed_and_others_are_served() {
     );
     assert!(d.stop().success());
 }
+
+/// A read large enough to be served from the image's mapping (128 KiB and more), on
+/// storage that fails to read it (here a lower mount failing one sector), gets `EIO` like
+/// any other read, and its connection goes on: the failure must not surface only when the
+/// reply is sent from the mapping (`EFAULT` half-way through a reply, which ends the
+/// connection).
+#[test]
+fn a_large_read_the_storage_below_fails_gets_eio_and_the_connection_goes_on() {
+    let s = Scratch::new(4 * MIB);
+    let _lower = mount(
+        &s,
+        &["--inject-error", "event=read_aio,errno=EIO,sector=4096"],
+    );
+    let d = Served::start_cmd(&s, "serve", &[s.view().to_str().unwrap()], &[]);
+    // Its exit status is its last command's: what happened is in its output.
+    let (_, out) = qemu_io(&d.uri(), &["read 2M 1M", "read 1M 1M", "read 2M 64k"]);
+    assert_eq!(
+        out.matches("read failed: Input/output error").count(),
+        2,
+        "the 1 MiB and the 64 KiB read over the bad sector fail alike: {out}"
+    );
+    assert!(
+        out.contains("read 1048576/1048576 bytes at offset 1048576"),
+        "the connection served the next read: {out}"
+    );
+    assert!(d.stop().success());
+}
