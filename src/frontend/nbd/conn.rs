@@ -33,8 +33,9 @@
 //! The in-flight count has its own mutex, never held across a send or a `Mount` call.
 //!
 //! Backpressure: at most [`MAX_IN_FLIGHT`] requests of a connection may be in the mount at
-//! once (running or parked), and at most [`MAX_QUEUED`] bytes of its replies may wait for it
-//! to read them; a worker waits for room before starting its request, and with every worker
+//! once (running or parked), carrying at most [`MAX_IN_FLIGHT_BYTES`] of reads and writes
+//! (whose replies, resumed together, are queued at once whatever the client reads), and at
+//! most [`MAX_QUEUED`] bytes of its replies may wait for it to read them; a worker waits for room before starting its request, and with every worker
 //! waiting nothing more is read, so a client cannot make the server hold unbounded
 //! completions or replies. Only that connection waits.
 //!
@@ -76,6 +77,27 @@ pub const MAX_IN_FLIGHT: usize = 128;
 /// Bytes of replies a connection may leave unread before its requests wait.
 pub const MAX_QUEUED: usize = 64 << 20;
 
+/// Bytes of reads and writes of one connection in the mount at once: the buffers they hold
+/// while parked, and the replies they queue together when resumed (qemu-nbd and nbdkit
+/// hold at most 16 requests of 32 MiB).
+pub const MAX_IN_FLIGHT_BYTES: usize = 512 << 20;
+
+/// A connection's requests in the mount, and the bytes of data they carry.
+#[derive(Default)]
+struct Admitted {
+    requests: usize,
+    bytes: usize,
+}
+
+impl Admitted {
+    /// Whether a request carrying `bytes` may go in now: within [`MAX_IN_FLIGHT`], and
+    /// within [`MAX_IN_FLIGHT_BYTES`] unless nothing else carries data.
+    fn admits(&self, bytes: usize) -> bool {
+        self.requests < MAX_IN_FLIGHT
+            && (self.bytes == 0 || self.bytes + bytes <= MAX_IN_FLIGHT_BYTES)
+    }
+}
+
 /// Replies the socket did not take at once, for the connection's writer thread.
 #[derive(Default)]
 struct Outbox {
@@ -105,7 +127,7 @@ pub struct Conn {
     out: Mutex<Outbox>,
     /// Signalled when a reply is queued, when one left, and when the outbox closes.
     out_changed: Condvar,
-    in_flight: Mutex<usize>,
+    in_flight: Mutex<Admitted>,
     finished: Condvar,
     /// A reply could not be sent: the client is gone, later replies are dropped.
     broken: std::sync::atomic::AtomicBool,
@@ -118,7 +140,7 @@ impl Conn {
             sock,
             out: Mutex::new(Outbox::default()),
             out_changed: Condvar::new(),
-            in_flight: Mutex::new(0),
+            in_flight: Mutex::new(Admitted::default()),
             finished: Condvar::new(),
             broken: Default::default(),
             id,
@@ -284,30 +306,33 @@ impl Conn {
     /// [`MAX_QUEUED`] bytes of replies wait for the client. Uncorks before either wait: the
     /// reader corks, and may wait here for as long as the client takes to resume a parked
     /// request, which it may do only once it has a reply the cork would hold.
-    fn enter(&self) {
+    fn enter(&self, bytes: usize) {
         self.wait_for_room();
         let mut n = self.in_flight.lock();
-        while *n >= MAX_IN_FLIGHT {
+        while !n.admits(bytes) {
             // The outbox's lock is never taken holding `in_flight`.
             MutexGuard::unlocked(&mut n, || self.uncork());
-            if *n < MAX_IN_FLIGHT {
+            if n.admits(bytes) {
                 break;
             }
             self.finished.wait(&mut n);
         }
-        *n += 1;
+        n.requests += 1;
+        n.bytes += bytes;
     }
 
-    fn leave(&self) {
+    /// Counts a request out: `bytes` as it came in with.
+    fn leave(&self, bytes: usize) {
         let mut n = self.in_flight.lock();
-        *n -= 1;
+        n.requests -= 1;
+        n.bytes -= bytes;
         self.finished.notify_all();
     }
 
     /// Waits until every request of this connection has replied.
     fn drain(&self) {
         let mut n = self.in_flight.lock();
-        while *n > 0 {
+        while n.requests > 0 {
             self.finished.wait(&mut n);
         }
     }
@@ -315,18 +340,19 @@ impl Conn {
 
 /// Counts a request in the mount until it replied: dropping it (after the reply, or on any
 /// path that never replies) lets the reader go on.
-struct InFlight(Arc<Conn>);
+struct InFlight(Arc<Conn>, usize);
 
 impl InFlight {
-    fn new(conn: &Arc<Conn>) -> InFlight {
-        conn.enter();
-        InFlight(conn.clone())
+    /// `bytes`: the data the request carries (a read's or a write's length; 0 for others).
+    fn new(conn: &Arc<Conn>, bytes: usize) -> InFlight {
+        conn.enter(bytes);
+        InFlight(conn.clone(), bytes)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.leave();
+        self.0.leave(self.1);
     }
 }
 
@@ -874,7 +900,7 @@ fn request(replier: &Replier, mount: &Arc<Mount>, session: &Session, req: Reques
                 replier.einval(cookie, "a read over 32 MiB");
                 return;
             }
-            let inflight = InFlight::new(&replier.conn);
+            let inflight = InFlight::new(&replier.conn, len as usize);
             let r = replier.clone();
             mount.read(
                 caller,
@@ -887,7 +913,7 @@ fn request(replier: &Replier, mount: &Arc<Mount>, session: &Session, req: Reques
             );
         }
         CMD_WRITE => {
-            let inflight = InFlight::new(&replier.conn);
+            let inflight = InFlight::new(&replier.conn, len as usize);
             let r = replier.clone();
             let m = mount.clone();
             mount.write(
@@ -913,7 +939,7 @@ fn request(replier: &Replier, mount: &Arc<Mount>, session: &Session, req: Reques
             );
         }
         CMD_FLUSH => {
-            let inflight = InFlight::new(&replier.conn);
+            let inflight = InFlight::new(&replier.conn, 0);
             let r = replier.clone();
             mount.flush(
                 caller,
@@ -933,7 +959,7 @@ fn request(replier: &Replier, mount: &Arc<Mount>, session: &Session, req: Reques
                 CMD_TRIM => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 _ => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
             };
-            let inflight = InFlight::new(&replier.conn);
+            let inflight = InFlight::new(&replier.conn, 0);
             let r = replier.clone();
             let m = mount.clone();
             mount.fallocate(
@@ -992,7 +1018,7 @@ fn finish(mount: &Arc<Mount>, r: &Replier, cookie: u64, kind: u16, fua: bool, in
 /// `SEEK_HOLE` for its end. One extent is the answer (the protocol lets a server describe
 /// less than asked; the client asks again from its end).
 fn block_status(mount: &Arc<Mount>, replier: &Replier, cookie: u64, offset: u64, len: u32) {
-    let inflight = InFlight::new(&replier.conn);
+    let inflight = InFlight::new(&replier.conn, 0);
     let r = replier.clone();
     let m = mount.clone();
     let clamp = move |end: i64| (end as u64).saturating_sub(offset).clamp(1, len as u64) as u32;
@@ -1105,13 +1131,13 @@ mod tests {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let conn = Arc::new(Conn::new(Sock::new(ours.into()), 1));
         for _ in 0..MAX_IN_FLIGHT {
-            conn.enter();
+            conn.enter(0);
         }
         conn.cork();
         let reader = conn.clone();
         let (entered, in_mount) = std::sync::mpsc::channel();
         let waiting = std::thread::spawn(move || {
-            reader.enter();
+            reader.enter(0);
             let _ = entered.send(());
         });
         // A parked request completes (before or after the reader began to wait: either way
@@ -1122,7 +1148,7 @@ mod tests {
             .unwrap();
         let mut got = [0u8; 9];
         let read = std::io::Read::read_exact(&mut theirs, &mut got);
-        conn.leave();
+        conn.leave(0);
         assert!(
             in_mount.recv_timeout(Duration::from_secs(10)).is_ok(),
             "the reader never got the freed slot"
@@ -1168,5 +1194,35 @@ mod tests {
         assert_eq!(&got[..5], b"first");
         assert!(got[5..5 + large.len()] == large[..]);
         assert_eq!(&got[5 + large.len()..], b"third");
+    }
+
+    /// Reads and writes in the mount are bounded in bytes as well as in number: 16 parked
+    /// 32 MiB reads hold 512 MiB of buffers (and will queue as many bytes of replies at
+    /// once when resumed), so a 17th waits for one of them to leave, as it would on
+    /// qemu-nbd or nbdkit (16 requests at most); a request without data still goes in.
+    #[test]
+    fn requests_in_flight_are_bounded_in_bytes() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let conn = Arc::new(Conn::new(Sock::new(ours.into()), 1));
+        let big = MAX_PAYLOAD as usize;
+        for _ in 0..16 {
+            conn.enter(big);
+        }
+        conn.enter(0);
+        conn.leave(0);
+        let (entered, in_mount) = std::sync::mpsc::channel();
+        let waiting = {
+            let conn = conn.clone();
+            std::thread::spawn(move || {
+                conn.enter(big);
+                let _ = entered.send(());
+            })
+        };
+        let early = in_mount.recv_timeout(Duration::from_millis(200));
+        conn.leave(big);
+        let admitted = in_mount.recv_timeout(Duration::from_secs(10));
+        waiting.join().unwrap();
+        assert!(early.is_err(), "a 17th 32 MiB request went in beside 16");
+        assert!(admitted.is_ok(), "it never went in once one left");
     }
 }
