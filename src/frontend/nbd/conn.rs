@@ -35,9 +35,10 @@
 //! Backpressure: at most [`MAX_IN_FLIGHT`] requests of a connection may be in the mount at
 //! once (running or parked), carrying at most [`MAX_IN_FLIGHT_BYTES`] of reads and writes
 //! (whose replies, resumed together, are queued at once whatever the client reads), and at
-//! most [`MAX_QUEUED`] bytes of its replies may wait for it to read them; a worker waits for room before starting its request, and with every worker
-//! waiting nothing more is read, so a client cannot make the server hold unbounded
-//! completions or replies. Only that connection waits.
+//! most [`MAX_QUEUED`] bytes of its replies may wait for it to read them; a worker waits
+//! for room before starting its request, and with every worker waiting nothing more is
+//! read, so a client cannot make the server hold unbounded completions or replies. Only
+//! that connection waits.
 //!
 //! Limits are checked before any I/O: a request past the export, with flags its command
 //! does not take, or of an unknown command gets an error reply; a write's payload is read
@@ -154,14 +155,15 @@ impl Conn {
             return;
         }
         let mut out = self.out.lock();
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let sent = if out.corked && out.cork.len() + total > CORK_BYTES {
+        let sent = if !out.corked {
+            self.send_locked(&mut out, parts)
+        } else if out.cork.len() + parts.iter().map(|p| p.len()).sum::<usize>() > CORK_BYTES {
             // Too large to hold: what the cork holds goes first, then this reply from
             // where it is. Copied into the cork, it would keep the cork's buffer that size
             // for the connection's life.
             self.send_cork(&mut out)
                 .and_then(|()| self.send_locked(&mut out, parts))
-        } else if out.corked {
+        } else {
             for p in parts {
                 out.cork.extend_from_slice(p);
             }
@@ -170,8 +172,6 @@ impl Conn {
                 return;
             }
             self.send_cork(&mut out)
-        } else {
-            self.send_locked(&mut out, parts)
         };
         if let Err(e) = sent {
             // `fail` takes the outbox's lock itself.
@@ -1205,7 +1205,8 @@ mod tests {
         let (ours, _theirs) = UnixStream::pair().unwrap();
         let conn = Arc::new(Conn::new(Sock::new(ours.into()), 1));
         let big = MAX_PAYLOAD as usize;
-        for _ in 0..16 {
+        // 16: qemu-nbd's and nbdkit's most.
+        for _ in 0..MAX_IN_FLIGHT_BYTES / big {
             conn.enter(big);
         }
         conn.enter(0);
